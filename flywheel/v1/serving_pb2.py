@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/serving.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.flywheel.v1.ChatMessage\"\xc8\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x95\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.flywheel.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.flywheel.v1.SamplingParams\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x34\n\x04tags\x18\x06 \x03(\x0b\x32&.flywheel.v1.GenerateRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x8b\x02\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x08 \x01(\t\x12%\n\x07timings\x18\t \x01(\x0b\x32\x14.flywheel.v1.Timings\"i\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1d.flywheel.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10GetPolicyRequest\"x\n\nPolicyInfo\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12.\n\nlive_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\rRatedResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x02 \x01(\t\"\xc0\x01\n\x15SubmitFeedbackRequest\x12,\n\x08response\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.RatedResponse\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12#\n\x06rating\x18\x03 \x01(\x0e\x32\x13.flywheel.v1.Rating\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\x12\x32\n\x0epreferred_over\x18\x05 \x01(\x0b\x32\x1a.flywheel.v1.RatedResponse\"E\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x11replaced_previous\x18\x02 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*@\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\r\n\tRATING_UP\x10\x01\x12\x0f\n\x0bRATING_DOWN\x10\x02\x32\xca\x02\n\x08\x46lywheel\x12G\n\x08Generate\x12\x1c.flywheel.v1.GenerateRequest\x1a\x1d.flywheel.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.flywheel.v1.GenerateRequest\x1a#.flywheel.v1.GenerateStreamResponse0\x01\x12\x43\n\tGetPolicy\x12\x1d.flywheel.v1.GetPolicyRequest\x1a\x17.flywheel.v1.PolicyInfo\x12Y\n\x0eSubmitFeedback\x12\".flywheel.v1.SubmitFeedbackRequest\x1a#.flywheel.v1.SubmitFeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/serving.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.flywheel.v1.ChatMessage\"\xf0\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nmin_tokens\x18\x07 \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\x95\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.flywheel.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.flywheel.v1.SamplingParams\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x34\n\x04tags\x18\x06 \x03(\x0b\x32&.flywheel.v1.GenerateRequest.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x8b\x02\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x08 \x01(\t\x12%\n\x07timings\x18\t \x01(\x0b\x32\x14.flywheel.v1.Timings\"i\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1d.flywheel.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10GetPolicyRequest\"x\n\nPolicyInfo\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12.\n\nlive_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\rRatedResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x02 \x01(\t\"\xc0\x01\n\x15SubmitFeedbackRequest\x12,\n\x08response\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.RatedResponse\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12#\n\x06rating\x18\x03 \x01(\x0e\x32\x13.flywheel.v1.Rating\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\x12\x32\n\x0epreferred_over\x18\x05 \x01(\x0b\x32\x1a.flywheel.v1.RatedResponse\"E\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x11replaced_previous\x18\x02 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*@\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\r\n\tRATING_UP\x10\x01\x12\x0f\n\x0bRATING_DOWN\x10\x02\x32\xca\x02\n\x08\x46lywheel\x12G\n\x08Generate\x12\x1c.flywheel.v1.GenerateRequest\x1a\x1d.flywheel.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.flywheel.v1.GenerateRequest\x1a#.flywheel.v1.GenerateStreamResponse0\x01\x12\x43\n\tGetPolicy\x12\x1d.flywheel.v1.GetPolicyRequest\x1a\x17.flywheel.v1.PolicyInfo\x12Y\n\x0eSubmitFeedback\x12\".flywheel.v1.SubmitFeedbackRequest\x1a#.flywheel.v1.SubmitFeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1605
-  _globals['_FINISHREASON']._serialized_end=1725
-  _globals['_RATING']._serialized_start=1727
-  _globals['_RATING']._serialized_end=1791
+  _globals['_FINISHREASON']._serialized_start=1645
+  _globals['_FINISHREASON']._serialized_end=1765
+  _globals['_RATING']._serialized_start=1767
+  _globals['_RATING']._serialized_end=1831
   _globals['_CHATMESSAGE']._serialized_start=75
   _globals['_CHATMESSAGE']._serialized_end=119
   _globals['_CHATMESSAGES']._serialized_start=121
   _globals['_CHATMESSAGES']._serialized_end=179
   _globals['_SAMPLINGPARAMS']._serialized_start=182
-  _globals['_SAMPLINGPARAMS']._serialized_end=382
-  _globals['_GENERATEREQUEST']._serialized_start=385
-  _globals['_GENERATEREQUEST']._serialized_end=662
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=610
-  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=653
-  _globals['_TIMINGS']._serialized_start=664
-  _globals['_TIMINGS']._serialized_end=756
-  _globals['_GENERATERESPONSE']._serialized_start=759
-  _globals['_GENERATERESPONSE']._serialized_end=1026
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1028
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1133
-  _globals['_GETPOLICYREQUEST']._serialized_start=1135
-  _globals['_GETPOLICYREQUEST']._serialized_end=1153
-  _globals['_POLICYINFO']._serialized_start=1155
-  _globals['_POLICYINFO']._serialized_end=1275
-  _globals['_RATEDRESPONSE']._serialized_start=1277
-  _globals['_RATEDRESPONSE']._serialized_end=1337
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1340
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1532
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1534
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1603
-  _globals['_FLYWHEEL']._serialized_start=1794
-  _globals['_FLYWHEEL']._serialized_end=2124
+  _globals['_SAMPLINGPARAMS']._serialized_end=422
+  _globals['_GENERATEREQUEST']._serialized_start=425
+  _globals['_GENERATEREQUEST']._serialized_end=702
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_start=650
+  _globals['_GENERATEREQUEST_TAGSENTRY']._serialized_end=693
+  _globals['_TIMINGS']._serialized_start=704
+  _globals['_TIMINGS']._serialized_end=796
+  _globals['_GENERATERESPONSE']._serialized_start=799
+  _globals['_GENERATERESPONSE']._serialized_end=1066
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1068
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1173
+  _globals['_GETPOLICYREQUEST']._serialized_start=1175
+  _globals['_GETPOLICYREQUEST']._serialized_end=1193
+  _globals['_POLICYINFO']._serialized_start=1195
+  _globals['_POLICYINFO']._serialized_end=1315
+  _globals['_RATEDRESPONSE']._serialized_start=1317
+  _globals['_RATEDRESPONSE']._serialized_end=1377
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1380
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1572
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1574
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1643
+  _globals['_FLYWHEEL']._serialized_start=1834
+  _globals['_FLYWHEEL']._serialized_end=2164
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,42 @@
+"""The one configuration object of every Flywheel process: flags > environment (FLYWHEEL_*) > TOML file > defaults."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from server.config import EngineSettings, ServerSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FlywheelConfig(BaseSettings):
+    """Environment variables use FLYWHEEL_ and `__` between levels, e.g. FLYWHEEL_SERVER__PORT=50051."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid")
+
+    state_dir: Path = Field(Path(".cache"), description="Where the demo model, spool and registry live.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    def redacted_json(self) -> str:
+        """The config as printed at start-up; secrets show as stars."""
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+def load_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
+    """Build the config; `overrides` (from flags) is nested like the config, e.g. {"server": {"port": 1}}."""
+
+    class FromSources(FlywheelConfig):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, env_settings, *_
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            file_settings = () if config_file is None else (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+            return (init_settings, env_settings, *file_settings)
+
+    loaded = FromSources(**(overrides or {}))
+    return FlywheelConfig.model_validate(loaded.model_dump())

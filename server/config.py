@@ -1,0 +1,48 @@
+"""Settings of the serving process (one section of the process config)."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class EngineSettings(BaseModel):
+    """How the vLLM engine runs the policy."""
+
+    model: str = Field("", description="Hugging Face model directory to serve; empty means the built-in demo model.")
+    dtype: str = Field("auto", description="Weight and activation dtype passed to vLLM (auto, float32, bfloat16, float16).")
+    max_model_len: int | None = Field(None, description="Context length in tokens; unset means the model's own.")
+    kv_cache_bytes: int | None = Field(
+        1 << 30, description="KV-cache size in bytes; null lets vLLM size it from gpu_memory_utilization (GPU)."
+    )
+    gpu_memory_utilization: float = Field(0.9, description="Fraction of accelerator memory vLLM may take (GPU only).")
+    enforce_eager: bool = Field(True, description="Skip graph compilation: faster start, slower steps.")
+    seed: int = Field(0, description="Engine seed for requests that give none.")
+
+
+class ServerSettings(BaseModel):
+    """The gRPC front end: limits, auth and feedback tokens."""
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(50051, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(9400, description="Prometheus /metrics HTTP port; 0 picks a free one.")
+    server_id: str = Field("", description="Name of this replica in logs and events; empty means host:port.")
+    max_in_flight: int = Field(32, ge=1, description="Requests running in the engine at once.")
+    max_queued: int = Field(64, ge=0, description="Requests waiting for an engine slot; beyond it RESOURCE_EXHAUSTED.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_message_chars: int = Field(16384, ge=1, description="Largest prompt or chat message, in characters.")
+    max_stop_strings: int = Field(8, ge=0, description="Most stop strings a request may give.")
+    grace_period_seconds: float = Field(30.0, ge=0, description="How long in-flight requests may finish at shutdown.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted API keys; none means no auth.")
+    api_keys_file: Path | None = Field(None, description="File with one accepted API key per line.")
+    feedback_token_secret: SecretStr | None = Field(
+        None, description="HMAC key for feedback tokens; must be shared by all replicas. Unset: a random per-process key."
+    )
+    feedback_token_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="How long a feedback token stays valid.")
+
+    def accepted_api_keys(self) -> set[str]:
+        keys = {k.get_secret_value() for k in self.api_keys}
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys |= {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+        return keys

@@ -1,0 +1,108 @@
+"""The narrow seam to vLLM: prompts in, token deltas out, weights reloaded in place.
+
+Everything vLLM-specific in the server lives here, so the gRPC layer never touches engine types.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from server.config import EngineSettings
+from server.validation import Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What one engine step added to an answer."""
+
+    text: str
+    token_ids: list[int]
+    behavior_logprobs: list[float]
+    """Log-probability of each new token under the sampling distribution (after temperature, top-p, top-k)."""
+    finish_reason: str | None
+    """None while generating; then "stop", "length" or "abort"."""
+
+
+class PolicyEngine:
+    """A running vLLM async engine serving one policy."""
+
+    def __init__(self, llm: AsyncLLM, model_path: str):
+        self._llm = llm
+        self.model_path = model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.max_model_len: int = llm.model_config.max_model_len
+
+    @classmethod
+    def start(cls, settings: EngineSettings, model_path: str) -> "PolicyEngine":
+        """Start the engine (tens of seconds). Call from the event loop that will use it."""
+        args = AsyncEngineArgs(
+            model=model_path,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            kv_cache_memory_bytes=settings.kv_cache_bytes,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            seed=settings.seed,
+            # The sampled tokens' log-probs as the sampler saw them: the behavior policy PPO needs.
+            logprobs_mode="processed_logprobs",
+            enable_log_requests=False,
+        )
+        return cls(AsyncLLM.from_engine_args(args), model_path)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return RenderedPrompt(text, self.tokenizer.encode(text, add_special_tokens=False))
+
+    def render_prompt(self, prompt: str) -> RenderedPrompt:
+        return RenderedPrompt(prompt, self.tokenizer.encode(prompt))
+
+    async def stream(self, request_id: str, prompt: RenderedPrompt, sampling: Sampling) -> AsyncIterator[GenerationDelta]:
+        """Generate; cancelling the consumer aborts the request inside the engine."""
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=list(sampling.stop),
+            logprobs=0,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
+        async for output in self._llm.generate(engine_prompt, params, request_id):
+            completion = output.outputs[0]
+            logprobs = [
+                step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
+            ]
+            yield GenerationDelta(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                behavior_logprobs=logprobs,
+                finish_reason=completion.finish_reason if output.finished else None,
+            )
+
+    def unfinished_requests(self) -> int:
+        return self._llm.output_processor.get_num_unfinished_requests()
+
+    async def reload_weights(self, weights_dir: str) -> None:
+        """Load new weights into the running engine, in place."""
+        await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

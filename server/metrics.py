@@ -1,0 +1,35 @@
+"""Prometheus metrics of the serving process. Each server owns its registry."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds; spans a tiny CPU model's milliseconds up to long answers on big models.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(
+            "flywheel_grpc_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "code"], registry=registry
+        )
+        self.in_flight = Gauge("flywheel_requests_in_flight", "Generate requests running in the engine.", registry=registry)
+        self.queued = Gauge("flywheel_requests_queued", "Generate requests waiting for an engine slot.", registry=registry)
+        self.queue_seconds = Histogram(
+            "flywheel_queue_seconds", "Time a request waited for an engine slot.", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.time_to_first_token = Histogram(
+            "flywheel_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "flywheel_request_duration_seconds",
+            "Time from arrival to the last generated token.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("flywheel_prompt_tokens", "Prompt tokens processed.", registry=registry)
+        self.completion_tokens = Counter("flywheel_completion_tokens", "Tokens generated.", registry=registry)
+        self.policy_version = Gauge("flywheel_policy_version", "Version of the policy this server answers with.", registry=registry)

@@ -1,0 +1,23 @@
+"""Which policy the server answers with."""
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    version: int
+    model_path: str
+    digest: str
+    live_since: datetime
+
+
+class LivePolicy:
+    """The live policy; read `current` once per request so a request sees one version."""
+
+    def __init__(self, initial: PolicySnapshot):
+        self.current = initial
+
+    @staticmethod
+    def snapshot(version: int, model_path: str, digest: str) -> PolicySnapshot:
+        return PolicySnapshot(version, model_path, digest, datetime.now(timezone.utc))

@@ -1,0 +1,189 @@
+"""The Flywheel gRPC service: validate, translate, delegate to the engine."""
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from feedback.tokens import FeedbackClaims, issue_feedback_token
+from flywheel.logs import request_id_var
+from flywheel.v1 import serving_pb2, serving_pb2_grpc
+from server.admission import AdmissionController, Overloaded
+from server.engine import GenerationDelta, PolicyEngine, RenderedPrompt
+from server.metrics import ServingMetrics
+from server.policy import LivePolicy
+from server.validation import (
+    InvalidRequest,
+    RequestLimits,
+    Sampling,
+    fit_to_context,
+    validate_chat,
+    validate_prompt,
+    validate_sampling,
+)
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "stop": serving_pb2.FINISH_REASON_STOP,
+    "length": serving_pb2.FINISH_REASON_LENGTH,
+    "abort": serving_pb2.FINISH_REASON_ABORT,
+}
+
+
+@dataclass
+class Answer:
+    """An answer as it accumulates from engine deltas."""
+
+    response_id: str
+    arrived_at: float
+    """time.monotonic() when the request arrived."""
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float = 0.0
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    behavior_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: GenerationDelta) -> None:
+        if self.first_token_at is None and delta.token_ids:
+            self.first_token_at = time.monotonic()
+        self.text_parts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        self.behavior_logprobs.extend(delta.behavior_logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def timings(self) -> serving_pb2.Timings:
+        first_token_at = self.first_token_at or self.finished_at
+        return serving_pb2.Timings(
+            queue_seconds=self.admitted_at - self.arrived_at,
+            time_to_first_token_seconds=first_token_at - self.arrived_at,
+            total_seconds=self.finished_at - self.arrived_at,
+        )
+
+
+class FlywheelService(serving_pb2_grpc.FlywheelServicer):
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        policy: LivePolicy,
+        admission: AdmissionController,
+        limits: RequestLimits,
+        metrics: ServingMetrics,
+        feedback_token_secret: bytes,
+        feedback_token_ttl_seconds: int,
+    ):
+        self._engine = engine
+        self._policy = policy
+        self._admission = admission
+        self._limits = limits
+        self._metrics = metrics
+        self._token_secret = feedback_token_secret
+        self._token_ttl = feedback_token_ttl_seconds
+
+    async def Generate(self, request, context):
+        summary = None
+        async for event in self._generate(request, context, rpc="Generate"):
+            if isinstance(event, serving_pb2.GenerateResponse):
+                summary = event
+        return summary
+
+    async def GenerateStream(self, request, context):
+        async for event in self._generate(request, context, rpc="GenerateStream"):
+            if isinstance(event, serving_pb2.GenerateResponse):
+                yield serving_pb2.GenerateStreamResponse(summary=event)
+            elif event:
+                yield serving_pb2.GenerateStreamResponse(text_delta=event)
+
+    async def GetPolicy(self, request, context):
+        live = self._policy.current
+        live_since = Timestamp()
+        live_since.FromDatetime(live.live_since)
+        return serving_pb2.PolicyInfo(
+            policy_version=live.version, model_path=live.model_path, digest=live.digest, live_since=live_since
+        )
+
+    async def _generate(self, request, context: aio.ServicerContext, rpc: str) -> AsyncIterator[str | serving_pb2.GenerateResponse]:
+        """Yield text deltas, then the summary response."""
+        answer = Answer(response_id=f"resp-{uuid.uuid4().hex}", arrived_at=time.monotonic())
+        request_id_var.set(answer.response_id)
+        try:
+            prompt, sampling = self._prepare(request)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            async with self._admission.slot():
+                answer.admitted_at = time.monotonic()
+                self._metrics.queue_seconds.observe(answer.admitted_at - answer.arrived_at)
+                policy = self._policy.current
+                async for delta in self._engine.stream(answer.response_id, prompt, sampling):
+                    answer.add(delta)
+                    yield delta.text
+        except Overloaded as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        answer.finished_at = time.monotonic()
+        self._observe(answer, rpc, prompt_tokens=len(prompt.token_ids))
+        log.info(
+            "answered",
+            extra={
+                "rpc": rpc,
+                "client_request_id": request.client_request_id,
+                "policy_version": policy.version,
+                "completion_tokens": len(answer.token_ids),
+                "finish_reason": answer.finish_reason,
+                "total_seconds": round(answer.finished_at - answer.arrived_at, 4),
+            },
+        )
+        yield serving_pb2.GenerateResponse(
+            response_id=answer.response_id,
+            client_request_id=request.client_request_id,
+            text=answer.text,
+            finish_reason=FINISH_REASONS.get(answer.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED),
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=len(answer.token_ids),
+            policy_version=policy.version,
+            feedback_token=self._feedback_token(answer.response_id, policy.version, request.user_id),
+            timings=answer.timings(),
+        )
+
+    def _prepare(self, request: serving_pb2.GenerateRequest) -> tuple[RenderedPrompt, Sampling]:
+        sampling = validate_sampling(request.sampling, self._limits)
+        match request.WhichOneof("input"):
+            case "prompt":
+                prompt = self._engine.render_prompt(validate_prompt(request.prompt, self._limits))
+            case "chat":
+                prompt = self._engine.render_chat(validate_chat(request.chat, self._limits))
+            case _:
+                raise InvalidRequest("input", "set either prompt or chat")
+        return prompt, fit_to_context(sampling, len(prompt.token_ids), self._engine.max_model_len, self._limits)
+
+    def _observe(self, answer: Answer, rpc: str, prompt_tokens: int) -> None:
+        timings = answer.timings()
+        self._metrics.time_to_first_token.observe(timings.time_to_first_token_seconds)
+        self._metrics.request_duration.labels(rpc=rpc).observe(timings.total_seconds)
+        self._metrics.prompt_tokens.inc(prompt_tokens)
+        self._metrics.completion_tokens.inc(len(answer.token_ids))
+
+    def _feedback_token(self, response_id: str, policy_version: int, user_id: str) -> str:
+        claims = FeedbackClaims(
+            response_id=response_id,
+            policy_version=policy_version,
+            user_id=user_id,
+            expires_at=int(time.time()) + self._token_ttl,
+        )
+        return issue_feedback_token(self._token_secret, claims)
+
+
+def random_token_secret() -> bytes:
+    return secrets.token_bytes(32)

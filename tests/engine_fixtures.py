@@ -1,0 +1,49 @@
+"""One real vLLM engine per test session, owned by an asyncio loop in a background thread.
+
+gRPC servers under test run on that loop; tests talk to them as ordinary clients over loopback.
+"""
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flywheel.config import REPO_ROOT
+from server.config import EngineSettings
+from server.engine import PolicyEngine
+
+T = TypeVar("T")
+
+
+class EngineLoop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def test_model_path() -> Path:
+    """The demo model, built once into the repo's cache (FLYWHEEL_TEST_MODEL points elsewhere)."""
+    if override := os.environ.get("FLYWHEEL_TEST_MODEL"):
+        return Path(override)
+    from flywheel.demo.init_model import ensure_demo_model
+
+    return ensure_demo_model(REPO_ROOT / ".cache" / "demo-model")
+
+
+def start_engine(engine_loop: EngineLoop, model_path: Path) -> PolicyEngine:
+    settings = EngineSettings(dtype="float32", max_model_len=512, kv_cache_bytes=256 << 20)
+
+    async def start() -> PolicyEngine:
+        return PolicyEngine.start(settings, str(model_path))
+
+    return engine_loop.run(start())
