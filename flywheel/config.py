@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from server.config import EngineSettings, ServerSettings
@@ -40,3 +40,23 @@ def load_config(config_file: Path | None = None, overrides: dict[str, Any] | Non
 
     loaded = FromSources(**(overrides or {}))
     return FlywheelConfig.model_validate(loaded.model_dump())
+
+
+def config_table(model: type[BaseModel] = FlywheelConfig, prefix: str = "") -> list[str]:
+    """Markdown rows `| key | env var | default | meaning |` for every setting, nested sections flattened."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_table(annotation, f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None else json.dumps(default.get_secret_value() if isinstance(default, SecretStr) else default, default=str)
+        env = "FLYWHEEL_" + key.upper().replace(".", "__")
+        rows.append(f"| `{key}` | `{env}` | `{shown}` | {field.description or ''} |")
+    return rows
+
+
+def config_markdown() -> str:
+    return "\n".join(["| setting | environment | default | meaning |", "|---|---|---|---|", *config_table()])

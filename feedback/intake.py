@@ -1,0 +1,133 @@
+"""Deciding whether a piece of feedback is accepted. Pure of I/O: the server turns the outcome into
+a gRPC status and a FeedbackGiven event on Kafka.
+
+A response is "known" when the request carries a feedback token the servers signed for it: tokens
+are stateless, so any replica accepts feedback on any replica's answers.
+"""
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from feedback.tokens import FeedbackClaims, InvalidFeedbackToken, verify_feedback_token
+from flywheel.v1 import events_pb2, serving_pb2
+
+
+class Refusal(Enum):
+    """Why feedback was refused; each maps to one gRPC status code."""
+
+    INVALID = "INVALID_ARGUMENT"
+    FORBIDDEN = "PERMISSION_DENIED"
+    UNKNOWN_RESPONSE = "NOT_FOUND"
+    DUPLICATE = "ALREADY_EXISTS"
+    RATE_LIMITED = "RESOURCE_EXHAUSTED"
+
+
+class FeedbackRefused(Exception):
+    def __init__(self, refusal: Refusal, message: str):
+        super().__init__(message)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    max_comment_chars: int = 2000
+    votes_per_minute: float = 60.0
+    """Sustained rate per user; bursts up to `vote_burst`."""
+    vote_burst: int = 20
+    remembered_votes: int = 100_000
+    """(response, user) pairs remembered for duplicate detection; oldest forgotten first."""
+
+
+class TokenBucket:
+    """Per-key token buckets; `allow(key)` spends one token if there is one."""
+
+    def __init__(self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
+        self._rate = rate_per_second
+        self._burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (float(self._burst), now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        allowed = tokens >= 1
+        self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class FeedbackIntake:
+    def __init__(self, token_secret: bytes, limits: IntakeLimits, clock: Callable[[], float] = time.time):
+        self._secret = token_secret
+        self._limits = limits
+        self._clock = clock
+        self._rate = TokenBucket(limits.votes_per_minute / 60, limits.vote_burst, clock)
+        self._last_votes: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+
+    def accept(self, request: serving_pb2.SubmitFeedbackRequest) -> tuple[events_pb2.FeedbackGiven, bool]:
+        """Return the event to log and whether it replaces the user's earlier vote; raise FeedbackRefused."""
+        response_id = request.response.response_id
+        if not request.user_id:
+            raise FeedbackRefused(Refusal.INVALID, "user_id: required; it must match the user_id of the Generate call")
+        if not response_id:
+            raise FeedbackRefused(Refusal.INVALID, "response.response_id: required")
+        if request.rating == serving_pb2.RATING_UNSPECIFIED and not request.HasField("preferred_over"):
+            raise FeedbackRefused(Refusal.INVALID, "rating: give RATING_UP or RATING_DOWN, or a preferred_over response")
+        if len(request.comment) > self._limits.max_comment_chars:
+            raise FeedbackRefused(
+                Refusal.INVALID, f"comment: is {len(request.comment)} characters; at most {self._limits.max_comment_chars}"
+            )
+        claims = self._verified(request.response, request.user_id, "response")
+        preferred_over = ""
+        if request.HasField("preferred_over"):
+            if request.preferred_over.response_id == response_id:
+                raise FeedbackRefused(Refusal.INVALID, "preferred_over.response_id: must differ from response.response_id")
+            preferred_over = self._verified(request.preferred_over, request.user_id, "preferred_over").response_id
+        if not self._rate.allow(request.user_id):
+            raise FeedbackRefused(
+                Refusal.RATE_LIMITED,
+                f"user {request.user_id!r} sends feedback faster than {self._limits.votes_per_minute:g} per minute; retry later",
+            )
+        vote = (request.rating, request.comment, preferred_over)
+        key = (response_id, request.user_id)
+        previous = self._last_votes.pop(key, None)
+        self._last_votes[key] = vote
+        if len(self._last_votes) > self._limits.remembered_votes:
+            self._last_votes.popitem(last=False)
+        if previous == vote:
+            raise FeedbackRefused(Refusal.DUPLICATE, f"user {request.user_id!r} already gave this feedback on {response_id}")
+        given_at = Timestamp()
+        given_at.FromNanoseconds(int(self._clock() * 1e9))
+        event = events_pb2.FeedbackGiven(
+            event_id=uuid.uuid4().hex,
+            response_id=response_id,
+            user_id=request.user_id,
+            rating=request.rating,
+            comment=request.comment,
+            preferred_over_response_id=preferred_over,
+            policy_version=claims.policy_version,
+            given_at=given_at,
+        )
+        return event, previous is not None
+
+    def _verified(self, rated: serving_pb2.RatedResponse, user_id: str, field: str) -> FeedbackClaims:
+        try:
+            claims = verify_feedback_token(self._secret, rated.feedback_token, now=self._clock())
+        except InvalidFeedbackToken as error:
+            raise FeedbackRefused(Refusal.FORBIDDEN, f"{field}.{error}") from error
+        if claims.response_id != rated.response_id:
+            raise FeedbackRefused(
+                Refusal.UNKNOWN_RESPONSE, f"{field}.response_id: no response {rated.response_id!r} was issued with this token"
+            )
+        if claims.user_id != user_id:
+            raise FeedbackRefused(Refusal.FORBIDDEN, f"{field}.feedback_token: was issued to another user")
+        return claims
