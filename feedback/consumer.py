@@ -1,0 +1,189 @@
+"""Events out of Kafka for the trainer: decoded batches, commits only on the caller's word.
+
+Records that are not events (undecodable value, unknown type, no event id) are sent to the
+dead-letter topic with the reason and skipped. Delivery is at least once: drop repeats by event
+id, with `EventDeduper` or a persistent equivalent.
+"""
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from feedback.config import KafkaSettings
+from feedback.connection import connection_options, ensure_topics
+from feedback.envelope import EVENT_ID_HEADER, EVENT_TYPE_HEADER, Rejection, decode_event, event_types_by_topic
+from feedback.metrics import EventMetrics
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumedEvent:
+    topic: str
+    partition: int
+    offset: int
+    key: str
+    event: Message  # a GenerationLogged, FeedbackGiven or PolicyEvent
+
+    @property
+    def event_id(self) -> str:
+        return self.event.event_id
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    events: list[ConsumedEvent]
+    # Per partition, the offset after the last record of the batch, dead letters included: commit
+    # it once every event of the batch is durably used.
+    next_offsets: dict[TopicPartition, int]
+
+
+class EventConsumer:
+    """One member of consumer group `group_id`, reading `topics` (default: generations, feedback, policy)."""
+
+    def __init__(
+        self, kafka: KafkaSettings, group_id: str, metrics: EventMetrics, topics: Sequence[str] | None = None
+    ) -> None:
+        self._kafka = kafka
+        self._topics = list(topics or [kafka.topics.generations, kafka.topics.feedback, kafka.topics.policy])
+        self._types_by_topic = event_types_by_topic(kafka.topics)
+        self._group_id = group_id
+        self._metrics = metrics
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dead_letters: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Join the group; raises aiokafka's KafkaError when Kafka cannot be reached."""
+        if self._kafka.create_topics:
+            await ensure_topics(self._kafka)
+        self._dead_letters = AIOKafkaProducer(
+            **connection_options(self._kafka), acks="all", request_timeout_ms=self._kafka.request_timeout_ms
+        )
+        await self._dead_letters.start()
+        self._consumer = AIOKafkaConsumer(
+            *self._topics,
+            **connection_options(self._kafka),
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a new group starts from the oldest event Kafka still has
+            session_timeout_ms=self._kafka.session_timeout_ms,
+            heartbeat_interval_ms=self._kafka.session_timeout_ms // 3,
+        )
+        await self._consumer.start()
+
+    async def poll(self, timeout_ms: int = 1000, max_records: int = 500) -> EventBatch:
+        """The next records, at most `max_records`, waiting up to `timeout_ms` for the first.
+
+        Raises KafkaError when a dead letter cannot be written; the batch is then read again next time.
+        """
+        records = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        events: list[ConsumedEvent] = []
+        try:
+            for partition, partition_records in records.items():
+                for record in partition_records:
+                    decoded = decode_event(record.topic, record.headers, record.value, self._types_by_topic)
+                    if isinstance(decoded, Rejection):
+                        await self._send_dead_letter(record, decoded)
+                    else:
+                        key = (record.key or b"").decode(errors="replace")
+                        events.append(ConsumedEvent(record.topic, partition.partition, record.offset, key, decoded))
+        except KafkaError:
+            for partition, partition_records in records.items():
+                self._consumer.seek(partition, partition_records[0].offset)
+            raise
+        next_offsets = {partition: batch[-1].offset + 1 for partition, batch in records.items()}
+        return EventBatch(events, next_offsets)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit, per partition, the offset of the next record to read: everything before it is used."""
+        await self._consumer.commit(dict(offsets))
+
+    async def lag(self) -> dict[str, int]:
+        """Per topic, records Kafka holds beyond this member's read position (its assigned partitions)."""
+        lag: dict[str, int] = {}
+        for partition in self._consumer.assignment():
+            highwater = self._consumer.highwater(partition)
+            if highwater is None:
+                continue
+            behind = highwater - await self._consumer.position(partition)
+            lag[partition.topic] = lag.get(partition.topic, 0) + max(behind, 0)
+        return lag
+
+    async def stop(self) -> None:
+        """Leave the group without committing anything more."""
+        await self._consumer.stop()
+        await self._dead_letters.stop()
+
+    async def _send_dead_letter(self, record: ConsumerRecord, rejection: Rejection) -> None:
+        at = Timestamp()
+        at.GetCurrentTime()
+        dead_letter = events_pb2.DeadLetter(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key or b"",
+            value=record.value or b"",
+            reason=f"{rejection.reason}: {rejection.detail}",
+            at=at,
+        )
+        # The source position identifies a dead letter, so a re-read record gives the same id.
+        dead_letter_id = f"{record.topic}/{record.partition}/{record.offset}"
+        await self._dead_letters.send_and_wait(
+            self._kafka.topics.dead_letters,
+            dead_letter.SerializeToString(),
+            key=record.key,
+            headers=[
+                (EVENT_ID_HEADER, dead_letter_id.encode()),
+                (EVENT_TYPE_HEADER, dead_letter.DESCRIPTOR.full_name.encode()),
+            ],
+        )
+        self._metrics.dead_letters.labels(record.topic, rejection.reason).inc()
+        log.warning("dead-lettered %s: %s", dead_letter_id, dead_letter.reason)
+
+
+class HasEventId(Protocol):
+    @property
+    def event_id(self) -> str: ...
+
+
+Event = TypeVar("Event", bound=HasEventId)
+
+
+class EventDeduper:
+    """Drops events whose id it has seen; remembers the `capacity` most recent ids."""
+
+    def __init__(self, seen: Iterable[str] = (), capacity: int = 1_000_000) -> None:
+        self._capacity = capacity
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        for event_id in seen:
+            self._remember(event_id)
+
+    def drop_seen(self, events: Iterable[Event]) -> list[Event]:
+        """The events not seen before (first occurrence wins), in their order; all are remembered."""
+        fresh = []
+        for event in events:
+            if event.event_id in self._seen:
+                self._seen.move_to_end(event.event_id)
+            else:
+                self._remember(event.event_id)
+                fresh.append(event)
+        return fresh
+
+    @property
+    def seen_ids(self) -> list[str]:
+        """Remembered ids, least recently seen first: what to persist and pass back as `seen`."""
+        return list(self._seen)
+
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)

@@ -1,0 +1,343 @@
+"""Events through a real Kafka broker: round trips, dead letters, commits, and a broker outage."""
+
+import asyncio
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from tests.kafka_fixtures import FAST, kafka_broker, kafka_settings  # noqa: F401 (fixtures)
+from prometheus_client import CollectorRegistry
+
+from feedback.broker import EmbeddedBroker
+from feedback.config import KafkaSettings, SpoolSettings, TopicNames
+from feedback.connection import connection_options
+from feedback.consumer import ConsumedEvent, EventConsumer, EventDeduper
+from feedback.envelope import EVENT_TYPES, OutgoingEvent, decode_event, event_types_by_topic
+from feedback.metrics import EventMetrics
+from feedback.producer import EventProducer
+from flywheel.v1 import events_pb2, serving_pb2
+
+HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing assertion
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def generation(response_id: str, sequence: int = 0) -> events_pb2.GenerationLogged:
+    event = events_pb2.GenerationLogged(
+        event_id=new_id(),
+        response_id=response_id,
+        rendered_prompt="<|user|>What is 47+38?<|assistant|>",
+        response_text="85",
+        prompt_token_ids=[1, 2, 3],
+        response_token_ids=[4, 5],
+        behavior_logprobs=[-0.25, -1.5],
+        finish_reason=serving_pb2.FINISH_REASON_STOP,
+        policy_version=3,
+        user_id="alice",
+        tags={"sequence": str(sequence)},
+        server_id="server-a",
+    )
+    event.chat.messages.add(role="user", content="What is 47+38?")
+    event.requested_at.GetCurrentTime()
+    return event
+
+
+def feedback(response_id: str, **fields) -> events_pb2.FeedbackGiven:
+    return events_pb2.FeedbackGiven(
+        event_id=new_id(), response_id=response_id, user_id="bob", rating=serving_pb2.RATING_UP, **fields
+    )
+
+
+def policy_event() -> events_pb2.PolicyEvent:
+    return events_pb2.PolicyEvent(
+        event_id=new_id(),
+        kind=events_pb2.POLICY_EVENT_KIND_APPROVED,
+        policy_version=4,
+        parent_version=3,
+        checks=[events_pb2.GateCheck(name="kl_to_reference", value=1.5, threshold=3.0, passed=True)],
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting"
+        await asyncio.sleep(0.05)
+
+
+async def consume(consumer: EventConsumer, count: int) -> list[ConsumedEvent]:
+    events: list[ConsumedEvent] = []
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(events) < count:
+        assert time.monotonic() < deadline, f"only {len(events)} of {count} events arrived"
+        events += (await consumer.poll(timeout_ms=200)).events
+    return events
+
+
+async def read_raw(kafka: KafkaSettings, topic: str, count: int) -> list:
+    consumer = AIOKafkaConsumer(topic, **connection_options(kafka), auto_offset_reset="earliest")
+    await consumer.start()
+    records: list = []
+    deadline = time.monotonic() + HANG_GUARD_S
+    try:
+        while len(records) < count:
+            assert time.monotonic() < deadline, f"only {len(records)} of {count} records arrived"
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records += batch
+    finally:
+        await consumer.stop()
+    return records
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+# Pure parts: no broker.
+
+
+def test_decode_types_by_header_then_by_topic_and_says_why_not():
+    topics = TopicNames()
+    by_topic = event_types_by_topic(topics)
+    event = feedback("r1")
+    typed = [("event_type", b"flywheel.v1.FeedbackGiven")]
+
+    assert decode_event("anywhere", typed, event.SerializeToString(), by_topic) == event
+    assert decode_event(topics.feedback, [], event.SerializeToString(), by_topic) == event
+    assert decode_event("anywhere", [], event.SerializeToString(), by_topic).reason == "unknown_type"
+    assert decode_event("x", [("event_type", b"flywheel.v1.Nope")], b"", by_topic).reason == "unknown_type"
+    assert decode_event("x", typed, b"\xff\xff\xff", by_topic).reason == "undecodable"
+    no_id = events_pb2.FeedbackGiven(response_id="r1")
+    assert decode_event("x", typed, no_id.SerializeToString(), by_topic).reason == "missing_event_id"
+
+
+def test_an_outgoing_event_survives_the_spool_record_encoding():
+    outgoing = OutgoingEvent.of("flywheel.generations", "r1", generation("r1"))
+    assert OutgoingEvent.from_record(outgoing.to_record()) == outgoing
+    assert dict(outgoing.headers()) == {"event_id": outgoing.event_id.encode(), "event_type": b"flywheel.v1.GenerationLogged"}
+    with pytest.raises(ValueError, match="event_id is empty"):
+        OutgoingEvent.of("flywheel.feedback", "r1", events_pb2.FeedbackGiven())
+
+
+def test_deduper_keeps_first_occurrences_in_order_and_remembers_across_batches():
+    class Seen:
+        def __init__(self, event_id: str) -> None:
+            self.event_id = event_id
+
+    deduper = EventDeduper(seen=["a"], capacity=3)
+    first = deduper.drop_seen([Seen(i) for i in "abcb"])
+    assert [event.event_id for event in first] == ["b", "c"]
+    assert [event.event_id for event in deduper.drop_seen([Seen("d"), Seen("c")])] == ["d"]
+    assert deduper.seen_ids == ["b", "d", "c"]  # "a" was the least recently seen: forgotten at capacity
+
+
+# Through the broker.
+
+
+def test_each_event_type_round_trips_with_id_and_type_headers(kafka_settings, tmp_path):
+    topics = kafka_settings.topics
+    sent = [
+        (topics.generations, "r1", generation("r1")),
+        (topics.feedback, "r1", feedback("r1", comment="right", preferred_over_response_id="r0")),
+        (topics.policy, "4", policy_event()),
+    ]
+
+    async def scenario():
+        registry = CollectorRegistry()
+        metrics = EventMetrics.register(registry)
+        producer = EventProducer(kafka_settings, SpoolSettings(directory=tmp_path), metrics)
+        await producer.start()
+        for topic, key, event in sent:
+            producer.publish(topic, key, event)
+        await producer.flush()
+        await producer.stop()
+
+        consumer = EventConsumer(kafka_settings, new_id(), metrics)
+        await consumer.start()
+        received = await consume(consumer, 3)
+        await consumer.stop()
+        raw = {topic: await read_raw(kafka_settings, topic, 1) for topic, _, _ in sent}
+        return registry, received, raw
+
+    registry, received, raw = asyncio.run(scenario())
+
+    by_topic = {event.topic: event for event in received}
+    for topic, key, event in sent:
+        assert by_topic[topic].event == event
+        assert by_topic[topic].key == key
+        assert by_topic[topic].event_id == event.event_id
+        (record,) = raw[topic]
+        assert dict(record.headers) == {
+            "event_id": event.event_id.encode(),
+            "event_type": event.DESCRIPTOR.full_name.encode(),
+        }
+        assert sample(registry, "flywheel_events_produced_total", topic=topic) == 1
+    assert set(EVENT_TYPES) == {event.DESCRIPTOR.full_name for _, _, event in sent}
+
+
+def test_malformed_records_go_to_the_dead_letter_topic_and_consumption_goes_on(kafka_settings):
+    topic = kafka_settings.topics.feedback
+    good = feedback("r1")
+    typed = [("event_type", b"flywheel.v1.FeedbackGiven"), ("event_id", b"x")]
+    malformed = [
+        (b"\xff\xff\xff", typed, "undecodable"),
+        (good.SerializeToString(), [("event_type", b"flywheel.v1.Nope")], "unknown_type"),
+        (events_pb2.FeedbackGiven(response_id="r1").SerializeToString(), typed, "missing_event_id"),
+    ]
+
+    async def scenario():
+        registry = CollectorRegistry()
+        consumer = EventConsumer(kafka_settings, new_id(), EventMetrics.register(registry))
+        await consumer.start()  # creates the topics
+        raw_producer = AIOKafkaProducer(**connection_options(kafka_settings))
+        await raw_producer.start()
+        for value, headers, _ in malformed:
+            await raw_producer.send_and_wait(topic, value, key=b"r1", headers=headers)
+        await raw_producer.send_and_wait(topic, good.SerializeToString(), key=b"r1", headers=typed[:1])
+        await raw_producer.stop()
+
+        received = await consume(consumer, 1)
+        await consumer.stop()
+        dead = await read_raw(kafka_settings, kafka_settings.topics.dead_letters, len(malformed))
+        return registry, received, dead
+
+    registry, received, dead = asyncio.run(scenario())
+
+    assert [event.event for event in received] == [good]
+    dead_letters = [events_pb2.DeadLetter.FromString(record.value) for record in dead]
+    assert [letter.reason.split(":")[0] for letter in dead_letters] == [reason for _, _, reason in malformed]
+    assert [letter.value for letter in dead_letters] == [value for value, _, _ in malformed]
+    assert all(letter.source_topic == topic and letter.key == b"r1" for letter in dead_letters)
+    assert [letter.offset for letter in dead_letters] == [0, 1, 2]
+    for _, _, reason in malformed:
+        assert sample(registry, "flywheel_dead_letters_total", topic=topic, reason=reason) == 1
+
+
+def test_only_committed_events_are_skipped_by_the_next_member_of_the_group(kafka_settings, tmp_path):
+    topic = kafka_settings.topics.feedback
+    sent = [feedback("r1") for _ in range(10)]  # one key: one partition, one order
+    group_id = new_id()
+
+    async def scenario():
+        metrics = EventMetrics.register(CollectorRegistry())
+        producer = EventProducer(kafka_settings, SpoolSettings(directory=tmp_path), metrics)
+        await producer.start()
+        for event in sent:
+            producer.publish(topic, "r1", event)
+        await producer.stop()
+
+        first_member = EventConsumer(kafka_settings, group_id, metrics, topics=[topic])
+        await first_member.start()
+        first_read = await consume(first_member, 10)
+        used = first_read[3]
+        await first_member.commit({TopicPartition(used.topic, used.partition): used.offset + 1})
+        await first_member.stop()
+
+        next_member = EventConsumer(kafka_settings, group_id, metrics, topics=[topic])
+        await next_member.start()
+        second_read = await consume(next_member, 6)
+        await next_member.stop()
+        return first_read, second_read
+
+    first_read, second_read = asyncio.run(scenario())
+
+    assert [event.event for event in first_read] == sent
+    assert [event.event for event in second_read] == sent[4:]
+
+
+def test_events_spooled_while_kafka_was_unreachable_are_replayed_by_the_next_producer(kafka_settings, tmp_path):
+    topic = kafka_settings.topics.feedback
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unreachable = kafka_settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{probe.getsockname()[1]}"})
+    sent = [feedback(f"r{number % 3}") for number in range(30)]
+
+    async def scenario():
+        registry = CollectorRegistry()
+        metrics = EventMetrics.register(registry)
+        offline = EventProducer(unreachable, SpoolSettings(directory=tmp_path), metrics)
+        await offline.start()
+        for event in sent:
+            offline.publish(topic, event.response_id, event)
+        await offline.stop()
+        spooled = sample(registry, "flywheel_events_spooled_total", topic=topic)
+
+        online = EventProducer(kafka_settings, SpoolSettings(directory=tmp_path), metrics)
+        await online.start()
+        await online.flush()
+        await online.stop()
+        consumer = EventConsumer(kafka_settings, new_id(), metrics, topics=[topic])
+        await consumer.start()
+        received = await consume(consumer, len(sent))
+        await consumer.stop()
+        return registry, spooled, received
+
+    registry, spooled, received = asyncio.run(scenario())
+
+    assert spooled == len(sent)
+    assert sample(registry, "flywheel_events_replayed_total", topic=topic) == len(sent)
+    for key in ("r0", "r1", "r2"):
+        assert [event.event for event in received if event.key == key] == [e for e in sent if e.response_id == key]
+
+
+def test_events_published_through_a_broker_outage_arrive_once_each_in_order_per_key(tmp_path):
+    keys = [f"r{number}" for number in range(10)]
+    published: list[events_pb2.GenerationLogged] = []
+
+    async def scenario():
+        registry = CollectorRegistry()
+        metrics = EventMetrics.register(registry)
+        async with EmbeddedBroker() as broker:
+            kafka = broker.kafka.model_copy(update=FAST)
+            topic = kafka.topics.generations
+            producer = EventProducer(kafka, SpoolSettings(directory=tmp_path), metrics)
+            await producer.start()
+
+            def publish(count: int) -> None:
+                for _ in range(count):
+                    key = keys[len(published) % len(keys)]
+                    event = generation(key, sequence=len(published))
+                    producer.publish(topic, key, event)
+                    published.append(event)
+
+            async def read_all(group_id: str, count: int) -> list[ConsumedEvent]:
+                consumer = EventConsumer(kafka, group_id, metrics, topics=[topic])
+                await consumer.start()
+                events = await consume(consumer, count)
+                await consumer.stop()
+                return events
+
+            publish(200)
+            await producer.flush()
+            # Tansu keeps records in memory only: read them before stopping it.
+            before_outage = await read_all("before-outage", 200)
+
+            await broker.stop()
+            publish(200)
+            await until(lambda: sample(registry, "flywheel_events_spooled_total", topic=topic) >= 200)
+            await broker.start()  # same port, empty
+            publish(200)  # while the spool may still be replaying: these must queue behind it
+            await producer.flush()
+            await producer.stop()
+            after_outage = await read_all("after-outage", 400)
+        return registry, topic, before_outage + after_outage
+
+    registry, topic, received = asyncio.run(scenario())
+
+    arrived = EventDeduper().drop_seen(received)
+    assert sorted(event.event_id for event in arrived) == sorted(event.event_id for event in published)
+    sequences_by_key: dict[str, list[int]] = defaultdict(list)
+    for event in arrived:
+        sequences_by_key[event.key].append(int(event.event.tags["sequence"]))
+    for key in keys:
+        expected = [number for number, event in enumerate(published) if event.response_id == key]
+        assert sequences_by_key[key] == expected, f"events of {key} out of order"
+    assert sample(registry, "flywheel_events_replayed_total", topic=topic) >= 200
+    assert sample(registry, "flywheel_events_dropped_total", topic=topic, reason="spool_full") == 0
+    assert sample(registry, "flywheel_spool_bytes") == 0
