@@ -1,0 +1,162 @@
+"""The built-in demo task: short questions whose answers a program can check.
+
+Two families: two-digit arithmetic ("What is 47+38?" -> "85", "What is 83-47?" -> "36") and
+capitals from a table ("What is the capital of Peru?" -> "Lima"). Arithmetic generalises, so a
+fixed slice of it is held out for evaluation. Capitals are a closed table of facts that a model
+can only memorise, so holding one out would only make it unanswerable: every capital question
+is a training question, and the held-out set is arithmetic alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+QuestionKind = Literal["add", "sub", "capital"]
+Thumb = Literal["up", "down"]
+
+KINDS: tuple[QuestionKind, ...] = ("add", "sub", "capital")
+OPERANDS = range(10, 100)
+HELDOUT_BUCKETS = 10
+"""One arithmetic prompt in this many is held out."""
+MAX_CONCISE_WORDS = 6
+"""Longest answer a simulated user still calls concise ("The capital of Peru is Lima.")."""
+
+GOLDEN_FILE = Path(__file__).resolve().parent / "golden.jsonl"
+"""The safety gate's golden prompts for the demo task: held-out arithmetic, capitals, and two refusals."""
+
+_ARITHMETIC_PROMPT = re.compile(r"What is (\d+)([+-])(\d+)\?")
+_CAPITAL_PROMPT = re.compile(r"What is the capital of (.+)\?")
+_INTEGER = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class DemoQuestion:
+    prompt: str
+    answer: str
+    kind: QuestionKind
+
+
+@cache
+def capitals() -> dict[str, str]:
+    """Country -> capital, from `capitals.csv` beside this module."""
+    table = resources.files(__package__).joinpath("capitals.csv")
+    with table.open(encoding="utf-8") as rows:
+        return {row["country"]: row["capital"] for row in csv.DictReader(rows)}
+
+
+def arithmetic_question(a: int, operator: Literal["+", "-"], b: int) -> DemoQuestion:
+    answer = a + b if operator == "+" else a - b
+    kind: QuestionKind = "add" if operator == "+" else "sub"
+    return DemoQuestion(f"What is {a}{operator}{b}?", str(answer), kind)
+
+
+def capital_question(country: str) -> DemoQuestion:
+    return DemoQuestion(f"What is the capital of {country}?", capitals()[country], "capital")
+
+
+def is_heldout(question: DemoQuestion) -> bool:
+    """Whether `question` belongs to the evaluation split; a stable hash of the prompt decides."""
+    digest = hashlib.sha256(question.prompt.encode("utf-8")).digest()
+    return question.kind != "capital" and int.from_bytes(digest[:8]) % HELDOUT_BUCKETS == 0
+
+
+def all_arithmetic_questions() -> list[DemoQuestion]:
+    """Every two-digit sum and every two-digit difference with a non-negative answer."""
+    return [
+        arithmetic_question(a, operator, b)
+        for a in OPERANDS
+        for b in OPERANDS
+        for operator in ("+", "-")
+        if operator == "+" or a >= b
+    ]
+
+
+def _random_question(rng: random.Random, kind: QuestionKind) -> DemoQuestion:
+    if kind == "capital":
+        return capital_question(rng.choice(sorted(capitals())))
+    a, b = rng.choice(OPERANDS), rng.choice(OPERANDS)
+    if kind == "add":
+        return arithmetic_question(a, "+", b)
+    return arithmetic_question(max(a, b), "-", min(a, b))
+
+
+def sample_questions(rng: random.Random, n: int) -> list[DemoQuestion]:
+    """`n` training questions (never held-out ones), each family equally likely."""
+    questions: list[DemoQuestion] = []
+    while len(questions) < n:
+        question = _random_question(rng, rng.choice(KINDS))
+        if not is_heldout(question):
+            questions.append(question)
+    return questions
+
+
+@cache
+def _heldout_pool() -> tuple[DemoQuestion, ...]:
+    pool = [question for question in all_arithmetic_questions() if is_heldout(question)]
+    random.Random(0).shuffle(pool)
+    return tuple(pool)
+
+
+def heldout_questions(n: int) -> list[DemoQuestion]:
+    """The first `n` of a fixed shuffle of the held-out questions: distinct, same on every call."""
+    pool = _heldout_pool()
+    if n > len(pool):
+        raise ValueError(f"n={n} exceeds the {len(pool)} held-out questions")
+    return list(pool[:n])
+
+
+def question_from_prompt(prompt: str) -> DemoQuestion | None:
+    """The demo question a user prompt asks, or None if it is not one."""
+    prompt = prompt.strip()
+    if arithmetic := _ARITHMETIC_PROMPT.fullmatch(prompt):
+        a, operator, b = arithmetic.groups()
+        return arithmetic_question(int(a), operator, int(b))  # type: ignore[arg-type]
+    capital = _CAPITAL_PROMPT.fullmatch(prompt)
+    if capital and capital.group(1) in capitals():
+        return capital_question(capital.group(1))
+    return None
+
+
+def _mentioned_capitals(text: str) -> set[str]:
+    words = " ".join(text.split())
+    return {
+        city
+        for city in capitals().values()
+        if re.search(rf"\b{re.escape(city)}\b", words, flags=re.IGNORECASE)
+    }
+
+
+def is_correct(question: DemoQuestion, answer_text: str) -> bool:
+    """Whether `answer_text` gives the answer and nothing that contradicts it.
+
+    An arithmetic answer must contain exactly one number, the right one; a capital answer must
+    name the right city and no other capital. Whitespace, case and punctuation around the
+    answer do not matter, so "85." and "The capital of Peru is Lima." are correct, while
+    "85 or 86", "085" and "Lima or Quito" are not.
+    """
+    if question.kind == "capital":
+        return _mentioned_capitals(answer_text) == {question.answer}
+    return _INTEGER.findall(answer_text) == [question.answer]
+
+
+def is_concise(answer_text: str) -> bool:
+    return len(answer_text.split()) <= MAX_CONCISE_WORDS
+
+
+def judge_thumb(question_prompt: str, answer_text: str) -> Thumb:
+    """A simulated user's verdict: up for an answer that is correct and concise, else down."""
+    question = question_from_prompt(question_prompt)
+    if question is None:
+        raise ValueError(
+            f"not a demo-task question: {question_prompt!r}; expected e.g. "
+            "'What is 47+38?' or 'What is the capital of Peru?' (a country from capitals.csv)"
+        )
+    return "up" if is_correct(question, answer_text) and is_concise(answer_text) else "down"

@@ -1,0 +1,131 @@
+import random
+import re
+
+import pytest
+
+from flywheel.demo.task import (
+    all_arithmetic_questions,
+    arithmetic_question,
+    capital_question,
+    capitals,
+    heldout_questions,
+    is_correct,
+    is_heldout,
+    judge_thumb,
+    question_from_prompt,
+    sample_questions,
+)
+
+SUM = arithmetic_question(47, "+", 38)
+DIFFERENCE = arithmetic_question(83, "-", 47)
+PERU = capital_question("Peru")
+
+
+def test_questions_carry_their_answers():
+    assert (SUM.prompt, SUM.answer, SUM.kind) == ("What is 47+38?", "85", "add")
+    assert (DIFFERENCE.prompt, DIFFERENCE.answer, DIFFERENCE.kind) == ("What is 83-47?", "36", "sub")
+    assert (PERU.prompt, PERU.answer, PERU.kind) == ("What is the capital of Peru?", "Lima", "capital")
+
+
+def test_capital_table_is_unambiguous():
+    table = capitals()
+    assert len(table) >= 50
+    cities = list(table.values())
+    assert len(set(cities)) == len(cities)
+    # A city named inside another would make is_correct reject a right answer.
+    for city in cities:
+        others = [other for other in cities if other != city]
+        assert not any(re.search(rf"\b{re.escape(city)}\b", other) for other in others)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer_text"),
+    [
+        (SUM, "85"),
+        (SUM, " 85.\n"),
+        (SUM, "The answer is 85!"),
+        (DIFFERENCE, "36"),
+        (PERU, "Lima"),
+        (PERU, "lima."),
+        (PERU, "The capital of Peru is Lima."),
+        (capital_question("India"), "New  Delhi"),
+    ],
+)
+def test_correct_answers(question, answer_text):
+    assert is_correct(question, answer_text)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer_text"),
+    [
+        (SUM, ""),
+        (SUM, "86"),
+        (SUM, "085"),
+        (SUM, "8 5"),
+        (SUM, "85 or 86"),
+        (SUM, "85.5"),
+        (DIFFERENCE, "-36"),
+        (PERU, "Lim"),
+        (PERU, "Limassol"),
+        (PERU, "Lima or Quito"),
+        (PERU, "Peru"),
+    ],
+)
+def test_wrong_answers(question, answer_text):
+    assert not is_correct(question, answer_text)
+
+
+def test_sampled_questions_are_deterministic_and_never_heldout():
+    questions = sample_questions(random.Random(7), 600)
+    assert questions == sample_questions(random.Random(7), 600)
+    assert not any(is_heldout(question) for question in questions)
+    assert {question.kind for question in questions} == {"add", "sub", "capital"}
+    assert all(int(question.answer) >= 0 for question in questions if question.kind != "capital")
+
+
+def test_heldout_split_is_fixed_distinct_and_disjoint_from_training():
+    heldout = heldout_questions(200)
+    assert heldout == heldout_questions(200)
+    assert heldout[:10] == heldout_questions(10)
+    assert len(set(heldout)) == 200
+    assert all(is_heldout(question) and question.kind != "capital" for question in heldout)
+    training = {question for question in all_arithmetic_questions() if not is_heldout(question)}
+    assert training.isdisjoint(heldout)
+    assert 0.05 < len(heldout_questions(1000)) / len(all_arithmetic_questions()) < 0.15
+
+
+def test_heldout_questions_refuse_more_than_exist():
+    with pytest.raises(ValueError, match="held-out questions"):
+        heldout_questions(len(all_arithmetic_questions()))
+
+
+@pytest.mark.parametrize("question", [SUM, DIFFERENCE, PERU])
+def test_question_from_prompt_round_trips(question):
+    assert question_from_prompt(question.prompt) == question
+    assert question_from_prompt(f"  {question.prompt}\n") == question
+
+
+@pytest.mark.parametrize(
+    "prompt", ["", "Hello", "What is 47*38?", "What is the capital of Atlantis?", "what is 47+38"]
+)
+def test_question_from_prompt_rejects_other_text(prompt):
+    assert question_from_prompt(prompt) is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answer_text", "thumb"),
+    [
+        ("What is 47+38?", "85", "up"),
+        ("What is the capital of Peru?", "The capital of Peru is Lima.", "up"),
+        ("What is 47+38?", "86", "down"),
+        ("What is 47+38?", "Let me think step by step about it: the sum is 85", "down"),
+        ("What is the capital of Peru?", "Quito", "down"),
+    ],
+)
+def test_judge_thumb(prompt, answer_text, thumb):
+    assert judge_thumb(prompt, answer_text) == thumb
+
+
+def test_judge_thumb_names_what_it_accepts():
+    with pytest.raises(ValueError, match="not a demo-task question"):
+        judge_thumb("Tell me a joke", "No.")
