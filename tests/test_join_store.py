@@ -1,0 +1,197 @@
+"""The join of answers and votes: either order, duplicates, latest vote wins, TTL, persistence."""
+
+import random
+import sqlite3
+
+import pytest
+
+from flywheel.v1 import events_pb2, serving_pb2
+from trainer.join_store import JoinStore, is_heldout_prompt
+
+UP, DOWN = serving_pb2.RATING_UP, serving_pb2.RATING_DOWN
+TTL = 100.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path, clock) -> JoinStore:
+    opened = JoinStore(tmp_path / "join.sqlite3", TTL, clock)
+    yield opened
+    opened.close()
+
+
+def generation(response_id: str, prompt: str = "What is 1+1?", answer: tuple[int, ...] = (7, 2)) -> events_pb2.GenerationLogged:
+    return events_pb2.GenerationLogged(
+        event_id=f"gen-{response_id}",
+        response_id=response_id,
+        rendered_prompt=prompt,
+        prompt_token_ids=[len(prompt), 5, 6],
+        response_token_ids=list(answer),
+    )
+
+
+def vote(
+    response_id: str, rating=UP, given_at: int = 1, event_id: str | None = None, user_id: str = "ada", preferred_over: str = ""
+) -> events_pb2.FeedbackGiven:
+    event = events_pb2.FeedbackGiven(
+        event_id=event_id or f"vote-{response_id}-{rating}-{given_at}",
+        response_id=response_id,
+        user_id=user_id,
+        rating=rating,
+        preferred_over_response_id=preferred_over,
+    )
+    event.given_at.FromSeconds(given_at)
+    return event
+
+
+def labels(store: JoinStore) -> dict[str, bool]:
+    return {example.answer.response_id: example.thumbs_up for example in store.labelled_examples()}
+
+
+def test_joins_in_either_order(store):
+    assert store.add_generation(generation("r1"))
+    assert store.add_feedback(vote("r1", UP))
+    assert store.add_feedback(vote("r2", DOWN))
+    assert labels(store) == {"r1": True}
+    assert store.add_generation(generation("r2", answer=(9,)))
+    assert labels(store) == {"r1": True, "r2": False}
+    (example,) = [e for e in store.labelled_examples() if e.answer.response_id == "r2"]
+    assert example.answer.prompt_token_ids == (12, 5, 6)
+    assert example.answer.token_ids == (12, 5, 6, 9)
+
+
+def test_an_event_seen_twice_changes_nothing(store):
+    assert store.add_generation(generation("r1"))
+    assert not store.add_generation(generation("r1"))
+    first = vote("r1", UP, given_at=5, event_id="e1")
+    assert store.add_feedback(first)
+    store.mark_used(store.labelled_examples())
+    assert not store.add_feedback(first)
+    assert store.labelled_examples() == []
+
+
+def test_a_redelivered_vote_does_not_win_a_tie_over_a_later_arrival(store):
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, given_at=5, event_id="e1"))
+    store.add_feedback(vote("r1", DOWN, given_at=5, event_id="e2"))
+    assert not store.add_feedback(vote("r1", UP, given_at=5, event_id="e1"))
+    assert labels(store) == {"r1": False}
+
+
+def test_latest_vote_wins_by_given_at_whatever_the_arrival_order(store):
+    store.add_generation(generation("r1"))
+    assert store.add_feedback(vote("r1", DOWN, given_at=20))
+    assert not store.add_feedback(vote("r1", UP, given_at=10))
+    assert labels(store) == {"r1": False}
+    assert store.add_feedback(vote("r1", UP, given_at=30))
+    assert labels(store) == {"r1": True}
+
+
+def test_votes_of_different_users_stand_side_by_side(store):
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, user_id="ada"))
+    store.add_feedback(vote("r1", DOWN, user_id="bob"))
+    assert sorted(example.thumbs_up for example in store.labelled_examples()) == [False, True]
+
+
+def test_a_changed_vote_is_a_new_label_after_the_old_one_was_used(store):
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, given_at=1))
+    taken = store.labelled_examples()
+    store.add_feedback(vote("r1", DOWN, given_at=2))
+    store.mark_used(taken)
+    assert labels(store) == {"r1": False}
+    store.mark_used(store.labelled_examples())
+    assert store.labelled_examples() == []
+
+
+def test_preference_pairs_are_explicit_or_up_against_down_on_the_same_prompt(store):
+    for response_id, prompt in [("a", "q1"), ("b", "q1"), ("c", "q1"), ("x", "q2"), ("y", "q3")]:
+        store.add_generation(generation(response_id, prompt))
+    store.add_feedback(vote("a", UP))
+    store.add_feedback(vote("b", DOWN))
+    store.add_feedback(vote("c", DOWN))
+    store.add_feedback(vote("x", UP))
+    store.add_feedback(vote("y", serving_pb2.RATING_UNSPECIFIED, preferred_over="x"))
+
+    def pair_ids(pairs):
+        return {(pair.chosen.response_id, pair.rejected.response_id) for pair in pairs}
+
+    pairs = store.preference_pairs()
+    assert pair_ids(pairs) == {("a", "b"), ("a", "c"), ("y", "x")}
+    store.mark_used(pairs=pairs[:1])
+    assert pair_ids(store.preference_pairs()) == pair_ids(pairs[1:])
+    assert labels(store) == {"a": True, "b": False, "c": False, "x": True}
+
+
+def test_heldout_prompts_are_never_in_training_and_are_not_used_up(store):
+    prompts = [f"What is {n}+1?" for n in range(40)]
+    for n, prompt in enumerate(prompts):
+        store.add_generation(generation(f"r{n}", prompt))
+        store.add_feedback(vote(f"r{n}", UP))
+    heldout = store.labelled_examples("heldout", heldout_fraction=0.3)
+    train = store.labelled_examples("train", heldout_fraction=0.3)
+    expected_heldout = {f"r{n}" for n, prompt in enumerate(prompts) if is_heldout_prompt(prompt, 0.3)}
+    assert {example.answer.response_id for example in heldout} == expected_heldout
+    assert 0 < len(heldout) < len(train)
+    store.mark_used(heldout + train)
+    assert store.labelled_examples("train", heldout_fraction=0.3) == []
+    assert len(store.labelled_examples("heldout", heldout_fraction=0.3)) == len(heldout)
+
+
+def test_unmatched_items_expire_after_the_ttl_and_matched_ones_stay(store, clock):
+    store.add_generation(generation("matched"))
+    store.add_feedback(vote("matched", UP))
+    store.add_generation(generation("lonely-answer"))
+    store.add_feedback(vote("lonely-vote", UP))
+    clock.now += TTL / 2
+    assert store.expire_unmatched() == 0
+    clock.now += TTL
+    assert store.expire_unmatched() == 2
+    store.add_generation(generation("lonely-vote"))
+    assert labels(store) == {"matched": True}
+    assert store.prompts_for_rollouts(3, random.Random(0)) == [[12, 5, 6]] * 3
+
+
+def test_the_store_persists_across_reopen_and_snapshots(tmp_path, clock):
+    path = tmp_path / "join.sqlite3"
+    store = JoinStore(path, TTL, clock)
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, given_at=1, event_id="e1"))
+    store.snapshot_to(tmp_path / "snapshot.sqlite3")
+    store.close()
+
+    reopened = JoinStore(path, TTL, clock)
+    assert not reopened.add_feedback(vote("r1", UP, given_at=1, event_id="e1"))
+    assert labels(reopened) == {"r1": True}
+    reopened.close()
+    with sqlite3.connect(tmp_path / "snapshot.sqlite3") as snapshot:
+        assert snapshot.execute("SELECT response_id, rating FROM votes").fetchall() == [("r1", UP)]
+
+
+def test_rollout_prompts_follow_the_traffic(store):
+    assert store.prompts_for_rollouts(4, random.Random(0)) == []
+    store.add_generation(generation("r1", prompt="short"))
+    store.add_generation(generation("r2", prompt="a longer one"))
+    prompts = store.prompts_for_rollouts(200, random.Random(0))
+    assert len(prompts) == 200
+    assert {tuple(prompt) for prompt in prompts} == {(5, 5, 6), (12, 5, 6)}
+
+
+def test_events_without_their_ids_are_refused_naming_the_field(store):
+    with pytest.raises(ValueError, match="user_id"):
+        store.add_feedback(events_pb2.FeedbackGiven(event_id="e", response_id="r"))
+    with pytest.raises(ValueError, match="event_id"):
+        store.add_generation(events_pb2.GenerationLogged(response_id="r"))

@@ -1,0 +1,93 @@
+"""PPO steps on the demo model: the first ratio is exactly 1, and a toy reward goes up within a KL budget."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.config import PPOSettings
+from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch, cut_after_eos
+from trainer.ppo_math import masked_mean
+from trainer.reward_model import RewardModel
+
+PROMPTS = ["What is 47+38?", "What is 83-47?", "What is 12+90?", "What is 65-21?"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in PROMPTS
+    ]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+
+
+def trainer_for(model_path, tokenizer, **settings) -> PPOTrainer:
+    models = PolicyWithValue.from_pretrained(model_path, RewardModel.from_pretrained(model_path))
+    return PPOTrainer(models, tokenizer, PPOSettings(**settings))
+
+
+def favoured_share(prompt_length: int):
+    """A fixed toy reward: the share of an answer's tokens whose id is even (prompts share one length)."""
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        response, mask = input_ids[:, prompt_length:], attention_mask[:, prompt_length:].bool()
+        return masked_mean((response % 2 == 0).float(), mask, dim=-1)
+
+    return score
+
+
+@torch.no_grad()
+def favoured_probability(trainer: PPOTrainer, prompt_ids: list[list[int]]) -> float:
+    """Probability mass the policy puts on even ids for the first answer token, mean over prompts."""
+    one_token_answers = Rollout(prompt_ids, [[0]] * len(prompt_ids), [False] * len(prompt_ids), 0.0)
+    batch = TokenBatch.from_rollout(one_token_answers, trainer.tokenizer.pad_token_id)
+    logits = trainer.models.response_logits(trainer.models.policy, batch)[:, 0]
+    return torch.softmax(logits / trainer.settings.temperature, -1)[:, ::2].sum(-1).mean().item()
+
+
+def test_cut_after_eos_keeps_the_end_token():
+    assert cut_after_eos([5, 6, 2, 0, 0], frozenset({2})) == [5, 6, 2]
+    assert cut_after_eos([5, 6, 7], frozenset({2})) == [5, 6, 7]
+
+
+def test_the_first_minibatch_ratio_is_exactly_one(model_path, tokenizer, prompt_ids):
+    torch.manual_seed(0)
+    trainer = trainer_for(model_path, tokenizer, max_new_tokens=8, minibatch_size=3, epochs=2)
+    reward_model = RewardModel.from_pretrained(model_path)
+    rollout = trainer.rollout(prompt_ids)
+    assert len(rollout.response_token_ids) == 2 * len(prompt_ids)
+    assert all(len(response) <= 8 for response in rollout.response_token_ids)
+    stats = trainer.ppo_step(rollout, reward_model)
+    assert stats.first_minibatch_ratio == 1.0
+    assert all(math.isfinite(value) for value in vars(stats).values())
+    assert trainer.kl_controller.kl_coef != stats.kl_coef
+
+
+def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer, prompt_ids, tmp_path):
+    torch.manual_seed(0)
+    assert len({len(ids) for ids in prompt_ids}) == 1
+    trainer = trainer_for(
+        model_path, tokenizer, max_new_tokens=8, minibatch_size=4, epochs=4,
+        policy_learning_rate=1e-3, critic_learning_rate=1e-3, missing_eos_penalty=0.0,
+    )
+    toy_reward = favoured_share(len(prompt_ids[0]))
+    before = favoured_probability(trainer, prompt_ids)
+    history = [trainer.ppo_step(trainer.rollout(prompt_ids), toy_reward) for _ in range(6)]
+    after = favoured_probability(trainer, prompt_ids)
+    print(f"P(favoured first token) {before:.3f} -> {after:.3f}; "
+          f"score {[round(h.mean_score, 2) for h in history]}; KL {[round(h.kl_to_reference, 2) for h in history]}")
+    assert after > before + 0.1
+    assert all(0 <= h.kl_to_reference < 10.0 for h in history)
+
+    trainer.save_policy(tmp_path / "policy")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    for name, weight in saved.state_dict().items():
+        torch.testing.assert_close(weight, trainer.models.policy.state_dict()[name], rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(tmp_path / "policy").chat_template == tokenizer.chat_template

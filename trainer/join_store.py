@@ -1,0 +1,322 @@
+"""A persistent SQLite store joining logged answers (GenerationLogged) with votes (FeedbackGiven).
+
+Events arrive from Kafka at least once and in any order across topics, so the store is
+idempotent and order-free:
+- every event is applied at most once, by event_id;
+- a vote may arrive before or after the answer it is about; they join on response_id;
+- each (response_id, user_id) keeps one standing vote: the latest by given_at, and on a tie the
+  later to arrive (within a response's Kafka partition, the higher offset);
+- an answer nobody voted on, or a vote whose answer never came, is dropped after a TTL.
+
+The reward model takes each standing thumb and each preference pair once: `mark_used` records
+what was trained on. A changed vote is a new label and is taken again. Prompts are split
+between training and held-out evaluation by a stable hash of their text, so both answers of
+a pair always fall on the same side.
+"""
+
+import hashlib
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from flywheel.v1 import events_pb2, serving_pb2
+
+Split = Literal["train", "heldout"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen_events (
+    arrival INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS generations (
+    response_id TEXT PRIMARY KEY,
+    prompt_text TEXT NOT NULL,
+    prompt_token_ids TEXT NOT NULL,
+    response_token_ids TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS generations_by_prompt ON generations (prompt_text);
+CREATE TABLE IF NOT EXISTS votes (
+    response_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    rating INTEGER NOT NULL,
+    preferred_over_response_id TEXT NOT NULL,
+    given_at_ns INTEGER NOT NULL,
+    arrival INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    used_as_label INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (response_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS votes_by_preferred_over ON votes (preferred_over_response_id);
+CREATE TABLE IF NOT EXISTS used_pairs (
+    chosen_response_id TEXT NOT NULL,
+    rejected_response_id TEXT NOT NULL,
+    PRIMARY KEY (chosen_response_id, rejected_response_id)
+) WITHOUT ROWID;
+"""
+
+# Replaces the standing vote only when the new one is later by (given_at, arrival); a
+# replaced vote is a new label, so it is no longer marked used.
+UPSERT_VOTE = """
+INSERT INTO votes (response_id, user_id, event_id, rating, preferred_over_response_id, given_at_ns, arrival, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (response_id, user_id) DO UPDATE SET
+    event_id = excluded.event_id, rating = excluded.rating,
+    preferred_over_response_id = excluded.preferred_over_response_id,
+    given_at_ns = excluded.given_at_ns, arrival = excluded.arrival,
+    received_at = excluded.received_at, used_as_label = 0
+WHERE (excluded.given_at_ns, excluded.arrival) > (votes.given_at_ns, votes.arrival)
+"""
+
+SELECT_THUMBS = """
+SELECT v.response_id, g.prompt_token_ids, g.response_token_ids, v.rating, v.event_id
+FROM votes v JOIN generations g ON g.response_id = v.response_id
+WHERE v.rating IN (:up, :down)
+  AND heldout_prompt(g.prompt_text, :heldout_fraction) = :heldout
+  AND (:heldout OR NOT v.used_as_label)
+ORDER BY v.arrival
+LIMIT :limit
+"""
+
+# Pairs are explicit preferences, and an up-voted and a down-voted answer to the same prompt.
+SELECT_PAIRS = """
+WITH candidates (chosen_id, rejected_id) AS (
+    SELECT response_id, preferred_over_response_id FROM votes WHERE preferred_over_response_id != ''
+    UNION
+    SELECT up.response_id, down.response_id
+    FROM votes up
+    JOIN generations c ON c.response_id = up.response_id
+    JOIN generations r ON r.prompt_text = c.prompt_text AND r.response_id != c.response_id
+    JOIN votes down ON down.response_id = r.response_id
+    WHERE up.rating = :up AND down.rating = :down
+)
+SELECT p.chosen_id, c.prompt_token_ids, c.response_token_ids,
+       p.rejected_id, r.prompt_token_ids, r.response_token_ids
+FROM candidates p
+JOIN generations c ON c.response_id = p.chosen_id
+JOIN generations r ON r.response_id = p.rejected_id
+WHERE heldout_prompt(c.prompt_text, :heldout_fraction) = :heldout
+  AND (:heldout OR NOT EXISTS (
+      SELECT 1 FROM used_pairs u WHERE u.chosen_response_id = p.chosen_id AND u.rejected_response_id = p.rejected_id))
+ORDER BY c.received_at, r.received_at
+LIMIT :limit
+"""
+
+EXPIRE_UNMATCHED = (
+    """DELETE FROM generations WHERE received_at < :cutoff
+       AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.response_id = generations.response_id)
+       AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.preferred_over_response_id = generations.response_id)""",
+    """DELETE FROM votes WHERE received_at < :cutoff
+       AND NOT EXISTS (SELECT 1 FROM generations g WHERE g.response_id = votes.response_id)""",
+)
+
+
+@dataclass(frozen=True)
+class LoggedAnswer:
+    """One answer as the policy produced it: the token ids it was given and the ones it sampled."""
+
+    response_id: str
+    prompt_token_ids: tuple[int, ...]
+    response_token_ids: tuple[int, ...]
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Prompt then response: the sequence the reward model scores."""
+        return self.prompt_token_ids + self.response_token_ids
+
+
+@dataclass(frozen=True)
+class LabelledExample:
+    """A standing thumbs-up or thumbs-down joined with its answer."""
+
+    answer: LoggedAnswer
+    thumbs_up: bool
+    vote_event_id: str
+    """The vote that gave the label; marking it used leaves a later vote on the answer unused."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two answers where users preferred `chosen` over `rejected`."""
+
+    chosen: LoggedAnswer
+    rejected: LoggedAnswer
+
+
+def is_heldout_prompt(prompt_text: str, heldout_fraction: float) -> bool:
+    """Whether a prompt belongs to the held-out split: a stable hash of its text below the fraction."""
+    digest = hashlib.sha256(prompt_text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
+
+
+def _require(event_name: str, **fields: str) -> None:
+    missing = [name for name, value in fields.items() if not value]
+    if missing:
+        raise ValueError(f"{event_name}: {', '.join(missing)} must be set")
+
+
+def _first_sighting(connection: sqlite3.Connection, event_id: str) -> int | None:
+    """The arrival number of a new event, or None when this event_id was seen before."""
+    cursor = connection.execute("INSERT OR IGNORE INTO seen_events (event_id) VALUES (?)", (event_id,))
+    return cursor.lastrowid if cursor.rowcount else None
+
+
+def _answer(response_id: str, prompt_token_ids: str, response_token_ids: str) -> LoggedAnswer:
+    return LoggedAnswer(response_id, tuple(json.loads(prompt_token_ids)), tuple(json.loads(response_token_ids)))
+
+
+class JoinStore:
+    """The join of answers and votes in one SQLite file. Use from one thread."""
+
+    def __init__(self, path: Path, ttl_seconds: float, clock: Callable[[], float] = time.time):
+        """Open (or create) the store at `path`; `clock` gives wall-clock seconds, for the TTL."""
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly by `_transaction`.
+        self._connection = sqlite3.connect(path, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.create_function("heldout_prompt", 2, is_heldout_prompt, deterministic=True)
+        self._connection.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._connection
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        self._connection.execute("COMMIT")
+
+    def add_generation(self, event: events_pb2.GenerationLogged) -> bool:
+        """Record a logged answer; returns False when the event (or its response_id) was seen before."""
+        _require("GenerationLogged", event_id=event.event_id, response_id=event.response_id)
+        with self._transaction() as connection:
+            if _first_sighting(connection, event.event_id) is None:
+                return False
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?)",
+                (
+                    event.response_id,
+                    event.rendered_prompt,
+                    json.dumps(list(event.prompt_token_ids)),
+                    json.dumps(list(event.response_token_ids)),
+                    self._clock(),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def add_feedback(self, event: events_pb2.FeedbackGiven) -> bool:
+        """Record a vote; returns True when it became the standing vote of its (response, user).
+
+        False for an event seen before and for one older than the standing vote.
+        """
+        _require("FeedbackGiven", event_id=event.event_id, response_id=event.response_id, user_id=event.user_id)
+        with self._transaction() as connection:
+            arrival = _first_sighting(connection, event.event_id)
+            if arrival is None:
+                return False
+            cursor = connection.execute(
+                UPSERT_VOTE,
+                (
+                    event.response_id,
+                    event.user_id,
+                    event.event_id,
+                    event.rating,
+                    event.preferred_over_response_id,
+                    event.given_at.ToNanoseconds(),
+                    arrival,
+                    self._clock(),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def _query(self, sql: str, split: Split, heldout_fraction: float, limit: int | None) -> list[tuple]:
+        parameters = {
+            "up": serving_pb2.RATING_UP,
+            "down": serving_pb2.RATING_DOWN,
+            "heldout": split == "heldout",
+            "heldout_fraction": heldout_fraction,
+            "limit": -1 if limit is None else limit,
+        }
+        return self._connection.execute(sql, parameters).fetchall()
+
+    def labelled_examples(
+        self, split: Split = "train", heldout_fraction: float = 0.0, limit: int | None = None
+    ) -> list[LabelledExample]:
+        """Standing thumbs joined with their answers, oldest vote first.
+
+        The train split gives only thumbs not yet marked used; the held-out split gives all of
+        its thumbs every time (evaluation does not use them up).
+        """
+        rows = self._query(SELECT_THUMBS, split, heldout_fraction, limit)
+        return [
+            LabelledExample(_answer(response_id, prompt, response), rating == serving_pb2.RATING_UP, event_id)
+            for response_id, prompt, response, rating, event_id in rows
+        ]
+
+    def preference_pairs(
+        self, split: Split = "train", heldout_fraction: float = 0.0, limit: int | None = None
+    ) -> list[PreferencePair]:
+        """Explicit preferences, and up- against down-voted answers to the same prompt text.
+
+        Each (chosen, rejected) pair appears once; the train split leaves out pairs marked used.
+        """
+        rows = self._query(SELECT_PAIRS, split, heldout_fraction, limit)
+        return [PreferencePair(_answer(*row[:3]), _answer(*row[3:])) for row in rows]
+
+    def mark_used(self, examples: Sequence[LabelledExample] = (), pairs: Sequence[PreferencePair] = ()) -> None:
+        """Record that the reward model trained on these, so no later query returns them again."""
+        with self._transaction() as connection:
+            connection.executemany(
+                "UPDATE votes SET used_as_label = 1 WHERE event_id = ?",
+                [(example.vote_event_id,) for example in examples],
+            )
+            connection.executemany(
+                "INSERT OR IGNORE INTO used_pairs VALUES (?, ?)",
+                [(pair.chosen.response_id, pair.rejected.response_id) for pair in pairs],
+            )
+
+    def prompts_for_rollouts(self, n: int, rng: random.Random) -> list[list[int]]:
+        """`n` prompts drawn from logged traffic (with replacement, as often as users asked them).
+
+        Returns token id lists; empty when nothing has been logged yet.
+        """
+        rowids = [rowid for (rowid,) in self._connection.execute("SELECT rowid FROM generations")]
+        if not rowids:
+            return []
+        chosen = rng.choices(rowids, k=n)
+        distinct = sorted(set(chosen))
+        placeholders = ",".join("?" * len(distinct))
+        sql = f"SELECT rowid, prompt_token_ids FROM generations WHERE rowid IN ({placeholders})"
+        prompts = dict(self._connection.execute(sql, distinct))
+        return [json.loads(prompts[rowid]) for rowid in chosen]
+
+    def generation_count(self) -> int:
+        """Logged answers in the store."""
+        return self._connection.execute("SELECT count(*) FROM generations").fetchone()[0]
+
+    def expire_unmatched(self) -> int:
+        """Drop answers without votes and votes without answers older than the TTL; returns how many."""
+        cutoff = self._clock() - self.ttl_seconds
+        with self._transaction() as connection:
+            return sum(connection.execute(sql, {"cutoff": cutoff}).rowcount for sql in EXPIRE_UNMATCHED)
+
+    def snapshot_to(self, path: Path) -> None:
+        """Copy the whole store, consistently, into a new SQLite file at `path` (for checkpoints)."""
+        destination = sqlite3.connect(path)
+        try:
+            self._connection.backup(destination)
+        finally:
+            destination.close()
+
+    def close(self) -> None:
+        self._connection.close()

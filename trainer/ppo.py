@@ -1,0 +1,321 @@
+"""The policy side of PPO: sample answers, score them, and take clipped updates of policy and critic.
+
+One step (Ziegler et al. 2019; Ouyang et al. 2022), all visible in `PPOTrainer.ppo_step`:
+rollout → reward-model score (minus the missing-EOS penalty) → per-token reward −β·KL plus the
+score at the last token → GAE → whitened advantages → `epochs` passes of shuffled minibatches
+of clipped policy and value losses → adapt β toward the KL target.
+
+Layout: every answer is its prompt then its response, right-padded, as the server logs it. The
+output at position p predicts token p + 1, so response token t of a row whose prompt has P
+tokens is scored from position P − 1 + t.
+"""
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.config import PPOSettings
+from trainer.ppo_math import (
+    AdaptiveKLController,
+    apply_missing_eos_penalty,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    kl_estimators,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+)
+from trainer.reward_model import RewardModel, load_without_dropout, right_pad
+
+Sampler = Callable[[list[list[int]], int, float], list[list[int]]]
+"""sample(prompt_token_ids, max_new_tokens, temperature) -> one response's token ids per prompt.
+
+Sampling must be from the full softmax(logits / temperature), no top-k or top-p cut, so that
+log-probs recomputed at that temperature are the behavior policy's; temperature 0 is greedy
+(the safety gate's answers). A response that ended keeps its end-of-sequence token.
+"""
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""score(input_ids, attention_mask) -> `(batch,)`, over right-padded prompt + response: a RewardModel."""
+
+
+class TransformersSampler:
+    """Samples answers with `transformers` generate from the policy being trained."""
+
+    def __init__(self, policy: PreTrainedModel, pad_token_id: int, eos_token_ids: frozenset[int]):
+        self.policy = policy
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = eos_token_ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
+        longest = max(map(len, prompts))
+        # Left padding, so every row's answer starts at the same column.
+        input_ids = torch.tensor([[self.pad_token_id] * (longest - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        generated = self.policy.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+        )
+        return [cut_after_eos(row.tolist(), self.eos_token_ids) for row in generated[:, longest:]]
+
+
+def end_of_sequence_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> frozenset[int]:
+    """Every token that ends an answer: the generation config's (chat models list several) and the tokenizer's."""
+    listed = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    return frozenset(token for token in [*listed, tokenizer_eos] if token is not None)
+
+
+def cut_after_eos(tokens: list[int], eos_token_ids: frozenset[int]) -> list[int]:
+    """The tokens up to and including the first end-of-sequence token (all of them if none)."""
+    for position, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: position + 1]
+    return tokens
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled answers: row i is `response_token_ids[i]` answering `prompt_token_ids[i]`."""
+
+    prompt_token_ids: list[list[int]]
+    response_token_ids: list[list[int]]
+    ended_with_eos: list[bool]
+    """Whether each answer ended by itself rather than at max_new_tokens."""
+    sampling_seconds: float
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Answers as tensors: prompt + response right-padded, and the response part on its own.
+
+    input_ids, attention_mask: `(answers, prompt_len + response_len)`.
+    response_ids, response_mask: `(answers, response_len)`, right-padded, mask True on tokens.
+    predicting_positions: `(answers, response_len)` long, the column whose output predicts each
+        response token (clamped into the row on padding, whose values are masked away).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    predicting_positions: torch.Tensor
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, pad_token_id: int) -> "TokenBatch":
+        sequences = [p + r for p, r in zip(rollout.prompt_token_ids, rollout.response_token_ids)]
+        input_ids, attention_mask = right_pad(sequences, pad_token_id)
+        response_ids, response_mask = right_pad(rollout.response_token_ids, pad_token_id)
+        prompt_lengths = torch.tensor([len(p) for p in rollout.prompt_token_ids])
+        columns = torch.arange(response_ids.size(1))
+        positions = (prompt_lengths.unsqueeze(1) - 1 + columns).clamp(max=input_ids.size(1) - 1)
+        return cls(input_ids, attention_mask, response_ids, response_mask.bool(), positions)
+
+    def rows(self, index: torch.Tensor) -> "TokenBatch":
+        """The answers at `index` (a `(k,)` long tensor), in that order."""
+        return TokenBatch(*(getattr(self, field.name)[index] for field in fields(self)))
+
+
+def at_positions(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pick, per row, the given columns: `(batch, seq_len, ...)` at `(batch, k)` -> `(batch, k, ...)`."""
+    index = positions.view(*positions.shape, *([1] * (per_position.dim() - 2)))
+    return per_position.gather(1, index.expand(*positions.shape, *per_position.shape[2:]))
+
+
+class PolicyWithValue(nn.Module):
+    """The trainable policy, its critic, and a frozen reference copy of the starting policy.
+
+    The critic is a copy of the reward model read at every token, not a fresh head on the
+    policy: it starts out already judging answers the way the score does, so its first value
+    estimates carry signal and early advantages are less noisy (as in InstructGPT). It is a
+    separate model, so value regression never pulls on the policy's weights.
+    """
+
+    def __init__(self, policy: PreTrainedModel, critic: RewardModel, reference: PreTrainedModel):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.reference = reference.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, policy_path: str | Path, reward_model: RewardModel) -> "PolicyWithValue":
+        policy = load_without_dropout(AutoModelForCausalLM, policy_path)
+        return cls(policy, copy.deepcopy(reward_model), copy.deepcopy(policy))
+
+    @staticmethod
+    def response_logits(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+        """Logits predicting each response token, `(answers, response_len, vocab)`.
+
+        The LM head runs only on the response positions: on a real vocabulary the logits of
+        every prompt position would dominate memory.
+        """
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return model.get_output_embeddings()(at_positions(hidden, batch.predicting_positions))
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        """The critic's value of the state before each response token, `(answers, response_len)`."""
+        return at_positions(self.critic.token_scores(batch.input_ids, batch.attention_mask), batch.predicting_positions)
+
+
+@dataclass(frozen=True)
+class PPOStepStats:
+    """What one PPO step did; per-answer quantities are means over the rollout's answers."""
+
+    mean_score: float
+    """Reward-model score before the missing-EOS penalty."""
+    mean_reward: float
+    """Σ over tokens of the per-token reward: penalised score − β·KL."""
+    kl_to_reference: float
+    """Σ over tokens of log π − log π_ref at rollout time, nats per answer."""
+    kl_coef: float
+    """β used in this step's rewards (the controller adapts it afterwards)."""
+    approx_kl: float
+    """KL(π_old ‖ π_θ) per token across the updates, mean over minibatches (k3)."""
+    clip_fraction: float
+    entropy: float
+    """Policy entropy per response token at rollout time, nats."""
+    value_loss: float
+    explained_variance: float
+    """Of the returns by the critic's rollout-time values; 1 is perfect."""
+    first_minibatch_ratio: float
+    """Mean π_θ / π_old on the first minibatch, before any update: exactly 1 if old log-probs are right."""
+    ended_with_eos_fraction: float
+    mean_response_tokens: float
+    seconds: float
+    """Wall-clock time of `ppo_step` (scoring and updates; sampling is in the Rollout)."""
+    tokens_per_second: float
+    """The rollout's response tokens per second of `ppo_step`."""
+
+
+class PPOTrainer:
+    """Runs PPO steps on a PolicyWithValue: optimizers for policy and critic, and the KL coefficient."""
+
+    def __init__(
+        self,
+        models: PolicyWithValue,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: PPOSettings,
+        sampler: Sampler | None = None,
+    ):
+        self.models = models
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
+        self.sampler = sampler or TransformersSampler(models.policy, tokenizer.pad_token_id, self.eos_token_ids)
+        self.policy_optimizer = torch.optim.AdamW(models.policy.parameters(), lr=settings.policy_learning_rate)
+        self.critic_optimizer = torch.optim.AdamW(models.critic.parameters(), lr=settings.critic_learning_rate)
+        self.kl_controller = AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
+
+    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
+        """Sample `responses_per_prompt` answers to each prompt (a prompt's answers are adjacent rows)."""
+        repeated = [list(prompt) for prompt in prompts for _ in range(self.settings.responses_per_prompt)]
+        started = time.perf_counter()
+        responses = self.sampler(repeated, self.settings.max_new_tokens, self.settings.temperature)
+        seconds = time.perf_counter() - started
+        if any(not response for response in responses):
+            raise ValueError("the sampler returned an empty response; every answer needs at least one token")
+        ended = [response[-1] in self.eos_token_ids for response in responses]
+        return Rollout(repeated, responses, ended, seconds)
+
+    def _minibatches(self, answers: int, shuffle: bool) -> list[torch.Tensor]:
+        order = torch.randperm(answers) if shuffle else torch.arange(answers)
+        return list(order.split(self.settings.minibatch_size))
+
+    def ppo_step(self, rollout: Rollout, reward_model: Scorer) -> PPOStepStats:
+        """Score the rollout and take `epochs` passes of clipped PPO updates over it."""
+        started = time.perf_counter()
+        s, models = self.settings, self.models
+        # Shuffle once up front and walk the first epoch in order: the rollout-time passes below
+        # then see exactly the first epoch's minibatches, so its ratio is bitwise 1.
+        shuffled = torch.randperm(len(rollout.response_token_ids))
+        batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id).rows(shuffled)
+        ended_with_eos = torch.tensor(rollout.ended_with_eos)[shuffled]
+        mask = batch.response_mask
+
+        with torch.no_grad():
+            old_logprobs, ref_logprobs, old_values, entropy, scores = [], [], [], [], []
+            for index in self._minibatches(len(shuffled), shuffle=False):
+                minibatch = batch.rows(index)
+                logits = models.response_logits(models.policy, minibatch)
+                old_logprobs.append(logprobs_from_logits(logits, minibatch.response_ids, s.temperature))
+                entropy.append(entropy_from_logits(logits, s.temperature))
+                ref_logits = models.response_logits(models.reference, minibatch)
+                ref_logprobs.append(logprobs_from_logits(ref_logits, minibatch.response_ids, s.temperature))
+                old_values.append(models.values(minibatch))
+                scores.append(reward_model(minibatch.input_ids, minibatch.attention_mask))
+            old_logprobs, ref_logprobs, old_values, entropy, scores = map(
+                torch.cat, (old_logprobs, ref_logprobs, old_values, entropy, scores)
+            )
+            penalised_scores = apply_missing_eos_penalty(scores, ended_with_eos, s.missing_eos_penalty)
+            kl_coef = self.kl_controller.kl_coef
+            rewards = per_token_rewards(penalised_scores, old_logprobs, ref_logprobs, mask, kl_coef)
+            advantages, returns = gae_advantages(rewards, old_values, mask, s.gamma, s.lam)
+            advantages = masked_whiten(advantages, mask)
+            log_ratio_to_reference = kl_estimators(old_logprobs, ref_logprobs).k1
+            kl_to_reference = torch.where(mask, log_ratio_to_reference, 0.0).sum(-1).mean().item()
+
+        update_stats = []
+        for epoch in range(s.epochs):
+            for index in self._minibatches(len(shuffled), shuffle=epoch > 0):
+                minibatch = batch.rows(index)
+                logits = models.response_logits(models.policy, minibatch)
+                logprobs = logprobs_from_logits(logits, minibatch.response_ids, s.temperature)
+                policy_loss, policy_stats = clipped_policy_loss(
+                    logprobs, old_logprobs[index], advantages[index], mask[index], s.clip_eps
+                )
+                value_loss, _ = clipped_value_loss(
+                    models.values(minibatch), old_values[index], returns[index], mask[index], s.value_clip_eps
+                )
+                self.policy_optimizer.zero_grad()
+                self.critic_optimizer.zero_grad()
+                # Separate models and optimizers: the sum only saves a second backward call.
+                (policy_loss + value_loss).backward()
+                nn.utils.clip_grad_norm_(models.policy.parameters(), s.max_grad_norm)
+                nn.utils.clip_grad_norm_(models.critic.parameters(), s.max_grad_norm)
+                self.policy_optimizer.step()
+                self.critic_optimizer.step()
+                update_stats.append({**policy_stats, "value_loss": value_loss.detach()})
+
+        self.kl_controller.update(kl_to_reference, len(shuffled))
+        seconds = time.perf_counter() - started
+        response_tokens = int(mask.sum())
+
+        def mean_over_updates(name: str) -> float:
+            return torch.stack([stats[name] for stats in update_stats]).mean().item()
+
+        return PPOStepStats(
+            mean_score=scores.mean().item(),
+            mean_reward=torch.where(mask, rewards, 0.0).sum(-1).mean().item(),
+            kl_to_reference=kl_to_reference,
+            kl_coef=kl_coef,
+            approx_kl=mean_over_updates("approx_kl"),
+            clip_fraction=mean_over_updates("clip_fraction"),
+            entropy=masked_mean(entropy, mask).item(),
+            value_loss=mean_over_updates("value_loss"),
+            explained_variance=explained_variance(old_values, returns, mask).item(),
+            first_minibatch_ratio=update_stats[0]["ratio_mean"].item(),
+            ended_with_eos_fraction=ended_with_eos.float().mean().item(),
+            mean_response_tokens=response_tokens / len(shuffled),
+            seconds=seconds,
+            tokens_per_second=response_tokens / seconds,
+        )
+
+    def save_policy(self, directory: Path) -> None:
+        """Write the policy as a Hugging Face directory vLLM can serve: safetensors weights, config,
+        generation config, tokenizer and chat template."""
+        self.models.policy.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
