@@ -1,0 +1,115 @@
+"""When to roll a new policy version back: Wald's sequential probability ratio test on thumbs-down.
+
+After a version goes live, its thumbs-down votes arrive one by one. Waiting for a fixed sample
+wastes traffic on a bad version; peeking at a fixed-sample test after every vote inflates its
+false-alarm rate. Wald's SPRT is built to be looked at after every vote: it keeps one running
+log-likelihood ratio and stops the first time it leaves a band.
+
+The hypotheses, for the new version's thumbs-down rate p:
+
+    H0: p = p0          the new version is as good as its parent (p0: the parent's observed rate)
+    H1: p = p0 + δ      it is worse by at least δ (absolute)
+
+Per version, the chance of rolling back a version no worse than its parent is about α (the
+false-alarm rate), and the chance of keeping one that is δ worse is about β (the miss rate).
+Both are per new version tested: over many versions, expect about α × versions false rollbacks.
+
+The parent's rate is treated as known, though it is itself an estimate. This is an
+approximation: it holds when the parent has many more votes than the test needs (it served for
+a long time before), and the test demands `min_votes` for the parent too. When the parent's
+observed rate is below its true rate, the real false-alarm rate exceeds α.
+
+A decision is final: once `sprt_decision` says "rollback" or "keep", stop testing that version.
+Feeding it more votes after "keep" lets the ratio wander back up: false alarms beyond α.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Keeps log(p1 / p0) and log((1 − p1) / (1 − p0)) finite when the parent's rate is 0 or near 1.
+RATE_EPSILON = 1e-3
+
+
+class ThumbsDownSPRT(BaseModel):
+    """Settings of the automatic-rollback test."""
+
+    false_alarm_rate: float = Field(
+        0.01, gt=0, lt=0.5, description="α: chance of rolling back a new version that is no worse than its parent."
+    )
+    miss_rate: float = Field(
+        0.05, gt=0, lt=0.5, description="β: chance of keeping a new version whose thumbs-down rate is min_increase worse."
+    )
+    min_increase: float = Field(
+        0.10, gt=0, lt=0.5, description="δ: absolute rise of the thumbs-down rate that counts as significantly worse."
+    )
+    min_votes: int = Field(
+        30, ge=1, description="Votes the new version, and separately its parent, need before any decision."
+    )
+
+
+@dataclass(frozen=True)
+class SPRTResult:
+    """The test's state after the votes seen so far."""
+
+    decision: Literal["rollback", "keep", "continue"]
+    log_likelihood_ratio: float
+    """ln P(votes | H1) / P(votes | H0), natural log; 0 while the parent has no votes."""
+    upper: float
+    """ln((1 − β) / α): roll back at or above it."""
+    lower: float
+    """ln(β / (1 − α)): keep at or below it."""
+    parent_rate: float
+    """The parent's observed thumbs-down rate (NaN with no votes)."""
+    new_rate: float
+    """The new version's observed thumbs-down rate (NaN with no votes)."""
+
+
+def sprt_bounds(settings: ThumbsDownSPRT) -> tuple[float, float]:
+    """Wald's (lower, upper) bounds on the log-likelihood ratio for the settings' α and β."""
+    alpha, beta = settings.false_alarm_rate, settings.miss_rate
+    return math.log(beta / (1.0 - alpha)), math.log((1.0 - beta) / alpha)
+
+
+def thumbs_down_log_likelihood_ratio(down: int, total: int, p0: float, p1: float) -> float:
+    """ln of P(down of total | rate p1) / P(down of total | rate p0) for independent votes.
+
+    = down · ln(p1 / p0) + (total − down) · ln((1 − p1) / (1 − p0)); needs 0 < p0, p1 < 1.
+    """
+    return down * math.log(p1 / p0) + (total - down) * math.log((1.0 - p1) / (1.0 - p0))
+
+
+def _observed_rate(down: int, total: int, who: str) -> float:
+    if not 0 <= down <= total:
+        raise ValueError(f"{who}: thumbs-down count {down} must be between 0 and the vote count {total}")
+    return down / total if total else math.nan
+
+
+def sprt_decision(
+    parent_down: int, parent_total: int, new_down: int, new_total: int, settings: ThumbsDownSPRT
+) -> SPRTResult:
+    """Roll back, keep, or keep watching a new version, from both versions' thumbs-down counts.
+
+    parent_down / parent_total: thumbs-down and all thumbs votes of the parent version.
+    new_down / new_total: the same for the new version, counted since it went live.
+    H0 takes p0 = the parent's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
+    """
+    parent_rate = _observed_rate(parent_down, parent_total, "parent")
+    new_rate = _observed_rate(new_down, new_total, "new version")
+    lower, upper = sprt_bounds(settings)
+    if parent_total == 0:
+        return SPRTResult("continue", 0.0, upper, lower, parent_rate, new_rate)
+
+    p0 = min(max(parent_rate, RATE_EPSILON), 1.0 - settings.min_increase - RATE_EPSILON)
+    llr = thumbs_down_log_likelihood_ratio(new_down, new_total, p0, p0 + settings.min_increase)
+    if min(parent_total, new_total) < settings.min_votes:
+        decision = "continue"
+    elif llr >= upper:
+        decision = "rollback"
+    elif llr <= lower:
+        decision = "keep"
+    else:
+        decision = "continue"
+    return SPRTResult(decision, llr, upper, lower, parent_rate, new_rate)
