@@ -1,0 +1,278 @@
+{{/* Names and labels. */}}
+{{- define "flywheel.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "flywheel.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "flywheel.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "flywheel.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "flywheel.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "flywheel.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Call with (dict "root" $ "component" "server"); component may be empty for shared objects. */}}
+{{- define "flywheel.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "flywheel.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: flywheel
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "flywheel.image" -}}
+{{- printf "%s:%s%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) .Values.image.tagSuffix }}
+{{- end }}
+
+{{- define "flywheel.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "flywheel.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "flywheel.secretName" -}}
+{{- default (printf "%s-secrets" (include "flywheel.fullname" .)) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* Where the registry is: config.registry_dir, under config.state_dir unless absolute. */}}
+{{- define "flywheel.registryDir" -}}
+{{- $registryDir := dig "registry_dir" "registry" .Values.config }}
+{{- if hasPrefix "/" $registryDir }}{{ $registryDir }}{{ else }}{{ printf "%s/%s" .Values.config.state_dir $registryDir }}{{ end }}
+{{- end }}
+
+{{- define "flywheel.claimName" -}}
+{{- default (printf "%s-registry" (include "flywheel.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{- define "flywheel.grpcPort" -}}
+{{- dig "server" "port" 50051 .Values.config | int }}
+{{- end }}
+
+{{/* The metrics port of a process, from config (default: 9400 server, 9401 trainer, 9402 gate). */}}
+{{- define "flywheel.metricsPort" -}}
+{{- $defaults := dict "server" 9400 "trainer" 9401 "gate" 9402 }}
+{{- dig .component "metrics_port" (get $defaults .component) .root.Values.config | int }}
+{{- end }}
+
+{{/* The Service Prometheus scrapes for one process; call with (dict "root" $ "component" NAME). */}}
+{{- define "flywheel.metricsService" }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "flywheel.fullname" .root }}-{{ .component }}-metrics
+  labels:
+    {{- include "flywheel.labels" . | nindent 4 }}
+    flywheel/metrics: "true"
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "flywheel.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ include "flywheel.metricsPort" . }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+{{- end }}
+
+{{/*
+The config as TOML. Helm reads values as JSON numbers, so `toToml` would write every integer as
+a float (3.0, 1.073741824e+09); this writes whole numbers as integers. Nulls are left out.
+Call with (dict "table" MAP "prefix" "").
+*/}}
+{{- define "flywheel.toml" -}}
+{{- $prefix := .prefix }}
+{{- range $key, $value := .table }}
+{{- if not (or (kindIs "map" $value) (kindIs "invalid" $value)) }}
+{{ include "flywheel.tomlKey" $key }} = {{ include "flywheel.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := .table }}
+{{- if kindIs "map" $value }}
+{{- $name := printf "%s%s" $prefix (include "flywheel.tomlKey" $key) }}
+
+[{{ $name }}]
+{{- include "flywheel.toml" (dict "table" $value "prefix" (printf "%s." $name)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "flywheel.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
+{{- define "flywheel.tomlValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}{{ int64 . }}
+{{- else if kindIs "slice" . }}[{{ range $i, $item := . }}{{ if $i }}, {{ end }}{{ include "flywheel.tomlValue" $item }}{{ end }}]
+{{- else if kindIs "map" . }}{ {{- $first := true }}{{ range $key, $value := . }}{{ if not (kindIs "invalid" $value) }}{{ if not $first }},{{ end }}{{ $first = false }} {{ include "flywheel.tomlKey" $key }} = {{ include "flywheel.tomlValue" $value }}{{ end }}{{ end }} }
+{{- else }}{{ toJson . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level pieces every workload shares. */}}
+{{- define "flywheel.podCommon" -}}
+serviceAccountName: {{ include "flywheel.serviceAccountName" . }}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Environment every process gets: scratch space under /tmp, the Kafka password if any. */}}
+{{- define "flywheel.env" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+- name: FLYWHEEL_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flywheel.secretName" . }}
+      key: kafka-sasl-password
+      optional: true
+{{- end }}
+
+{{/* Volumes every pod has (with their mounts below): config, /tmp, /dev/shm. */}}
+{{- define "flywheel.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "flywheel.fullname" . }}-config
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSizeLimit }}
+- name: registry
+  persistentVolumeClaim:
+    claimName: {{ include "flywheel.claimName" . }}
+{{- end }}
+
+{{/* Call with (dict "root" $ "readOnly" BOOL): the registry is read-only on the servers. */}}
+{{- define "flywheel.volumeMounts" -}}
+- name: config
+  mountPath: /etc/flywheel
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+- name: registry
+  mountPath: {{ .root.Values.config.state_dir }}
+  readOnly: {{ .readOnly }}
+{{- end }}
+
+{{- define "flywheel.resources" -}}
+{{- $resources := deepCopy (.values.resources | default dict) }}
+{{- if gt (int .values.gpus) 0 }}
+{{- $limits := $resources.limits | default dict }}
+{{- $_ := set $limits "nvidia.com/gpu" (int .values.gpus) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/* Checksums so pods restart when their config or secrets change. */}}
+{{- define "flywheel.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- if not .Values.secrets.existingSecret }}
+checksum/secrets: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/*
+The trainer and the gate: one replica each, the shared volume read-write at the state dir (their
+spools, join store and checkpoints are under it). Call with
+(dict "root" $ "component" "trainer" "command" "train").
+*/}}
+{{- define "flywheel.worker" -}}
+{{- $root := .root }}
+{{- $values := get $root.Values .component }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "flywheel.fullname" $root }}-{{ .component }}
+  labels:
+    {{- include "flywheel.labels" . | nindent 4 }}
+spec:
+  replicas: 1
+  # Never two at once: they would share the consumer group and the spool.
+  strategy:
+    type: Recreate
+  selector:
+    matchLabels:
+      {{- include "flywheel.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "flywheel.labels" . | nindent 8 }}
+      annotations:
+        {{- include "flywheel.checksums" $root | nindent 8 }}
+        {{- with $values.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      {{- include "flywheel.podCommon" $root | nindent 6 }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "flywheel.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: [flywheel]
+          args: [{{ .command }}, --config, /etc/flywheel/config.toml]
+          workingDir: /tmp
+          ports:
+            - name: metrics
+              containerPort: {{ include "flywheel.metricsPort" . }}
+              protocol: TCP
+          env:
+            {{- include "flywheel.env" $root | nindent 12 }}
+            {{- with $values.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          resources:
+            {{- include "flywheel.resources" (dict "values" $values) | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
+          volumeMounts:
+            {{- include "flywheel.volumeMounts" (dict "root" $root "readOnly" false) | nindent 12 }}
+            {{- with $values.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        {{- include "flywheel.volumes" $root | nindent 8 }}
+        {{- with $values.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $values.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $values.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- include "flywheel.metricsService" . }}
+{{- end }}

@@ -1,0 +1,425 @@
+"""The operations layer: the Helm chart, the alert rules and the Grafana dashboard.
+
+The chart is rendered and linted with helm-python-sdk (Helm's Go SDK, no helm binary), and every
+manifest is checked against the Kubernetes 1.30 schemas of kubernetes-validate. The monitoring and
+Strimzi objects (ServiceMonitor, PrometheusRule, KafkaTopic) are custom resources with no schema
+there, so they are checked for structure only. The rules go through `promtool check rules` and
+`promtool test rules`. Every metric the dashboard and the rules name must be registered somewhere
+in the Python source, so the dashboards cannot drift from the code.
+"""
+
+import ast
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from flywheel.config import REPO_ROOT, load_config
+
+CHART = REPO_ROOT / "helm" / "flywheel"
+RULES = CHART / "rules" / "flywheel-alerts.yaml"
+RULE_TESTS = CHART / "rules" / "flywheel-alerts.test.yaml"
+DASHBOARD = CHART / "dashboards" / "flywheel.json"
+KUBERNETES_VERSION = "1.30.0"
+SOURCE_PACKAGES = ("server", "feedback", "trainer", "flywheel")
+
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
+}
+ALL_OPTIONAL_OBJECTS = {
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
+    "kafkaTopics": {"enabled": True},
+}
+DNS_1123_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def gpu_values() -> dict:
+    return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "gpu": gpu_values(),
+    "all-optional-objects": ALL_OPTIONAL_OBJECTS,
+}
+
+
+@functools.cache
+def _render(values_json: str) -> tuple[dict, ...]:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(json.loads(values_json), name="fw", namespace="flywheel")
+    return tuple(
+        document
+        for path, text in sorted(manifests.items())
+        if path.endswith(".yaml")
+        for document in yaml.safe_load_all(text)
+        if document
+    )
+
+
+def render(values: dict) -> list[dict]:
+    """Every object the chart renders with `values`, in template order."""
+    return list(_render(json.dumps(values, sort_keys=True)))
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, got {[o['metadata']['name'] for o in objects if o['kind'] == kind]}"
+    return matches[0]
+
+
+def container(deployment: dict) -> dict:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def rendered_config(values: dict) -> str:
+    return find(render(values), "ConfigMap", "fw-flywheel-config")["data"]["config.toml"]
+
+
+def without_nulls(table: dict) -> dict:
+    return {k: without_nulls(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None}
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        reason = "promtool is missing: install the Debian package 'prometheus' (scripts/install.sh does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- chart
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_chart_lints_clean(value_set):
+    report = helm.lint(CHART, VALUE_SETS[value_set], strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors; 1 is info
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_every_manifest_is_valid_kubernetes(value_set):
+    objects = render(VALUE_SETS[value_set])
+    assert objects
+    for manifest in objects:
+        where = f"{manifest['kind']} {manifest['metadata']['name']}"
+        if (manifest["apiVersion"], manifest["kind"]) in CUSTOM_RESOURCES:
+            # kubernetes-validate has no schemas for custom resources: their structure is checked here
+            # and in test_optional_objects_match_the_chart_files.
+            assert DNS_1123_NAME.match(manifest["metadata"]["name"]), where
+            assert isinstance(manifest.get("spec"), dict), where
+            continue
+        try:
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(part) for part in error.path)
+            pytest.fail(f"{where} is not valid Kubernetes {KUBERNETES_VERSION}: {path}: {error.message}")
+
+
+def test_default_render_has_no_custom_resources():
+    kinds = {(o["apiVersion"], o["kind"]) for o in render({})}
+    assert not kinds & CUSTOM_RESOURCES
+    assert {kind for _, kind in kinds} == {
+        "ConfigMap", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
+    }
+
+
+def test_config_file_is_the_values_config_block():
+    awkward = {"config": {"gate": {"ratio": 1e-05, "quoted key": 3, "safety": {
+        "must_not_contain": ["<b>&", 'naïve "quote"\n'], "rules": [{"name": "x", "limit": 2, "weight": 0.5}, {}],
+    }}}}
+    for values in ({}, gpu_values(), awkward):
+        with helm.Chart.load(CHART) as chart:
+            merged = chart.merge_values(values)
+        # Whole numbers stay integers (toToml would write 1.073741824e+09) and nulls are left out.
+        assert tomllib.loads(rendered_config(values)) == without_nulls(merged["config"])
+
+
+def test_rendered_config_loads_into_the_processes_config(tmp_path):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(rendered_config({}))
+    config = load_config(config_file)
+    assert str(config.state_dir) == "/var/lib/flywheel"
+    # Every process must be reachable from outside its pod.
+    assert config.server.host == config.trainer.host == config.gate.host == "0.0.0.0"
+
+    config_file.write_text(rendered_config(gpu_values()))
+    engine = load_config(config_file).engine
+    assert (engine.dtype, engine.enforce_eager, engine.gpu_memory_utilization) == ("bfloat16", False, 0.9)
+    assert engine.kv_cache_bytes == 0, "values-gpu.yaml must let vLLM size the KV cache (kv_cache_bytes 0)"
+
+
+def test_server_pods_probe_grpc_health_and_drain_before_they_are_killed():
+    objects = render({})
+    server = find(objects, "Deployment", "fw-flywheel-server")
+    pod = server["spec"]["template"]["spec"]
+    main = container(server)
+    assert main["command"] + main["args"] == ["flywheel", "serve", "--config", "/etc/flywheel/config.toml"]
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": 50051, "metrics": 9400}
+    assert main["readinessProbe"]["grpc"] == {"port": 50051, "service": "flywheel.v1.Flywheel"}
+    assert main["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert main["startupProbe"]["grpc"] == {"port": 50051, "service": ""}
+
+    pre_stop_seconds = int(main["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace_seconds = tomllib.loads(rendered_config({}))["server"]["grace_period_seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_seconds + grace_seconds > grace_seconds
+
+    budget = find(objects, "PodDisruptionBudget", "fw-flywheel-server")
+    assert budget["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
+    for deployment in (o for o in render(gpu_values()) if o["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        main = container(deployment)
+        assert main["securityContext"]["readOnlyRootFilesystem"] is True
+        assert main["securityContext"]["allowPrivilegeEscalation"] is False
+        assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"] for m in main["volumeMounts"]}
+        assert {"/tmp", "/dev/shm", "/etc/flywheel"} <= mounts
+
+
+def test_registry_volume_is_shared_and_read_only_on_the_servers():
+    objects = render({})
+    claim = find(objects, "PersistentVolumeClaim", "fw-flywheel-registry")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    expected = {
+        "fw-flywheel-server": (["serve"], True, 9400),
+        "fw-flywheel-trainer": (["train"], False, 9401),
+        "fw-flywheel-gate": (["gate"], False, 9402),
+    }
+    for name, (command, read_only, metrics_port) in expected.items():
+        deployment = find(objects, "Deployment", name)
+        main = container(deployment)
+        assert main["command"] + main["args"] == ["flywheel", *command, "--config", "/etc/flywheel/config.toml"]
+        (registry,) = [m for m in main["volumeMounts"] if m["name"] == "registry"]
+        assert (registry["mountPath"], registry["readOnly"]) == ("/var/lib/flywheel", read_only), name
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == "fw-flywheel-registry"
+        metrics = find(objects, "Service", f"{name}-metrics")
+        assert metrics["spec"]["ports"][0]["port"] == metrics_port
+        assert metrics["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+    # Read-only servers cannot seed an empty registry: they wait for the trainer or the gate to.
+    server = find(objects, "Deployment", "fw-flywheel-server")
+    (wait,) = server["spec"]["template"]["spec"]["initContainers"]
+    assert wait["command"][-1] == "/var/lib/flywheel/registry"
+    # Each replica spools to its own emptyDir, not to the shared (and read-only) volume.
+    env = {e["name"]: e.get("value") for e in container(server)["env"]}
+    (spool,) = [m for m in container(server)["volumeMounts"] if m["name"] == "spool"]
+    assert env["FLYWHEEL_SPOOL__DIRECTORY"] == spool["mountPath"]
+    volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["spool"]
+
+    writable = find(render({"server": {"registryReadOnly": False}}), "Deployment", "fw-flywheel-server")
+    assert "initContainers" not in writable["spec"]["template"]["spec"]
+    (registry,) = [m for m in container(writable)["volumeMounts"] if m["name"] == "registry"]
+    assert registry["readOnly"] is False
+
+    with_claim = render({"persistence": {"existingClaim": "registry"}})
+    assert not [o for o in with_claim if o["kind"] == "PersistentVolumeClaim"]
+    server = find(with_claim, "Deployment", "fw-flywheel-server")
+    volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == "registry"
+
+
+def test_gpu_values_ask_for_a_gpu_and_the_cuda_image():
+    objects = render(gpu_values())
+    for name in ("fw-flywheel-server", "fw-flywheel-trainer", "fw-flywheel-gate"):
+        main = container(find(objects, "Deployment", name))
+        assert main["image"] == "flywheel:0.1.0-cuda"
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    cpu_server = container(find(render({}), "Deployment", "fw-flywheel-server"))
+    assert cpu_server["image"] == "flywheel:0.1.0"
+    assert "nvidia.com/gpu" not in cpu_server["resources"].get("limits", {})
+
+
+def test_secrets_reach_the_servers_environment():
+    objects = render({"secrets": {"feedbackTokenSecret": "k" * 32, "apiKeys": ["alpha", "beta"], "kafkaSaslPassword": "pw"}})
+    secret = find(objects, "Secret", "fw-flywheel-secrets")
+    assert secret["data"]["api-keys"] == "WyJhbHBoYSIsImJldGEiXQ=="  # base64 of ["alpha","beta"]
+    assert {"feedback-token-secret", "api-keys", "kafka-sasl-password"} == set(secret["data"])
+    env = {e["name"]: e for e in container(find(objects, "Deployment", "fw-flywheel-server"))["env"]}
+    secret_refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_refs == {
+        "FLYWHEEL_SERVER__FEEDBACK_TOKEN_SECRET": {"name": "fw-flywheel-secrets", "key": "feedback-token-secret"},
+        "FLYWHEEL_SERVER__API_KEYS": {"name": "fw-flywheel-secrets", "key": "api-keys", "optional": True},
+        "FLYWHEEL_KAFKA__SASL_PASSWORD": {"name": "fw-flywheel-secrets", "key": "kafka-sasl-password", "optional": True},
+    }
+    trainer_env = {e["name"] for e in container(find(objects, "Deployment", "fw-flywheel-trainer"))["env"]}
+    assert "FLYWHEEL_KAFKA__SASL_PASSWORD" in trainer_env
+    assert not {"FLYWHEEL_SERVER__FEEDBACK_TOKEN_SECRET", "FLYWHEEL_SERVER__API_KEYS"} & trainer_env
+
+    generated = find(render({}), "Secret", "fw-flywheel-secrets")
+    assert len(generated["data"]["feedback-token-secret"]) > 40  # a random key shared by all replicas
+
+    existing = render({"secrets": {"existingSecret": "mine"}})
+    assert not [o for o in existing if o["kind"] == "Secret"]
+    env = {e["name"]: e for e in container(find(existing, "Deployment", "fw-flywheel-server"))["env"]}
+    assert env["FLYWHEEL_SERVER__FEEDBACK_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+
+
+def test_optional_objects_match_the_chart_files():
+    objects = render(ALL_OPTIONAL_OBJECTS)
+
+    rule = find(objects, "PrometheusRule", "fw-flywheel")
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+    dashboard = find(objects, "ConfigMap", "fw-flywheel-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["flywheel.json"]) == json.loads(DASHBOARD.read_text())
+
+    monitor = find(objects, "ServiceMonitor", "fw-flywheel")
+    selected = [
+        o["metadata"]["name"] for o in objects
+        if o["kind"] == "Service" and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()
+    ]
+    assert sorted(selected) == ["fw-flywheel-gate-metrics", "fw-flywheel-server-metrics", "fw-flywheel-trainer-metrics"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+    topics = [o for o in objects if o["kind"] == "KafkaTopic"]
+    config_topics = yaml.safe_load((CHART / "values.yaml").read_text())["config"]["kafka"]["topics"]
+    assert sorted(t["spec"]["topicName"] for t in topics) == sorted(config_topics.values())
+    for topic in topics:
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "kafka"
+        assert (topic["spec"]["partitions"], topic["spec"]["replicas"]) == (3, 3)
+
+
+# ---------------------------------------------------------------------------------------- rules
+
+
+def test_promtool_checks_the_rules():
+    result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_pass():
+    result = subprocess.run(
+        [promtool(), "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested_and_documented():
+    alerts = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    for alert in alerts:
+        assert alert["alert"] in tested, f"{alert['alert']} has no firing case in {RULE_TESTS.name}"
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert "for" in alert
+        assert alert["annotations"]["summary"] and "Runbook:" in alert["annotations"]["description"]
+
+
+# ------------------------------------------------------------------------------------ dashboard
+
+
+def dashboard_panels() -> list[dict]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    annotations = [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    return [t["expr"] for p in dashboard_panels() for t in p["targets"]] + annotations
+
+
+def test_dashboard_panels_have_a_datasource_and_queries():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    panels = dashboard_panels()
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert {p["title"] for p in dashboard["panels"] if p["type"] == "row"} == {
+        "Serving", "Feedback", "Training", "Gate and swaps"
+    }
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """promtool parses them as recording rules, with Grafana's variables filled in."""
+    filled = [
+        expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$namespace", ".*")
+        for expr in dashboard_expressions()
+    ]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{number}", "expr": expr} for number, expr in enumerate(filled)
+    ]}]}
+    rules_file = tmp_path / "dashboard-queries.yaml"
+    rules_file.write_text(yaml.safe_dump(rules))
+    result = subprocess.run([promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -------------------------------------------------------------------------------- metric names
+
+METRIC_NAME = re.compile(r"flywheel_[a-z_]+")
+EXPOSITION_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
+
+
+def metric_names_used() -> dict[str, set[str]]:
+    """Metric name (as registered in code) -> where the dashboard or the rules use it."""
+    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    texts = [(f"alert {rule['alert']}", rule["expr"]) for rule in rules]
+    texts += [(f"alert {rule['alert']} annotations", " ".join(rule["annotations"].values())) for rule in rules]
+    texts += [("dashboard", expr) for expr in dashboard_expressions()]
+    used: dict[str, set[str]] = {}
+    for where, text in texts:
+        for name in METRIC_NAME.findall(text):
+            for suffix in EXPOSITION_SUFFIXES:
+                if name.endswith(suffix):
+                    name = name.removesuffix(suffix)
+                    break
+            used.setdefault(name, set()).add(where)
+    return used
+
+
+def string_literals_in_source() -> set[str]:
+    literals: set[str] = set()
+    for package in SOURCE_PACKAGES:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    literals.add(node.value)
+    return literals
+
+
+def test_every_metric_in_dashboard_and_rules_is_registered_in_code():
+    literals = string_literals_in_source()
+    used = metric_names_used()
+    assert len(used) > 30
+    missing = {
+        name: sorted(where) for name, where in sorted(used.items())
+        if name not in literals and f"{name}_total" not in literals
+    }
+    assert not missing, (
+        f"metrics the dashboard or alerts use but no Python source under {', '.join(SOURCE_PACKAGES)}/ registers "
+        f"(as a string literal): {json.dumps(missing, indent=2)}"
+    )
