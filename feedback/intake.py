@@ -9,10 +9,10 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, Field
 
 from feedback.tokens import FeedbackClaims, InvalidFeedbackToken, verify_feedback_token
 from flywheel.v1 import events_pb2, serving_pb2
@@ -34,14 +34,15 @@ class FeedbackRefused(Exception):
         self.refusal = refusal
 
 
-@dataclass(frozen=True)
-class IntakeLimits:
-    max_comment_chars: int = 2000
-    votes_per_minute: float = 60.0
-    """Sustained rate per user; bursts up to `vote_burst`."""
-    vote_burst: int = 20
-    remembered_votes: int = 100_000
-    """(response, user) pairs remembered for duplicate detection; oldest forgotten first."""
+class IntakeLimits(BaseModel):
+    """What SubmitFeedback accepts from one user."""
+
+    max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment, in characters.")
+    votes_per_minute: float = Field(60.0, gt=0, description="Sustained feedback rate per user; bursts up to vote_burst.")
+    vote_burst: int = Field(20, ge=1, description="Votes a user may send at once before the per-minute rate applies.")
+    remembered_votes: int = Field(
+        100_000, ge=1, description="(response, user) pairs remembered for duplicate detection; oldest forgotten first."
+    )
 
 
 class TokenBucket:

@@ -1,4 +1,8 @@
-"""Bounded admission: at most `max_in_flight` requests in the engine, at most `max_queued` waiting."""
+"""Bounded admission: at most `max_in_flight` requests in the engine, at most `max_queued` waiting.
+
+Admission can also be paused (for a weight swap): new requests wait in the queue, and the
+pause begins once every running request has finished, so no request ever spans two policies.
+"""
 
 import asyncio
 import contextlib
@@ -14,25 +18,49 @@ class AdmissionController:
         self.max_in_flight = max_in_flight
         self.max_queued = max_queued
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pause_lock = asyncio.Lock()
         self.in_flight = 0
         self.queued = 0
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold an engine slot for the body; raise Overloaded at once when the queue is full."""
-        if self._slots.locked() and self.queued >= self.max_queued:
+        if (self._slots.locked() or not self._open.is_set()) and self.queued >= self.max_queued:
             raise Overloaded(
                 f"server is at capacity: {self.in_flight} requests running and {self.queued} queued "
                 f"(limits {self.max_in_flight} and {self.max_queued}); retry later"
             )
         self.queued += 1
         try:
-            await self._slots.acquire()
+            while True:
+                await self._open.wait()
+                await self._slots.acquire()
+                if self._open.is_set():
+                    break
+                self._slots.release()  # a pause began while this request waited for its slot
         finally:
             self.queued -= 1
         self.in_flight += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
             self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Run the body with no request in the engine: stop admitting, drain, resume after."""
+        async with self._pause_lock:
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                yield
+            finally:
+                self._open.set()

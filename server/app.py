@@ -1,8 +1,10 @@
-"""Assemble and run the gRPC server: service, health, reflection, metrics, graceful shutdown."""
+"""Assemble and run the gRPC server: service, health, reflection, metrics, events, swaps, graceful shutdown."""
 
 import asyncio
+import contextlib
 import logging
 import signal
+import uuid
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -12,15 +14,21 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from flywheel.registry import weights_digest
+from feedback.config import KafkaSettings, SpoolSettings, TopicNames
+from feedback.consumer import EventConsumer
+from feedback.intake import FeedbackIntake
+from feedback.metrics import EventMetrics
+from feedback.producer import EventProducer
+from flywheel.registry import PolicyRegistry, weights_digest
 from flywheel.v1 import serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController
-from server.config import ServerSettings
+from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine
 from server.interceptors import FlywheelInterceptor
 from server.metrics import ServingMetrics
-from server.policy import LivePolicy
+from server.policy import EventLog, LivePolicy
 from server.service import FlywheelService, random_token_secret
+from server.swap import PolicySwapper
 from server.validation import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -36,18 +44,36 @@ class FlywheelServer:
     health: health_aio.HealthServicer
     metrics_http: WSGIServer
     metrics: ServingMetrics
+    registry: CollectorRegistry
     address: str
     metrics_url: str
     policy: LivePolicy
+    admission: AdmissionController
+    server_id: str
 
     @classmethod
-    async def start(cls, settings: ServerSettings, engine: PolicyEngine, policy_version: int = 0) -> "FlywheelServer":
-        registry = CollectorRegistry()
+    async def start(
+        cls,
+        settings: ServerSettings,
+        engine: PolicyEngine,
+        *,
+        policy_version: int = 0,
+        policy_digest: str | None = None,
+        events: EventLog | None = None,
+        topics: TopicNames | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> "FlywheelServer":
+        """Serve `engine`, whose weights are `policy_version`; log to `events` when given.
+
+        policy_digest: the registry manifest's digest of the policy; None hashes the engine's weight files.
+        """
+        registry = registry or CollectorRegistry()
         metrics = ServingMetrics(registry)
         admission = AdmissionController(settings.max_in_flight, settings.max_queued)
         metrics.in_flight.set_function(lambda: admission.in_flight)
         metrics.queued.set_function(lambda: admission.queued)
-        policy = LivePolicy(LivePolicy.snapshot(policy_version, engine.model_path, weights_digest(engine.model_path)))
+        digest = policy_digest or await asyncio.to_thread(weights_digest, engine.model_path)
+        policy = LivePolicy(LivePolicy.snapshot(policy_version, engine.model_path, digest))
         metrics.policy_version.set(policy_version)
 
         if settings.feedback_token_secret is None:
@@ -55,6 +81,9 @@ class FlywheelServer:
             token_secret = random_token_secret()
         else:
             token_secret = settings.feedback_token_secret.get_secret_value().encode()
+        grpc_server = aio.server(interceptors=[FlywheelInterceptor(metrics, settings.accepted_api_keys())])
+        port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+        server_id = settings.server_id or f"{settings.host}:{port}"
         service = FlywheelService(
             engine=engine,
             policy=policy,
@@ -68,14 +97,15 @@ class FlywheelServer:
             metrics=metrics,
             feedback_token_secret=token_secret,
             feedback_token_ttl_seconds=settings.feedback_token_ttl_seconds,
+            intake=FeedbackIntake(token_secret, settings.feedback),
+            events=events,
+            topics=topics or TopicNames(),
+            server_id=server_id,
         )
-
-        grpc_server = aio.server(interceptors=[FlywheelInterceptor(metrics, settings.accepted_api_keys())])
         serving_pb2_grpc.add_FlywheelServicer_to_server(service, grpc_server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), grpc_server)
-        port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
         await grpc_server.start()
 
         metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
@@ -86,9 +116,12 @@ class FlywheelServer:
             health=health,
             metrics_http=metrics_http,
             metrics=metrics,
+            registry=registry,
             address=f"{settings.host}:{port}",
             metrics_url=f"http://{settings.host}:{metrics_http.server_port}/metrics",
             policy=policy,
+            admission=admission,
+            server_id=server_id,
         )
         log.info("serving", extra={"address": server.address, "metrics_url": server.metrics_url, "policy_version": policy_version})
         return server
@@ -101,17 +134,61 @@ class FlywheelServer:
         self.metrics_http.server_close()
 
 
-async def serve(settings: ServerSettings, engine_settings, model_path: str) -> None:
-    """Run one server until SIGINT or SIGTERM."""
-    engine = PolicyEngine.start(engine_settings, model_path)
+async def serve(
+    settings: ServerSettings,
+    engine_settings: EngineSettings,
+    kafka: KafkaSettings,
+    spool: SpoolSettings,
+    policies: PolicyRegistry,
+) -> None:
+    """Run one server on the registry's live policy until SIGINT or SIGTERM, following swaps."""
+    live = policies.live()
+    if live is None:
+        raise RuntimeError(f"the policy registry {policies.root} has no live policy; run `flywheel up` or publish one")
+    engine = PolicyEngine.start(engine_settings, str(policies.path(live.version)))
+    registry = CollectorRegistry()
+    event_metrics = EventMetrics.register(registry)
+    producer = None
+    if settings.log_generations:
+        producer = EventProducer(kafka, spool, event_metrics)
+        await producer.start()
+    server = await FlywheelServer.start(
+        settings,
+        engine,
+        policy_version=live.version,
+        policy_digest=policies.manifest(live.version).digest,
+        events=producer, topics=kafka.topics, registry=registry
+    )
+    swapper = PolicySwapper(engine, server.policy, server.admission, policies, server.metrics, producer, kafka.topics, server.server_id)
+    policy_events = EventConsumer(kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy])
+    following = asyncio.create_task(_follow_policies(swapper, policy_events, settings.policy_poll_seconds))
     try:
-        server = await FlywheelServer.start(settings, engine)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         log.info("shutting down", extra={"grace_seconds": settings.grace_period_seconds})
+        following.cancel()
         await server.stop(settings.grace_period_seconds)
     finally:
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+        if producer is not None:
+            await producer.stop()
         engine.shutdown()
+
+
+async def _follow_policies(swapper: PolicySwapper, policy_events: EventConsumer, poll_seconds: float) -> None:
+    consumer = None
+    try:
+        await policy_events.start()
+        consumer = policy_events
+    except Exception as error:
+        log.warning("cannot follow policy events (%s); checking the registry every %.0f s", error, poll_seconds)
+    try:
+        await swapper.run(consumer, poll_seconds)
+    finally:
+        if consumer is not None:
+            await consumer.stop()

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
+from feedback.intake import IntakeLimits
+
 
 class EngineSettings(BaseModel):
     """How the vLLM engine runs the policy."""
@@ -11,8 +13,8 @@ class EngineSettings(BaseModel):
     model: str = Field("", description="Hugging Face model directory to serve; empty means the built-in demo model.")
     dtype: str = Field("auto", description="Weight and activation dtype passed to vLLM (auto, float32, bfloat16, float16).")
     max_model_len: int | None = Field(None, description="Context length in tokens; unset means the model's own.")
-    kv_cache_bytes: int | None = Field(
-        1 << 30, description="KV-cache size in bytes; null lets vLLM size it from gpu_memory_utilization (GPU)."
+    kv_cache_bytes: int = Field(
+        1 << 30, ge=0, description="KV-cache size in bytes; 0 lets vLLM size it from gpu_memory_utilization (GPU)."
     )
     gpu_memory_utilization: float = Field(0.9, description="Fraction of accelerator memory vLLM may take (GPU only).")
     enforce_eager: bool = Field(True, description="Skip graph compilation: faster start, slower steps.")
@@ -39,6 +41,11 @@ class ServerSettings(BaseModel):
         None, description="HMAC key for feedback tokens; must be shared by all replicas. Unset: a random per-process key."
     )
     feedback_token_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="How long a feedback token stays valid.")
+    feedback: IntakeLimits = Field(default_factory=IntakeLimits)
+    log_generations: bool = Field(True, description="Log every answer to Kafka (GenerationLogged); the trainer needs it.")
+    policy_poll_seconds: float = Field(
+        5.0, gt=0, description="How often the server also checks the registry's live pointer, besides policy events."
+    )
 
     def accepted_api_keys(self) -> set[str]:
         keys = {k.get_secret_value() for k in self.api_keys}

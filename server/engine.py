@@ -55,7 +55,7 @@ class PolicyEngine:
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
-            kv_cache_memory_bytes=settings.kv_cache_bytes,
+            kv_cache_memory_bytes=settings.kv_cache_bytes or None,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             seed=settings.seed,
             # The sampled tokens' log-probs as the sampler saw them: the behavior policy PPO needs.

@@ -32,4 +32,25 @@ class ServingMetrics:
         )
         self.prompt_tokens = Counter("flywheel_prompt_tokens", "Prompt tokens processed.", registry=registry)
         self.completion_tokens = Counter("flywheel_completion_tokens", "Tokens generated.", registry=registry)
+        self.feedback = Counter(
+            "flywheel_feedback",
+            "Accepted feedback by rating (up, down, preference) and the policy version that wrote the answer.",
+            ["rating", "policy_version"],
+            registry=registry,
+        )
+        self.feedback_rejected = Counter(
+            "flywheel_feedback_rejected",
+            "Refused feedback by reason (invalid, forbidden, unknown_response, duplicate, rate_limited).",
+            ["reason"],
+            registry=registry,
+        )
+        self.policy_swaps = Counter(
+            "flywheel_policy_swaps", "Policy swaps by outcome (ok, digest_mismatch, failed).", ["outcome"], registry=registry
+        )
+        self.policy_swap_seconds = Histogram(
+            "flywheel_policy_swap_seconds",
+            "Time admission was paused for a swap: draining running requests and reloading weights.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.policy_version = Gauge("flywheel_policy_version", "Version of the policy this server answers with.", registry=registry)

@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Protocol
+
+from google.protobuf.message import Message
 
 
 @dataclass(frozen=True)
@@ -21,3 +24,9 @@ class LivePolicy:
     @staticmethod
     def snapshot(version: int, model_path: str, digest: str) -> PolicySnapshot:
         return PolicySnapshot(version, model_path, digest, datetime.now(timezone.utc))
+
+
+class EventLog(Protocol):
+    """Where the server sends its events: `feedback.producer.EventProducer` (never blocks)."""
+
+    def publish(self, topic: str, key: str, event: Message) -> None: ...

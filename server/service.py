@@ -11,13 +11,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
+from feedback.config import TopicNames
+from feedback.intake import FeedbackIntake, FeedbackRefused, Refusal
 from feedback.tokens import FeedbackClaims, issue_feedback_token
 from flywheel.logs import request_id_var
-from flywheel.v1 import serving_pb2, serving_pb2_grpc
+from flywheel.v1 import events_pb2, serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController, Overloaded
 from server.engine import GenerationDelta, PolicyEngine, RenderedPrompt
 from server.metrics import ServingMetrics
-from server.policy import LivePolicy
+from server.policy import EventLog, LivePolicy
 from server.validation import (
     InvalidRequest,
     RequestLimits,
@@ -37,6 +39,9 @@ FINISH_REASONS = {
 }
 
 
+RATING_LABELS = {serving_pb2.RATING_UP: "up", serving_pb2.RATING_DOWN: "down"}
+
+
 @dataclass
 class Answer:
     """An answer as it accumulates from engine deltas."""
@@ -44,6 +49,7 @@ class Answer:
     response_id: str
     arrived_at: float
     """time.monotonic() when the request arrived."""
+    requested_at: Timestamp = field(default_factory=Timestamp)
     admitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float = 0.0
@@ -83,6 +89,10 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         metrics: ServingMetrics,
         feedback_token_secret: bytes,
         feedback_token_ttl_seconds: int,
+        intake: FeedbackIntake,
+        events: EventLog | None,
+        topics: TopicNames,
+        server_id: str,
     ):
         self._engine = engine
         self._policy = policy
@@ -91,6 +101,10 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         self._metrics = metrics
         self._token_secret = feedback_token_secret
         self._token_ttl = feedback_token_ttl_seconds
+        self._intake = intake
+        self._events = events
+        self._topics = topics
+        self._server_id = server_id
 
     async def Generate(self, request, context):
         summary = None
@@ -114,9 +128,24 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             policy_version=live.version, model_path=live.model_path, digest=live.digest, live_since=live_since
         )
 
+    async def SubmitFeedback(self, request, context):
+        try:
+            event, replaced = self._intake.accept(request)
+        except FeedbackRefused as refused:
+            self._metrics.feedback_rejected.labels(reason=refused.refusal.name.lower()).inc()
+            await context.abort(getattr(grpc.StatusCode, refused.refusal.value), str(refused))
+        if self._events is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this server does not log feedback (log_generations is off)")
+        self._events.publish(self._topics.feedback, event.response_id, event)
+        rating = "preference" if event.preferred_over_response_id else RATING_LABELS[event.rating]
+        self._metrics.feedback.labels(rating=rating, policy_version=str(event.policy_version)).inc()
+        log.info("feedback", extra={"response_id": event.response_id, "rating": rating, "replaced": replaced})
+        return serving_pb2.SubmitFeedbackResponse(event_id=event.event_id, replaced_previous=replaced)
+
     async def _generate(self, request, context: aio.ServicerContext, rpc: str) -> AsyncIterator[str | serving_pb2.GenerateResponse]:
         """Yield text deltas, then the summary response."""
         answer = Answer(response_id=f"resp-{uuid.uuid4().hex}", arrived_at=time.monotonic())
+        answer.requested_at.GetCurrentTime()
         request_id_var.set(answer.response_id)
         try:
             prompt, sampling = self._prepare(request)
@@ -145,6 +174,9 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
                 "total_seconds": round(answer.finished_at - answer.arrived_at, 4),
             },
         )
+        if self._events is not None:
+            logged = generation_logged(request, prompt, sampling, answer, policy.version, self._server_id)
+            self._events.publish(self._topics.generations, answer.response_id, logged)
         yield serving_pb2.GenerateResponse(
             response_id=answer.response_id,
             client_request_id=request.client_request_id,
@@ -183,6 +215,49 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             expires_at=int(time.time()) + self._token_ttl,
         )
         return issue_feedback_token(self._token_secret, claims)
+
+
+def generation_logged(
+    request: serving_pb2.GenerateRequest,
+    prompt: RenderedPrompt,
+    sampling: Sampling,
+    answer: Answer,
+    policy_version: int,
+    server_id: str,
+) -> events_pb2.GenerationLogged:
+    """The Kafka record of one finished answer, with the sampling parameters as the engine applied them."""
+    event = events_pb2.GenerationLogged(
+        event_id=uuid.uuid4().hex,
+        response_id=answer.response_id,
+        rendered_prompt=prompt.text,
+        response_text=answer.text,
+        prompt_token_ids=prompt.token_ids,
+        response_token_ids=answer.token_ids,
+        behavior_logprobs=answer.behavior_logprobs,
+        sampling=serving_pb2.SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=sampling.stop,
+            min_tokens=sampling.min_tokens,
+        ),
+        finish_reason=FINISH_REASONS.get(answer.finish_reason, serving_pb2.FINISH_REASON_UNSPECIFIED),
+        policy_version=policy_version,
+        user_id=request.user_id,
+        client_request_id=request.client_request_id,
+        tags=dict(request.tags),
+        requested_at=answer.requested_at,
+        server_id=server_id,
+    )
+    if sampling.seed is not None:
+        event.sampling.seed = sampling.seed
+    if request.WhichOneof("input") == "chat":
+        event.chat.CopyFrom(request.chat)
+    else:
+        event.prompt = request.prompt
+    event.finished_at.GetCurrentTime()
+    return event
 
 
 def random_token_secret() -> bytes:
