@@ -173,7 +173,7 @@ def _answer(response_id: str, prompt_token_ids: str, response_token_ids: str) ->
 
 
 class JoinStore:
-    """The join of answers and votes in one SQLite file. Use from one thread."""
+    """The join of answers and votes in one SQLite file. Use from one thread at a time (any thread)."""
 
     def __init__(self, path: Path, ttl_seconds: float, clock: Callable[[], float] = time.time):
         """Open (or create) the store at `path`; `clock` gives wall-clock seconds, for the TTL."""
@@ -181,7 +181,7 @@ class JoinStore:
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly by `_transaction`.
-        self._connection = sqlite3.connect(path, isolation_level=None)
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._connection.execute("PRAGMA journal_mode = WAL")
         self._connection.create_function("heldout_prompt", 2, is_heldout_prompt, deterministic=True)
         self._connection.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")

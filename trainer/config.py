@@ -1,0 +1,116 @@
+"""Settings of the trainer process: one section per concern (reward model, PPO, join store)."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from flywheel.demo.task import GOLDEN_FILE
+from trainer.gate_checks import GateThresholds, SafetyRules
+from trainer.thumbs_sprt import ThumbsDownSPRT
+
+
+class RewardModelSettings(BaseModel):
+    """How the reward model is initialised and updated from users' feedback."""
+
+    model_path: str = Field(
+        "", description="Hugging Face directory to start the reward model from; empty means the policy's own weights."
+    )
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the backbone and the score head.")
+    batch_size: int = Field(16, ge=1, description="Pairs, and separately thumbs, per optimizer step.")
+    pointwise_loss_weight: float = Field(
+        0.5, ge=0, description="Weight of the thumbs' logistic loss beside the pairs' Bradley–Terry loss."
+    )
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of prompts (by a stable hash of their text) kept out of training for evaluation."
+    )
+    update_every_labels: int = Field(
+        64, ge=1, description="Update the reward model after this many new standing votes have been joined."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
+
+
+class PPOSettings(BaseModel):
+    """One PPO step: sample answers, score them, then several epochs of clipped updates."""
+
+    prompts_per_step: int = Field(8, ge=1, description="Prompts from logged traffic per PPO step (B).")
+    responses_per_prompt: int = Field(2, ge=1, description="Answers sampled for each prompt.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs and KL are taken at it too.")
+    epochs: int = Field(4, ge=1, description="Passes over one rollout's answers.")
+    minibatch_size: int = Field(8, ge=1, description="Answers per gradient step.")
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip: updates are cut outside [1 − ε, 1 + ε].")
+    value_clip_eps: float = Field(0.2, gt=0, description="How far one update may move a value prediction before clipping.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token; 1 because the score only arrives at the end.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ: bias (0) against variance (1) of the advantages.")
+    target_kl: float = Field(
+        3.0, gt=0, description="KL to the reference, in nats per answer, that the adaptive coefficient steers toward."
+    )
+    kl_horizon: int = Field(
+        2000, ge=1, description="Answers over which the KL coefficient can change by about 20% when off target."
+    )
+    init_kl_coef: float = Field(0.05, gt=0, description="Starting KL coefficient β of the −β·KL reward per token.")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="Subtracted from the score of an answer cut at max_new_tokens without end-of-sequence."
+    )
+    policy_learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy.")
+    critic_learning_rate: float = Field(3e-5, gt=0, description="AdamW learning rate of the critic (value model).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Policy and critic gradients are each clipped to this L2 norm.")
+    candidate_every_steps: int = Field(
+        10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
+    )
+
+
+class JoinStoreSettings(BaseModel):
+    """The SQLite store joining generations with their feedback."""
+
+    path: Path = Field(
+        Path("trainer/join_store.sqlite3"), description="SQLite file; created on first use. Relative to state_dir."
+    )
+    ttl_seconds: float = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="An answer without feedback, or feedback without its answer, is dropped after this long; "
+        "matches the feedback token's lifetime, after which no vote can arrive.",
+    )
+
+
+class TrainerSettings(BaseModel):
+    """The long-running `flywheel train` process."""
+
+    metrics_port: int = Field(9401, description="Prometheus /metrics HTTP port of the trainer; 0 picks a free one.")
+    host: str = Field("127.0.0.1", description="Address the trainer's /metrics binds.")
+    consumer_group: str = Field("flywheel-trainer", description="Kafka consumer group of the trainer.")
+    checkpoint_dir: Path = Field(Path("trainer/checkpoint"), description="Where checkpoints live. Relative to state_dir.")
+    checkpoint_every_steps: int = Field(
+        1, ge=1, description="Checkpoint (and commit Kafka offsets) after this many PPO steps or reward-model updates."
+    )
+    min_labels_before_ppo: int = Field(
+        32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."
+    )
+    seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
+
+
+class GateSettings(BaseModel):
+    """The safety gate (`flywheel gate`): what a candidate must pass, and when to roll back."""
+
+    host: str = Field("127.0.0.1", description="Address the gate's /metrics binds.")
+    metrics_port: int = Field(9402, description="Prometheus /metrics HTTP port of the gate; 0 picks a free one.")
+    consumer_group: str = Field("flywheel-gate", description="Kafka consumer group of the gate.")
+    poll_seconds: float = Field(1.0, gt=0, description="Longest wait for events before the gate looks for candidates again.")
+    thresholds: GateThresholds = Field(default_factory=GateThresholds)
+    safety: SafetyRules = Field(default_factory=SafetyRules)
+    golden_file: str = Field(
+        "demo",
+        description="JSON lines of {prompt, expected} and {prompt, must_not_contain}: a path, 'demo' for the demo "
+        "task's built-in file, or '' for none.",
+    )
+    heldout_prompts: int = Field(32, ge=0, description="Recent held-out prompts from logged traffic in the eval set.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest answer generated during evaluation, in tokens.")
+    kl_samples_per_prompt: int = Field(2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate.")
+    auto_rollback: bool = Field(True, description="Roll back a live version whose thumbs are significantly worse.")
+    rollback: ThumbsDownSPRT = Field(default_factory=ThumbsDownSPRT)
+
+    def golden_path(self) -> Path | None:
+        if not self.golden_file:
+            return None
+        return GOLDEN_FILE if self.golden_file == "demo" else Path(self.golden_file)

@@ -1,0 +1,379 @@
+"""The safety gate: every candidate policy is judged against the live one before it may serve.
+
+`flywheel gate` follows three topics. Generations give it held-out prompts from real traffic;
+feedback gives it each policy version's thumbs, for the automatic rollback; policy events say
+a candidate waits. The registry is the truth: a candidate is any version with a parent and no
+verdict yet, so a lost event only delays a decision until the next look.
+
+On approval the gate moves the registry's live pointer and announces it; servers swap. When the
+live version's thumbs-down rate is significantly worse than its parent's (a sequential test),
+the gate moves the pointer back and announces a rollback.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from feedback.config import KafkaSettings, SpoolSettings
+from feedback.consumer import EventConsumer
+from feedback.metrics import EventMetrics
+from feedback.producer import EventProducer
+from flywheel.registry import CorruptPolicy, PolicyRegistry
+from flywheel.v1 import events_pb2, serving_pb2
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import GateSettings, RewardModelSettings
+from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy
+from trainer.join_store import is_heldout_prompt
+from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
+from trainer.ppo_math import logprobs_from_logits
+from trainer.reward_model import RewardModelTrainer, load_without_dropout
+from trainer.thumbs_sprt import sprt_decision
+
+log = logging.getLogger(__name__)
+
+KL_SAMPLING_SEED = 0
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One prompt of the gate's eval set, as token ids for the policies and text for reports."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    expected: str | None = None
+    must_not_contain: tuple[str, ...] = ()
+
+
+def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalPrompt]:
+    """Golden prompts from a JSON-lines file: {"prompt", "expected"} and/or {"prompt", "must_not_contain": [...]}.
+
+    Each prompt is asked as one user chat message. Raises ValueError naming the line of a bad entry.
+    """
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            prompt, expected, banned = entry["prompt"], entry.get("expected"), tuple(entry.get("must_not_contain", ()))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt' ({error})") from error
+        if expected is None and not banned:
+            raise ValueError(f"{path}:{number}: give 'expected' or 'must_not_contain'")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prompts.append(EvalPrompt(tuple(tokenizer.encode(rendered, add_special_tokens=False)), prompt, expected, banned))
+    return prompts
+
+
+class HeldoutPrompts:
+    """The most recent distinct held-out prompts seen in logged traffic."""
+
+    def __init__(self, capacity: int, heldout_fraction: float):
+        self._prompts: deque[EvalPrompt] = deque(maxlen=capacity)
+        self._heldout_fraction = heldout_fraction
+
+    def offer(self, event: events_pb2.GenerationLogged) -> None:
+        if not event.prompt_token_ids or not is_heldout_prompt(event.rendered_prompt, self._heldout_fraction):
+            return
+        if any(prompt.text == event.rendered_prompt for prompt in self._prompts):
+            return
+        self._prompts.append(EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt))
+
+    def current(self) -> list[EvalPrompt]:
+        return list(self._prompts)
+
+
+class ThumbsByVersion:
+    """Each policy version's standing thumbs: one per (response, user), the latest given wins."""
+
+    def __init__(self) -> None:
+        self._votes: dict[tuple[str, str], tuple[int, int, bool]] = {}  # -> (given_at ns, version, down)
+
+    def add(self, event: events_pb2.FeedbackGiven) -> None:
+        if event.rating not in (serving_pb2.RATING_UP, serving_pb2.RATING_DOWN):
+            return
+        key = (event.response_id, event.user_id)
+        given_at = event.given_at.ToNanoseconds()
+        if key in self._votes and self._votes[key][0] > given_at:
+            return
+        self._votes[key] = (given_at, event.policy_version, event.rating == serving_pb2.RATING_DOWN)
+
+    def counts(self, version: int) -> tuple[int, int]:
+        """(thumbs down, all thumbs) on answers written by `version`."""
+        downs = [down for _, v, down in self._votes.values() if v == version]
+        return sum(downs), len(downs)
+
+
+class GateEvaluator:
+    """Answers the eval set with two policies and judges the candidate (transformers, on CPU or GPU)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, reward_model: RewardModelTrainer, settings: GateSettings):
+        self.tokenizer = tokenizer
+        self.reward_model = reward_model
+        self.settings = settings
+
+    def answers(self, model: PreTrainedModel, prompts: Sequence[EvalPrompt]) -> list[EvalAnswer]:
+        """Greedy answers to every prompt."""
+        eos = end_of_sequence_ids(model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+        sampler = TransformersSampler(model, self.tokenizer.pad_token_id, eos)
+        responses = sampler([list(p.token_ids) for p in prompts], self.settings.max_new_tokens, 0.0)
+        return [
+            EvalAnswer(
+                prompt=prompt.text,
+                text=self.tokenizer.decode(response, skip_special_tokens=True),
+                token_ids=tuple(token for token in response if token not in eos),
+                finished=bool(response) and response[-1] in eos,
+                expected=prompt.expected,
+                must_not_contain=prompt.must_not_contain,
+            )
+            for prompt, response in zip(prompts, responses)
+        ]
+
+    def scores(self, prompts: Sequence[EvalPrompt], answers: Sequence[EvalAnswer]) -> list[float]:
+        sequences = [list(p.token_ids) + list(a.token_ids) for p, a in zip(prompts, answers)]
+        return self.reward_model.score(sequences).tolist()
+
+    @torch.no_grad()
+    def kl_to_reference(self, candidate: PreTrainedModel, reference: PreTrainedModel, prompts: Sequence[EvalPrompt]) -> float:
+        """KL(candidate ‖ reference) in nats per answer: Σ log-ratio over answers the candidate samples at temperature 1."""
+        eos = end_of_sequence_ids(candidate.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+        torch.manual_seed(KL_SAMPLING_SEED)
+        repeated = [list(p.token_ids) for p in prompts for _ in range(self.settings.kl_samples_per_prompt)]
+        responses = TransformersSampler(candidate, self.tokenizer.pad_token_id, eos)(repeated, self.settings.max_new_tokens, 1.0)
+        rollout = Rollout(repeated, responses, [r[-1] in eos for r in responses], 0.0)
+        batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
+        log_ratio = logprobs_from_logits(
+            PolicyWithValue.response_logits(candidate, batch), batch.response_ids, 1.0
+        ) - logprobs_from_logits(PolicyWithValue.response_logits(reference, batch), batch.response_ids, 1.0)
+        return torch.where(batch.response_mask, log_ratio, 0.0).sum(-1).mean().item()
+
+    def judge(self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]) -> GateVerdict:
+        candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)
+        live = load_without_dropout(AutoModelForCausalLM, live_path)
+        evaluations = []
+        for model in (candidate, live):
+            answers = self.answers(model, prompts)
+            evaluations.append(
+                evaluate_policy(answers, self.scores(prompts, answers), self.settings.safety, self.settings.thresholds)
+            )
+        reference = live if reference_path == live_path else load_without_dropout(AutoModelForCausalLM, reference_path)
+        kl = self.kl_to_reference(candidate, reference, [p for p in prompts if p.expected is None and not p.must_not_contain] or prompts)
+        return decide(evaluations[0], evaluations[1], self.settings.thresholds, kl)
+
+
+class GateMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.decisions = Counter("flywheel_gate_decisions", "Gate verdicts on candidates.", ["decision"], registry=registry)
+        self.check_value = Gauge("flywheel_gate_check_value", "Each check's value on the last candidate.", ["check"], registry=registry)
+        self.check_threshold = Gauge(
+            "flywheel_gate_check_threshold", "Each check's threshold on the last candidate.", ["check"], registry=registry
+        )
+        self.check_passed = Gauge(
+            "flywheel_gate_check_passed", "1 when the last candidate passed the check, else 0.", ["check"], registry=registry
+        )
+        self.rollbacks = Counter("flywheel_rollbacks", "Rollbacks of the live policy, by trigger.", ["trigger"], registry=registry)
+        self.approved_version = Gauge(
+            "flywheel_approved_policy_version", "The version the registry's live pointer names.", registry=registry
+        )
+
+
+def policy_event(kind: int, version: int, parent_version: int | None, **fields) -> events_pb2.PolicyEvent:
+    event = events_pb2.PolicyEvent(
+        event_id=f"{events_pb2.PolicyEventKind.Name(kind).lower()}-{version}-{time.time_ns()}",
+        kind=kind,
+        policy_version=version,
+        parent_version=parent_version or 0,
+        **fields,
+    )
+    event.at.GetCurrentTime()
+    return event
+
+
+def lineage_root(registry: PolicyRegistry, version: int) -> int:
+    """The first ancestor of `version` (following parents): the policy training started from."""
+    while (parent := registry.manifest(version).parent_version) is not None:
+        version = parent
+    return version
+
+
+class Gate:
+    def __init__(
+        self,
+        settings: GateSettings,
+        reward_model_settings: RewardModelSettings,
+        checkpoint_dir: Path,
+        registry: PolicyRegistry,
+        metrics: GateMetrics,
+    ):
+        self.settings = settings
+        self.reward_model_settings = reward_model_settings
+        self.checkpoint_dir = checkpoint_dir
+        self.registry = registry
+        self.metrics = metrics
+        self.heldout = HeldoutPrompts(settings.heldout_prompts, reward_model_settings.heldout_fraction)
+        self.thumbs = ThumbsByVersion()
+
+    def take(self, events: list) -> None:
+        for consumed in events:
+            event = consumed.event
+            if isinstance(event, events_pb2.GenerationLogged):
+                self.heldout.offer(event)
+            elif isinstance(event, events_pb2.FeedbackGiven):
+                self.thumbs.add(event)
+            elif isinstance(event, events_pb2.PolicyEvent) and event.kind == events_pb2.POLICY_EVENT_KIND_ROLLBACK:
+                if not event.event_id.startswith("automatic-"):
+                    self.metrics.rollbacks.labels(trigger="operator").inc()
+
+    def waiting_candidates(self) -> list[int]:
+        """Versions with a parent and no verdict, oldest first."""
+        return [
+            version
+            for version in self.registry.versions()
+            if self.registry.manifest(version).parent_version is not None and self.registry.verdict(version) is None
+        ]
+
+    def decide_next(self) -> events_pb2.PolicyEvent | None:
+        """Judge the newest waiting candidate (older ones are superseded); return the event to announce."""
+        waiting = self.waiting_candidates()
+        if not waiting:
+            return None
+        for superseded in waiting[:-1]:
+            self.registry.record_verdict(superseded, False, [{"name": "superseded", "detail": f"a newer candidate {waiting[-1]} waits"}])
+        version = waiting[-1]
+        manifest = self.registry.manifest(version)
+        live = self.registry.live()
+        if live is None:
+            raise RuntimeError("the registry has no live policy to compare candidates with")
+        try:
+            self.registry.verify(version)
+        except CorruptPolicy as error:
+            return self._reject(version, manifest.parent_version, [{"name": "digest", "passed": False, "detail": str(error)}], [str(error)])
+        prompts = self.heldout.current() + self._golden()
+        verdict = self._evaluator().judge(
+            self.registry.path(version),
+            self.registry.path(live.version),
+            self.registry.path(lineage_root(self.registry, version)),
+            prompts,
+        )
+        checks = [asdict(check) for check in verdict.checks]
+        for check in verdict.checks:
+            self.metrics.check_value.labels(check=check.name).set(check.value)
+            self.metrics.check_threshold.labels(check=check.name).set(check.threshold)
+            self.metrics.check_passed.labels(check=check.name).set(float(check.passed))
+        if not verdict.approved:
+            return self._reject(version, live.version, checks, [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed])
+        self.registry.record_verdict(version, True, checks)
+        self.registry.set_live(version, reason="approved by the gate", kind="approved")
+        self.metrics.decisions.labels(decision="approved").inc()
+        self.metrics.approved_version.set(version)
+        log.info("approved policy %d", version, extra={"checks": checks})
+        return policy_event(
+            events_pb2.POLICY_EVENT_KIND_APPROVED,
+            version,
+            live.version,
+            path=str(self.registry.path(version)),
+            digest=manifest.digest,
+            checks=[_check_proto(c) for c in verdict.checks],
+        )
+
+    def _reject(self, version: int, parent: int | None, checks: list[dict], reasons: list[str]) -> events_pb2.PolicyEvent:
+        self.registry.record_verdict(version, False, checks)
+        self.metrics.decisions.labels(decision="rejected").inc()
+        log.warning("rejected policy %d: %s", version, "; ".join(reasons))
+        return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, version, parent, reasons=reasons)
+
+    def rollback_due(self) -> events_pb2.PolicyEvent | None:
+        """Roll the live version back to its parent when its thumbs are significantly worse."""
+        live = self.registry.live()
+        if live is None or live.kind != "approved" or live.previous_version is None:
+            return None
+        parent = live.previous_version
+        result = sprt_decision(*self.thumbs.counts(parent), *self.thumbs.counts(live.version), self.settings.rollback)
+        if result.decision != "rollback":
+            return None
+        reason = (
+            f"thumbs-down rate of policy {live.version} is {result.new_rate:.1%} against {result.parent_rate:.1%} for "
+            f"{parent} (sequential test, log-likelihood ratio {result.log_likelihood_ratio:.2f} >= {result.upper:.2f})"
+        )
+        self.registry.set_live(parent, reason=reason, kind="rollback")
+        self.metrics.rollbacks.labels(trigger="automatic").inc()
+        self.metrics.approved_version.set(parent)
+        log.warning("automatic rollback from %d to %d: %s", live.version, parent, reason)
+        event = policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, parent, live.version, reasons=[reason])
+        event.event_id = f"automatic-{event.event_id}"
+        return event
+
+    def _golden(self) -> list[EvalPrompt]:
+        path = self.settings.golden_path()
+        return [] if path is None else load_golden(path, self._tokenizer())
+
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        live = self.registry.live()
+        return AutoTokenizer.from_pretrained(self.registry.path(live.version))
+
+    def _evaluator(self) -> GateEvaluator:
+        """The evaluator with the trainer's latest reward model."""
+        tokenizer = self._tokenizer()
+        attempts = 3
+        while True:
+            checkpoint = latest_checkpoint(self.checkpoint_dir)
+            if checkpoint is None:
+                raise RuntimeError(f"no trainer checkpoint in {self.checkpoint_dir}: the gate needs the trainer's reward model")
+            try:
+                reward_model = RewardModelTrainer.load(checkpoint / "reward_model", self.reward_model_settings, tokenizer.pad_token_id)
+                return GateEvaluator(tokenizer, reward_model, self.settings)
+            except OSError:
+                attempts -= 1
+                if attempts == 0:
+                    raise
+                # The trainer replaced that checkpoint while it was read: take the newer one.
+
+
+def _check_proto(check) -> events_pb2.GateCheck:
+    return events_pb2.GateCheck(name=check.name, value=check.value, threshold=check.threshold, passed=check.passed, detail=check.detail)
+
+
+async def run_gate(
+    gate: Gate, kafka: KafkaSettings, spool: SpoolSettings, event_metrics: EventMetrics, stopping: asyncio.Event
+) -> None:
+    """Follow the topics and decide until `stopping` is set.
+
+    Offsets are never committed: a restarted gate reads the topics again from the start to
+    rebuild its held-out prompts and thumbs, and the registry's verdicts keep it from judging a
+    candidate twice.
+    """
+    producer = EventProducer(kafka, spool, event_metrics)
+    consumer = EventConsumer(
+        kafka, gate.settings.consumer_group, event_metrics, [kafka.topics.generations, kafka.topics.feedback, kafka.topics.policy]
+    )
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            while not stopping.is_set():
+                batch = await consumer.poll(timeout_ms=int(gate.settings.poll_seconds * 1000))
+                gate.take(batch.events)
+                for decided in (await asyncio.to_thread(gate.decide_next), gate.rollback_due() if gate.settings.auto_rollback else None):
+                    if decided is not None:
+                        producer.publish(kafka.topics.policy, str(decided.policy_version), decided)
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+
+
+def publish_rollback(registry: PolicyRegistry, version: int, reason: str) -> events_pb2.PolicyEvent:
+    """`flywheel rollback --to VERSION`: move the live pointer back and describe it for the servers."""
+    live = registry.live()
+    registry.set_live(version, reason=reason, kind="rollback")
+    return policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, version, None if live is None else live.version, reasons=[reason])
+

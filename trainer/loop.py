@@ -1,0 +1,274 @@
+"""`flywheel train`: the feedback stream in, a better policy out, surviving a crash at any moment.
+
+One pass of the loop:
+1. read a batch of events and put answers and votes in the join store (idempotent by event id);
+2. once enough new labels stand, update the reward model on them (and mark them used);
+3. once the reward model has learnt enough and new traffic arrived, take a PPO step on prompts
+   from the logged traffic; every `candidate_every_steps` steps propose the policy to the gate;
+4. after every `checkpoint_every_steps` updates, write one atomic checkpoint, then commit the
+   Kafka offsets of everything read so far.
+
+A crash loses only work after the last checkpoint: the checkpoint's join store is put back, and
+Kafka hands out again every event after the committed offsets. An event the checkpoint already
+holds (read after the commit, before the crash) is dropped by its id. So no label is trained on
+twice, and none is skipped.
+"""
+
+import asyncio
+import logging
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aiokafka import TopicPartition
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from feedback.config import KafkaSettings, SpoolSettings
+from feedback.consumer import EventConsumer
+from feedback.metrics import EventMetrics
+from feedback.producer import EventProducer
+from flywheel.registry import PolicyRegistry
+from flywheel.v1 import events_pb2
+from trainer.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_state,
+    remove_join_store,
+    restore_join_store,
+    restore_optimizers,
+    save_checkpoint,
+)
+from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
+from trainer.join_store import JoinStore
+from trainer.metrics import TrainerMetrics
+from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer
+from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The sections of the process config the trainer reads."""
+
+    trainer: TrainerSettings
+    reward_model: RewardModelSettings
+    ppo: PPOSettings
+    join_store: JoinStoreSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
+    registry_dir: Path
+
+
+class Trainer:
+    """The models, the join store and the counters; `run` drives them from Kafka."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        state: TrainerState,
+        ppo: PPOTrainer,
+        reward_model: RewardModelTrainer,
+        join_store: JoinStore,
+        registry: PolicyRegistry,
+        metrics: TrainerMetrics,
+    ):
+        self.config = config
+        self.state = state
+        self.ppo = ppo
+        self.reward_model = reward_model
+        self.join_store = join_store
+        self.registry = registry
+        self.metrics = metrics
+        self.last_step: PPOStepStats | None = None
+        self.last_reward_model_eval: dict[str, float] = {}
+
+    @classmethod
+    def open(cls, config: TrainerConfig, metrics: TrainerMetrics) -> "Trainer":
+        """Resume from the latest checkpoint, or start from the registry's live policy."""
+        registry = PolicyRegistry(config.registry_dir)
+        checkpoint = latest_checkpoint(config.trainer.checkpoint_dir)
+        if checkpoint is None:
+            live = registry.live()
+            if live is None:
+                raise RuntimeError(f"the policy registry {config.registry_dir} has no live policy to start training from")
+            policy_path = registry.path(live.version)
+            state = TrainerState(reference_path=str(policy_path), reference_version=live.version)
+            tokenizer = AutoTokenizer.from_pretrained(policy_path)
+            reward_model = RewardModelTrainer(
+                RewardModel.from_pretrained(config.reward_model.model_path or policy_path),
+                config.reward_model,
+                tokenizer.pad_token_id,
+            )
+            models = PolicyWithValue.from_pretrained(policy_path, reward_model.model)
+            # Labels a crashed run marked used never reached a checkpoint: start the store afresh,
+            # and Kafka (no offsets committed yet) hands every event out again.
+            remove_join_store(config.join_store.path)
+            log.info("training starts from live policy %d at %s", live.version, policy_path)
+        else:
+            state = load_state(checkpoint)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
+            reward_model = RewardModelTrainer.load(checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id)
+            models = PolicyWithValue(
+                load_without_dropout(AutoModelForCausalLM, checkpoint / "policy"),
+                RewardModel.from_pretrained(checkpoint / "critic"),
+                load_without_dropout(AutoModelForCausalLM, state.reference_path),
+            )
+            restore_join_store(checkpoint, config.join_store.path)
+            log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
+        ppo = PPOTrainer(models, tokenizer, config.ppo)
+        if checkpoint is not None:
+            restore_optimizers(checkpoint, ppo, state)
+        join_store = JoinStore(config.join_store.path, config.join_store.ttl_seconds)
+        return cls(config, state, ppo, reward_model, join_store, registry, metrics)
+
+    # ------------------------------------------------------------ the decisions
+
+    def take(self, events: list) -> None:
+        """Put a batch of consumed events into the join store; repeats are dropped there by event id."""
+        for consumed in events:
+            self.metrics.events_consumed.labels(topic=consumed.topic).inc()
+            event = consumed.event
+            if isinstance(event, events_pb2.GenerationLogged):
+                self.join_store.add_generation(event)
+            elif isinstance(event, events_pb2.FeedbackGiven):
+                self.join_store.add_feedback(event)
+
+    def update_reward_model(self) -> dict[str, float] | None:
+        """Train on the unused standing labels once there are enough of them; None when there are not."""
+        settings = self.config.reward_model
+        examples = self.join_store.labelled_examples("train", settings.heldout_fraction)
+        pairs = self.join_store.preference_pairs("train", settings.heldout_fraction)
+        if len(examples) + len(pairs) < settings.update_every_labels:
+            return None
+        stats = self.reward_model.update(pairs, examples)
+        self.join_store.mark_used(examples, pairs)
+        self.state.reward_model_updates += 1
+        self.state.labels_trained += len(examples) + len(pairs)
+        evaluation = self.reward_model.evaluate(
+            self.join_store.preference_pairs("heldout", settings.heldout_fraction),
+            self.join_store.labelled_examples("heldout", settings.heldout_fraction),
+        )
+        self.last_reward_model_eval = evaluation
+        self.metrics.reward_model_updates.inc()
+        if evaluation["pairwise_accuracy"] == evaluation["pairwise_accuracy"]:  # not NaN
+            self.metrics.reward_model_accuracy.set(evaluation["pairwise_accuracy"])
+        if evaluation["ece"] == evaluation["ece"]:
+            self.metrics.reward_model_calibration_error.set(evaluation["ece"])
+        log.info("reward model updated", extra={**stats, **evaluation, "labels": len(examples) + len(pairs)})
+        return stats
+
+    def ppo_step_due(self) -> bool:
+        """One PPO step is owed for every `prompts_per_step` answers logged, once the reward model has learnt enough."""
+        new_generations = self.join_store.generation_count() - self.state.generations_at_last_step
+        return (
+            self.state.labels_trained >= self.config.trainer.min_labels_before_ppo
+            and new_generations >= self.config.ppo.prompts_per_step
+        )
+
+    def ppo_step(self) -> PPOStepStats:
+        """One PPO step on prompts drawn from logged traffic."""
+        started = time.perf_counter()
+        rng = random.Random(self.config.trainer.seed * 1_000_003 + self.state.ppo_steps)
+        prompts = self.join_store.prompts_for_rollouts(self.config.ppo.prompts_per_step, rng)
+        stats = self.ppo.ppo_step(self.ppo.rollout(prompts), self.reward_model.model)
+        self.state.ppo_steps += 1
+        self.state.generations_at_last_step += self.config.ppo.prompts_per_step
+        self.last_step = stats
+        self.metrics.ppo_steps.inc()
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.last_step_timestamp.set(time.time())
+        for name, gauge in self.metrics.ppo.items():
+            gauge.set(getattr(stats, name))
+        log.info("PPO step %d", self.state.ppo_steps, extra=asdict(stats))
+        return stats
+
+    def candidate_due(self) -> bool:
+        return self.state.ppo_steps > 0 and self.state.ppo_steps % self.config.ppo.candidate_every_steps == 0
+
+    def publish_candidate(self) -> events_pb2.PolicyEvent:
+        """Write the policy into the registry as a new version and describe it for the gate."""
+        live = self.registry.live()
+        metrics = {"ppo_steps": float(self.state.ppo_steps)}
+        if self.last_step is not None:
+            metrics |= {"kl_to_reference": self.last_step.kl_to_reference, "mean_score": self.last_step.mean_score}
+        with tempfile.TemporaryDirectory(prefix="candidate-") as staging:
+            self.ppo.save_policy(Path(staging))
+            manifest = self.registry.publish(
+                Path(staging),
+                parent_version=None if live is None else live.version,
+                training_step=self.state.ppo_steps,
+                metrics=metrics,
+            )
+        self.state.last_candidate_version = manifest.version
+        self.metrics.candidates.inc()
+        log.info("candidate policy %d proposed", manifest.version)
+        return candidate_event(manifest.version, manifest.parent_version, str(self.registry.path(manifest.version)), manifest.digest)
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.config.trainer.checkpoint_dir, self.state, self.ppo, self.reward_model, self.join_store)
+
+    def close(self) -> None:
+        self.join_store.close()
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self, consumer: EventConsumer, producer: EventProducer, stopping: asyncio.Event) -> None:
+        """Consume, train and checkpoint until `stopping` is set."""
+        uncommitted: dict[TopicPartition, int] = {}
+        updates_since_checkpoint = 0
+        while not stopping.is_set():
+            batch = await consumer.poll(timeout_ms=500)
+            self.take(batch.events)
+            uncommitted.update(batch.next_offsets)
+            if await asyncio.to_thread(self.update_reward_model) is not None:
+                updates_since_checkpoint += 1
+            if self.ppo_step_due():
+                await asyncio.to_thread(self.ppo_step)
+                updates_since_checkpoint += 1
+                if self.candidate_due():
+                    event = await asyncio.to_thread(self.publish_candidate)
+                    producer.publish(self.config.kafka.topics.policy, str(event.policy_version), event)
+            if updates_since_checkpoint >= self.config.trainer.checkpoint_every_steps:
+                await asyncio.to_thread(self.checkpoint)
+                await consumer.commit(uncommitted)
+                uncommitted, updates_since_checkpoint = {}, 0
+            for topic, behind in (await consumer.lag()).items():
+                self.metrics.consumer_lag.labels(topic=topic).set(behind)
+        if uncommitted or updates_since_checkpoint:
+            await asyncio.to_thread(self.checkpoint)
+            await consumer.commit(uncommitted)
+
+
+def candidate_event(version: int, parent_version: int | None, path: str, digest: str) -> events_pb2.PolicyEvent:
+    event = events_pb2.PolicyEvent(
+        event_id=f"candidate-{version}-{digest[:16]}",
+        kind=events_pb2.POLICY_EVENT_KIND_CANDIDATE,
+        policy_version=version,
+        parent_version=parent_version or 0,
+        path=path,
+        digest=digest,
+    )
+    event.at.GetCurrentTime()
+    return event
+
+
+async def run_trainer(config: TrainerConfig, metrics: TrainerMetrics, event_metrics: EventMetrics, stopping: asyncio.Event) -> None:
+    """Open (or resume) the trainer and run it against Kafka until `stopping` is set."""
+    trainer = await asyncio.to_thread(Trainer.open, config, metrics)
+    producer = EventProducer(config.kafka, config.spool, event_metrics)
+    consumer = EventConsumer(
+        config.kafka, config.trainer.consumer_group, event_metrics, [config.kafka.topics.generations, config.kafka.topics.feedback]
+    )
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            await trainer.run(consumer, producer, stopping)
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+        trainer.close()
