@@ -3,6 +3,8 @@
 import argparse
 import asyncio
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +36,162 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", dest="server.metrics_port", type=int)
     parser.add_argument("--state-dir", dest="state_dir", type=Path)
     parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--kafka", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers, host:port[,host:port]")
 
 
 def _config_from(args: argparse.Namespace) -> FlywheelConfig:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler")}
+    flags = {key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")}
     config = load_config(args.config, _nested(flags))
     configure_logging(config.log_level)
     log.info("config\n%s", config.redacted_json())
     return config
 
 
-def _model_path(config: FlywheelConfig) -> str:
-    if config.engine.model:
-        return config.engine.model
-    from flywheel.demo.init_model import ensure_demo_model
+def seed_registry(config: FlywheelConfig) -> None:
+    """Give an empty registry its first live policy: --model, or the demo model (built on first use)."""
+    from flywheel.registry import PolicyRegistry
 
-    return str(ensure_demo_model(config.state_dir / "demo-model"))
+    registry = PolicyRegistry(config.registry_dir)
+    if registry.live() is not None:
+        return
+    if config.engine.model:
+        model_path = Path(config.engine.model)
+    else:
+        from flywheel.demo.init_model import ensure_demo_model
+
+        model_path = ensure_demo_model(config.state_dir / "demo-model")
+    registry.seed(model_path)
+
+
+def _run_until_signal(main) -> None:
+    """Run `main(stopping)` on a new event loop; SIGINT and SIGTERM set `stopping`."""
+
+    async def runner() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await main(stopping)
+
+    asyncio.run(runner())
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from flywheel.registry import PolicyRegistry
     from server.app import serve
 
     config = _config_from(args)
-    asyncio.run(serve(config.server, config.engine, _model_path(config)))
+    seed_registry(config)
+    spool = config.spool.model_copy(update={"directory": config.spool.directory / "server"})
+    asyncio.run(serve(config.server, config.engine, config.kafka, spool, PolicyRegistry(config.registry_dir)))
+
+
+def _metrics_endpoint(host: str, port: int):
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    http, _ = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, http.server_port)
+    return registry
+
+
+def _train(args: argparse.Namespace) -> None:
+    from feedback.metrics import EventMetrics
+    from trainer.loop import TrainerConfig, run_trainer
+    from trainer.metrics import TrainerMetrics
+
+    config = _config_from(args)
+    seed_registry(config)
+    registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
+    trainer_config = TrainerConfig(
+        trainer=config.trainer,
+        reward_model=config.reward_model,
+        ppo=config.ppo,
+        join_store=config.join_store,
+        kafka=config.kafka,
+        spool=config.spool.model_copy(update={"directory": config.spool.directory / "trainer"}),
+        registry_dir=config.registry_dir,
+    )
+    metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
+    _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping))
+
+
+def _gate(args: argparse.Namespace) -> None:
+    from feedback.metrics import EventMetrics
+    from flywheel.registry import PolicyRegistry
+    from trainer.gate import Gate, GateMetrics, run_gate
+
+    config = _config_from(args)
+    seed_registry(config)
+    registry = _metrics_endpoint(config.gate.host, config.gate.metrics_port)
+    gate = Gate(config.gate, config.reward_model, config.trainer.checkpoint_dir, PolicyRegistry(config.registry_dir), GateMetrics(registry))
+    spool = config.spool.model_copy(update={"directory": config.spool.directory / "gate"})
+    event_metrics = EventMetrics.register(registry)
+    _run_until_signal(lambda stopping: run_gate(gate, config.kafka, spool, event_metrics, stopping))
+
+
+def _broker(args: argparse.Namespace) -> None:
+    from feedback.broker import run_broker
+
+    config = _config_from(args)
+    sys.exit(run_broker(config.kafka))
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    from flywheel.registry import PolicyRegistry
+    from trainer.gate import publish_rollback
+
+    config = _config_from(args)
+    registry = PolicyRegistry(config.registry_dir)
+    if args.to not in registry.versions():
+        sys.exit(f"flywheel rollback: no policy version {args.to} in {config.registry_dir}; versions: {registry.versions()}")
+    event = publish_rollback(registry, args.to, args.reason)
+    asyncio.run(_announce(config, event))
+    print(f"policy {args.to} is live again; servers swap to it within server.policy_poll_seconds")
+
+
+async def _announce(config: FlywheelConfig, event) -> None:
+    """Publish one policy event; if Kafka does not take it in time, servers still see the registry."""
+    from prometheus_client import CollectorRegistry
+
+    from feedback.metrics import EventMetrics
+    from feedback.producer import EventProducer
+
+    spool = config.spool.model_copy(update={"directory": config.spool.directory / "cli"})
+    producer = EventProducer(config.kafka, spool, EventMetrics.register(CollectorRegistry()))
+    await producer.start()
+    producer.publish(config.kafka.topics.policy, str(event.policy_version), event)
+    try:
+        async with asyncio.timeout(10):
+            await producer.flush()
+    except TimeoutError:
+        log.warning("Kafka did not take the policy event in 10 s; it stays in the spool %s", spool.directory)
+    await producer.stop()
+
+
+def _up(args: argparse.Namespace) -> None:
+    from flywheel.supervisor import run_up
+
+    config = _config_from(args)
+    seed_registry(config)
+    sys.exit(run_up(config, args.argv[1:]))
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from flywheel.simulate import SimulationSettings, run_simulation
+
+    configure_logging("WARNING")
+    settings = SimulationSettings(
+        target=args.target,
+        judge=args.judge,
+        events=args.events,
+        concurrency=args.concurrency,
+        out_dir=args.out,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        api_key=args.api_key,
+    )
+    sys.exit(run_simulation(settings))
 
 
 def _init_model(args: argparse.Namespace) -> None:
@@ -71,20 +206,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="run the whole system on this machine (embedded default)")
-    _add_config_flags(up)
-    up.set_defaults(handler=_serve)
+    for name, handler, help_text in (
+        ("up", _up, "run the whole flywheel on this machine: broker, server, trainer and gate"),
+        ("serve", _serve, "run the gRPC inference server"),
+        ("train", _train, "run the trainer: reward model and PPO from the feedback stream"),
+        ("gate", _gate, "run the safety gate: judge candidates, roll back bad live policies"),
+        ("broker", _broker, "run the embedded Kafka broker (Tansu, in memory) for development"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        _add_config_flags(command)
+        command.set_defaults(handler=handler)
 
-    serve = commands.add_parser("serve", help="run the gRPC inference server")
-    _add_config_flags(serve)
-    serve.set_defaults(handler=_serve)
+    rollback = commands.add_parser("rollback", help="make an earlier policy version live again")
+    _add_config_flags(rollback)
+    rollback.add_argument("--to", type=int, required=True, help="the policy version to go back to")
+    rollback.add_argument("--reason", default="operator rollback", help="why, for the audit history")
+    rollback.set_defaults(handler=_rollback)
+
+    simulate = commands.add_parser("simulate", help="simulated users: ask demo questions, give thumbs by a hidden judge")
+    simulate.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of a Flywheel server")
+    simulate.add_argument("--judge", default="flywheel.demo.task:judge_thumb", help="module:function(prompt, answer) -> up/down/none")
+    simulate.add_argument("--events", type=int, default=3000, help="feedback events to send, then stop")
+    simulate.add_argument("--concurrency", type=int, default=4, help="simulated users asking at once")
+    simulate.add_argument("--out", type=Path, default=Path("runs/simulate"), help="folder for the CSV and the PNG plot")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--eval-every", type=int, default=200, help="measure held-out thumbs-up rate every N events")
+    simulate.add_argument("--api-key", default=None, help="x-api-key metadata, when the server wants one")
+    simulate.set_defaults(handler=_simulate)
 
     init = commands.add_parser("init-model", help="build the small demo model, offline")
     init.add_argument("out_dir", type=Path)
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(handler=_init_model)
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     args.handler(args)
 
 

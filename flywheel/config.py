@@ -4,23 +4,47 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from feedback.config import KafkaSettings, SpoolSettings
 from server.config import EngineSettings, ServerSettings
+from trainer.config import GateSettings, JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class FlywheelConfig(BaseSettings):
-    """Environment variables use FLYWHEEL_ and `__` between levels, e.g. FLYWHEEL_SERVER__PORT=50051."""
+    """Environment variables use FLYWHEEL_ and `__` between levels, e.g. FLYWHEEL_SERVER__PORT=50051.
+
+    Relative paths inside sections (spool, join store, checkpoints, registry) are under state_dir.
+    """
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid")
 
-    state_dir: Path = Field(Path(".cache"), description="Where the demo model, spool and registry live.")
+    state_dir: Path = Field(Path(".cache"), description="Where the demo model, spool, registry and trainer state live.")
     log_level: str = Field("INFO", description="Python logging level.")
+    registry_dir: Path = Field(Path("registry"), description="The policy registry (a shared volume in Kubernetes).")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    reward_model: RewardModelSettings = Field(default_factory=RewardModelSettings)
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
+    join_store: JoinStoreSettings = Field(default_factory=JoinStoreSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+    @model_validator(mode="after")
+    def _paths_under_state_dir(self) -> "FlywheelConfig":
+        def under(path: Path) -> Path:
+            return path if path.is_absolute() or path.parts[: len(self.state_dir.parts)] == self.state_dir.parts else self.state_dir / path
+
+        self.registry_dir = under(self.registry_dir)
+        self.spool.directory = under(self.spool.directory)
+        self.join_store.path = under(self.join_store.path)
+        self.trainer.checkpoint_dir = under(self.trainer.checkpoint_dir)
+        return self
 
     def redacted_json(self) -> str:
         """The config as printed at start-up; secrets show as stars."""
@@ -33,7 +57,12 @@ def load_config(config_file: Path | None = None, overrides: dict[str, Any] | Non
     class FromSources(FlywheelConfig):
         @classmethod
         def settings_customise_sources(
-            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, env_settings, *_
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             file_settings = () if config_file is None else (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
             return (init_settings, env_settings, *file_settings)
