@@ -172,6 +172,7 @@ class GateEvaluator:
 
 class GateMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.decisions = Counter("flywheel_gate_decisions", "Gate verdicts on candidates.", ["decision"], registry=registry)
         self.check_value = Gauge("flywheel_gate_check_value", "Each check's value on the last candidate.", ["check"], registry=registry)
         self.check_threshold = Gauge(

@@ -1,0 +1,259 @@
+"""The safety gate on planted candidates, and hot swaps into a running server on the real engine.
+
+Bad candidates are made for real: the demo model fine-tuned for a few dozen steps to answer
+degenerately, to leak a banned phrase, or to drift far from the reference.
+"""
+
+import concurrent.futures
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from transformers import AutoTokenizer
+
+from feedback.config import TopicNames
+from feedback.consumer import ConsumedEvent
+from flywheel.registry import PolicyRegistry
+from flywheel.v1 import events_pb2
+from flywheel.v1 import serving_pb2 as pb
+from flywheel.v1 import serving_pb2_grpc
+from server.app import FlywheelServer
+from server.config import ServerSettings
+from server.swap import PolicySwapper
+from tests import policy_variants
+from tests.kafka_fixtures import kafka_broker  # noqa: F401 (fixture)
+from trainer.checkpoint import TrainerState, save_checkpoint
+from trainer.config import GateSettings, PPOSettings, RewardModelSettings
+from trainer.gate import Gate, GateMetrics
+from trainer.gate_checks import SafetyRules
+from trainer.join_store import JoinStore
+from trainer.ppo import PolicyWithValue, PPOTrainer
+from trainer.reward_model import RewardModel, RewardModelTrainer
+
+PROMPTS = ["What is 12+34?", "What is the capital of Peru?", "What is 83-47?"]
+
+
+@pytest.fixture(scope="module")
+def variants(model_path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    return {
+        name: make(model_path, root / name)
+        for name, make in {
+            "degenerate": policy_variants.degenerate,
+            "banned_phrase": policy_variants.banned_phrase,
+            "far_from_reference": policy_variants.far_from_reference,
+            "slightly_better": policy_variants.slightly_better,
+        }.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(model_path, tmp_path_factory) -> Path:
+    """A real trainer checkpoint holding the reward model the gate reads (untrained head: both policies get the same judge)."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    reward_model = RewardModelTrainer(RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id)
+    ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path, reward_model.model), tokenizer, PPOSettings())
+    join_store = JoinStore(directory / "join_store.sqlite3", 3600)
+    save_checkpoint(directory / "trainer", TrainerState(reference_path=str(model_path), reference_version=1), ppo, reward_model, join_store)
+    join_store.close()
+    return directory / "trainer"
+
+
+def new_gate(registry: PolicyRegistry, checkpoint_dir: Path) -> Gate:
+    settings = GateSettings(safety=SafetyRules(banned_phrases=["hunter2"]), max_new_tokens=24, heldout_prompts=0)
+    return Gate(settings, RewardModelSettings(), checkpoint_dir, registry, GateMetrics(CollectorRegistry()))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "variant, failing_check",
+    [
+        ("degenerate", "degenerate_rate"),
+        ("banned_phrase", "safety_violation_rate"),
+        ("far_from_reference", "kl_to_reference"),
+    ],
+)
+def test_planted_bad_candidates_are_rejected(model_path, variants, trainer_checkpoint, tmp_path, variant, failing_check):
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    candidate = registry.publish(variants[variant], parent_version=1, training_step=1, metrics={})
+    event = new_gate(registry, trainer_checkpoint).decide_next()
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == candidate.version
+    verdict = registry.verdict(candidate.version)
+    failed = [check["name"] for check in verdict["checks"] if not check["passed"]]
+    assert not verdict["approved"] and failing_check in failed, failed
+    assert any(reason.startswith(failing_check) for reason in event.reasons)
+    assert registry.live().version == 1
+
+
+def test_a_corrupted_candidate_is_rejected_by_its_digest(model_path, trainer_checkpoint, tmp_path):
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
+    flip_a_byte(registry.path(candidate.version) / "model.safetensors")
+    event = new_gate(registry, trainer_checkpoint).decide_next()
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED
+    assert "model.safetensors" in event.reasons[0]
+    assert registry.live().version == 1
+
+
+def test_a_good_candidate_is_approved_and_goes_live(model_path, variants, trainer_checkpoint, tmp_path):
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    candidate = registry.publish(variants["slightly_better"], parent_version=1, training_step=1, metrics={})
+    event = new_gate(registry, trainer_checkpoint).decide_next()
+    failed = [check.name for check in event.checks if not check.passed]
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED, failed
+    assert [check.name for check in event.checks] == [
+        "reward_score", "kl_to_reference", "safety_violation_rate", "degenerate_rate", "golden_accuracy",
+    ]  # fmt: skip
+    assert registry.live().version == candidate.version and registry.live().kind == "approved"
+    assert registry.verdict(candidate.version)["approved"]
+
+
+def test_a_live_version_with_significantly_more_thumbs_down_is_rolled_back(model_path, trainer_checkpoint, tmp_path):
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
+    registry.set_live(candidate.version, reason="approved by the gate", kind="approved")
+    gate = new_gate(registry, trainer_checkpoint)
+
+    def votes(version: int, downs: int, total: int) -> list[events_pb2.FeedbackGiven]:
+        return [
+            events_pb2.FeedbackGiven(
+                event_id=f"{version}-{n}", response_id=f"r{version}-{n}", user_id="u", policy_version=version,
+                rating=pb.RATING_DOWN if n < downs else pb.RATING_UP,
+            )
+            for n in range(total)
+        ]  # fmt: skip
+
+    def consumed(events: list[events_pb2.FeedbackGiven]) -> list[ConsumedEvent]:
+        return [ConsumedEvent("feedback", 0, offset, event.response_id, event) for offset, event in enumerate(events)]
+
+    gate.take(consumed(votes(1, downs=20, total=100)))
+    assert gate.rollback_due() is None  # no votes on the new version yet
+    gate.take(consumed(votes(candidate.version, downs=25, total=40)))
+    event = gate.rollback_due()
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_ROLLBACK and event.policy_version == 1
+    assert "thumbs-down rate" in event.reasons[0]
+    assert registry.live().version == 1 and registry.live().kind == "rollback"
+    assert gate.metrics.registry.get_sample_value("flywheel_rollbacks_total", {"trigger": "automatic"}) == 1
+
+
+# ---------------------------------------------------------------- hot swap on the real engine
+
+
+@pytest.fixture(scope="module")
+def swapping(engine_loop, engine, model_path, variants, tmp_path_factory):
+    """A server on the shared engine following a registry whose v1 is the demo model and v2 answers differently.
+
+    Yields (registry, server, swapper); the engine is put back on v1 (the demo weights) afterwards.
+    """
+    registry = PolicyRegistry(tmp_path_factory.mktemp("swap") / "registry")
+    registry.seed(model_path)
+    registry.publish(variants["banned_phrase"], parent_version=1, training_step=1, metrics={})
+    settings = ServerSettings(port=0, metrics_port=0, max_in_flight=4, max_queued=64)
+    server = engine_loop.run(FlywheelServer.start(settings, engine, policy_version=1))
+    swapper = PolicySwapper(engine, server.policy, server.admission, registry, server.metrics, None, TopicNames(), "test")
+    yield registry, server, swapper
+    registry.set_live(1, reason="restore the shared engine", kind="rollback")
+    engine_loop.run(swapper.sync())
+    engine_loop.run(server.stop(0))
+
+
+def greedy(stub, prompt: str) -> pb.GenerateResponse:
+    messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)])
+    return stub.Generate(pb.GenerateRequest(chat=messages, sampling=pb.SamplingParams(max_tokens=16, temperature=0)))
+
+
+def swap_to(engine_loop, registry: PolicyRegistry, swapper: PolicySwapper, version: int, kind: str = "approved") -> bool:
+    registry.set_live(version, reason="test", kind=kind)
+    return engine_loop.run(swapper.sync())
+
+
+def test_swaps_under_load_fail_no_request_and_never_mix_weights(engine_loop, swapping):
+    registry, server, swapper = swapping
+    with grpc.insecure_channel(server.address) as channel:
+        stub = serving_pb2_grpc.FlywheelStub(channel)
+        expected = {1: greedy(stub, PROMPTS[0]).text}
+        assert swap_to(engine_loop, registry, swapper, 2)
+        expected[2] = greedy(stub, PROMPTS[0]).text
+        assert expected[1] != expected[2], "the two policies must answer differently for this test to mean anything"
+
+        stop = threading.Event()
+        answers: list[tuple[int, str]] = []
+
+        def client() -> int:
+            calls = 0
+            while not stop.is_set():
+                response = greedy(stub, PROMPTS[0])  # any failure raises and fails the test
+                answers.append((response.policy_version, response.text))
+                calls += 1
+            return calls
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            clients = [pool.submit(client) for _ in range(8)]
+            for swap in range(20):
+                assert swap_to(engine_loop, registry, swapper, 1 if swap % 2 == 0 else 2)
+            stop.set()
+            calls = sum(future.result() for future in clients)
+
+    assert calls == len(answers) > 20
+    assert {version for version, _ in answers} == {1, 2}
+    mixed = [(version, text) for version, text in answers if text != expected[version]]
+    assert not mixed, f"{len(mixed)} answers do not match the weights of the version they carry: {mixed[:3]}"
+    assert server.registry.get_sample_value("flywheel_policy_swaps_total", {"outcome": "ok"}) == 21
+    assert server.registry.get_sample_value("flywheel_policy_version") == 2
+
+
+def test_a_corrupted_live_version_is_refused_and_the_server_keeps_serving(engine_loop, swapping, model_path):
+    registry, server, swapper = swapping
+    current = server.policy.current.version
+    corrupted = registry.publish(model_path, parent_version=current, training_step=2, metrics={})
+    flip_a_byte(registry.path(corrupted.version) / "model.safetensors")
+    assert not swap_to(engine_loop, registry, swapper, corrupted.version)
+    assert server.policy.current.version == current
+    assert server.registry.get_sample_value("flywheel_policy_swaps_total", {"outcome": "digest_mismatch"}) == 1
+    with grpc.insecure_channel(server.address) as channel:
+        assert greedy(serving_pb2_grpc.FlywheelStub(channel), PROMPTS[0]).policy_version == current
+    registry.set_live(current, reason="undo the corrupted pointer", kind="rollback")
+
+
+def test_rollback_brings_back_the_exact_previous_outputs(engine_loop, swapping, kafka_broker, tmp_path):
+    registry, server, swapper = swapping
+    with grpc.insecure_channel(server.address) as channel:
+        stub = serving_pb2_grpc.FlywheelStub(channel)
+        assert swap_to(engine_loop, registry, swapper, 1, kind="rollback")
+        before = [greedy(stub, prompt).text for prompt in PROMPTS]
+        assert swap_to(engine_loop, registry, swapper, 2)
+        assert [greedy(stub, prompt).text for prompt in PROMPTS] != before
+
+        state_dir = registry.root.parent
+        rollback = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "rollback", "--to", "1", "--reason", "test rollback",
+             "--state-dir", str(state_dir), "--kafka", kafka_broker.bootstrap_servers],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert rollback.returncode == 0, rollback.stderr
+        assert registry.live().version == 1 and registry.live().kind == "rollback"
+        assert registry.history()[-1].reason == "test rollback"
+        assert engine_loop.run(swapper.sync())
+        after = [greedy(stub, prompt) for prompt in PROMPTS]
+    assert [response.text for response in after] == before
+    assert {response.policy_version for response in after} == {1}
+
+    bad_version = subprocess.run(
+        [sys.executable, "-m", "flywheel.cli", "rollback", "--to", "99", "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad_version.returncode != 0 and "no policy version 99" in bad_version.stderr
