@@ -27,7 +27,7 @@ class EmbeddedBroker:
     def __init__(self, kafka: KafkaSettings | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self._topics_from = kafka or KafkaSettings()
         self._host = host
-        self._port = port or _free_port(host)
+        self._port = port or free_port(host)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,7 +134,8 @@ async def _serve(kafka: KafkaSettings) -> int:
     return 0
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port on `host` that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]

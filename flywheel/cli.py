@@ -189,6 +189,8 @@ def _simulate(args: argparse.Namespace) -> None:
         out_dir=args.out,
         seed=args.seed,
         eval_every=args.eval_every,
+        heldout_questions=args.heldout_questions,
+        trainer_metrics_url=args.trainer_metrics_url,
         api_key=args.api_key,
     )
     sys.exit(run_simulation(settings))
@@ -231,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     simulate.add_argument("--out", type=Path, default=Path("runs/simulate"), help="folder for the CSV and the PNG plot")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--eval-every", type=int, default=200, help="measure held-out thumbs-up rate every N events")
+    simulate.add_argument("--heldout-questions", type=int, default=50, help="held-out questions per measurement")
+    simulate.add_argument(
+        "--trainer-metrics-url", default="http://127.0.0.1:9401/metrics", help="the trainer's /metrics, for reward and KL"
+    )
     simulate.add_argument("--api-key", default=None, help="x-api-key metadata, when the server wants one")
     simulate.set_defaults(handler=_simulate)
 

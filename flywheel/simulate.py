@@ -52,7 +52,9 @@ class SimulationSettings(BaseModel):
     heldout_questions: int = Field(50, ge=1, description="Held-out questions of each measurement (greedy answers).")
     max_tokens: int = Field(16, ge=1, description="Answer length limit of the simulated users' requests.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of the simulated users' requests.")
-    trainer_metrics_url: str = Field("http://127.0.0.1:9401/metrics", description="Where to read the trainer's reward and KL.")
+    trainer_metrics_url: str = Field(
+        "http://127.0.0.1:9401/metrics", description="Where to read the trainer's reward and KL; empty for nowhere."
+    )
     api_key: str | None = None
 
 
@@ -85,7 +87,9 @@ def verdict_of(judge: Judge, prompt: str, answer: str) -> Verdict:
 
 
 def trainer_gauges(url: str) -> dict[str, float]:
-    """The trainer's mean score and KL to the reference, or {} when its metrics cannot be read."""
+    """The trainer's mean score and KL to the reference, or {} when its metrics cannot be read (or no URL is given)."""
+    if not url:
+        return {}
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             text = response.read().decode()
