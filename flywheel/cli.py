@@ -186,6 +186,7 @@ def _simulate(args: argparse.Namespace) -> None:
         judge=args.judge,
         events=args.events,
         concurrency=args.concurrency,
+        rate=args.rate,
         out_dir=args.out,
         seed=args.seed,
         eval_every=args.eval_every,
@@ -230,10 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     simulate.add_argument("--judge", default="flywheel.demo.task:judge_thumb", help="module:function(prompt, answer) -> up/down/none")
     simulate.add_argument("--events", type=int, default=3000, help="feedback events to send, then stop")
     simulate.add_argument("--concurrency", type=int, default=4, help="simulated users asking at once")
+    simulate.add_argument("--rate", type=float, default=None, help="most feedback events per second (default: no limit)")
     simulate.add_argument("--out", type=Path, default=Path("runs/simulate"), help="folder for the CSV and the PNG plot")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--eval-every", type=int, default=200, help="measure held-out thumbs-up rate every N events")
-    simulate.add_argument("--heldout-questions", type=int, default=50, help="held-out questions per measurement")
+    simulate.add_argument("--heldout-questions", type=int, default=87, help="evaluation questions per measurement (at most 87)")
     simulate.add_argument(
         "--trainer-metrics-url", default="http://127.0.0.1:9401/metrics", help="the trainer's /metrics, for reward and KL"
     )

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flywheel.demo.task import heldout_questions, sample_questions
+from flywheel.demo.task import evaluation_questions, traffic_questions
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
 
@@ -45,11 +45,14 @@ class SimulationSettings(BaseModel):
     judge: str = Field("flywheel.demo.task:judge_thumb", description="module:function(prompt, answer) -> up/down/none.")
     events: int = Field(3000, ge=1, description="Feedback events to send, then stop.")
     concurrency: int = Field(4, ge=1, description="Simulated users asking at once.")
+    rate: float | None = Field(None, gt=0, description="Most feedback events per second across all users; None for no limit.")
     users: int = Field(200, ge=1, description="Distinct simulated user ids (each has its own feedback rate limit).")
     out_dir: Path = Field(Path("runs/simulate"), description="Folder for learning_curve.csv and learning_curve.png.")
     seed: int = 0
     eval_every: int = Field(200, ge=1, description="Measure the held-out thumbs-up rate every this many events.")
-    heldout_questions: int = Field(50, ge=1, description="Held-out questions of each measurement (greedy answers).")
+    heldout_questions: int = Field(
+        87, ge=1, description="Evaluation questions per measurement (greedy answers); all 87 by default."
+    )
     max_tokens: int = Field(16, ge=1, description="Answer length limit of the simulated users' requests.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of the simulated users' requests.")
     trainer_metrics_url: str = Field(
@@ -118,16 +121,26 @@ class Simulation:
         self.recent_thumbs: deque[bool] = deque(maxlen=200)
         self.rows: list[dict] = []
         self.started = time.monotonic()
+        self.next_event_at = self.started  # with a rate limit, when the next feedback event may go out
 
     async def ask(self, prompt: str, user_id: str, temperature: float) -> pb.GenerateResponse:
         sampling = pb.SamplingParams(max_tokens=self.settings.max_tokens, temperature=temperature)
         request = pb.GenerateRequest(chat=chat(prompt), sampling=sampling, user_id=user_id, tags={"source": "simulate"})
         return await self.stub.Generate(request, metadata=self.metadata, timeout=120)
 
+    async def pace(self) -> None:
+        """Wait for this user's turn under the rate limit, if there is one."""
+        if self.settings.rate is None:
+            return
+        turn = self.next_event_at
+        self.next_event_at = max(turn, time.monotonic()) + 1 / self.settings.rate
+        await asyncio.sleep(max(0.0, turn - time.monotonic()))
+
     async def user(self) -> None:
         """One simulated user session after another until the event budget is spent."""
         while self.sent < self.settings.events:
-            question = sample_questions(self.rng, 1)[0]
+            await self.pace()
+            question = traffic_questions(self.rng, 1)[0]
             user_id = f"sim-user-{self.rng.randrange(self.settings.users)}"
             answer = await self.ask(question.prompt, user_id, self.settings.temperature)
             verdict = verdict_of(self.judge, question.prompt, answer.text)
@@ -141,8 +154,8 @@ class Simulation:
             self.recent_thumbs.append(verdict == "up")
 
     async def heldout_rate(self) -> float:
-        """Share of held-out questions whose greedy answer the judge gives a thumbs-up."""
-        questions = heldout_questions(self.settings.heldout_questions)
+        """Share of evaluation questions (never asked by the simulated users) whose greedy answer the judge likes."""
+        questions = evaluation_questions()[: self.settings.heldout_questions]
         answers = await asyncio.gather(*(self.ask(q.prompt, "sim-evaluator", 0.0) for q in questions))
         return sum(verdict_of(self.judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)) / len(questions)
 
