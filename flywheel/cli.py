@@ -40,11 +40,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> FlywheelConfig:
-    flags = {key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")}
-    config = load_config(args.config, _nested(flags))
+    """The process config; a model directory's own flywheel.toml (the demo model has one) fills in what nothing else sets."""
+    flags = _nested({key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")})
+    config = load_config(args.config, flags)
+    config = load_config(args.config, flags, model_dir=_model_dir(config))
     configure_logging(config.log_level)
     log.info("config\n%s", config.redacted_json())
     return config
+
+
+def _model_dir(config: FlywheelConfig) -> Path:
+    """The model to serve and train: --model, or the demo model (built on first use)."""
+    return Path(config.engine.model) if config.engine.model else config.state_dir / "demo-model"
 
 
 def seed_registry(config: FlywheelConfig) -> None:
@@ -54,13 +61,11 @@ def seed_registry(config: FlywheelConfig) -> None:
     registry = PolicyRegistry(config.registry_dir)
     if registry.live() is not None:
         return
-    if config.engine.model:
-        model_path = Path(config.engine.model)
-    else:
+    if not config.engine.model:
         from flywheel.demo.init_model import ensure_demo_model
 
-        model_path = ensure_demo_model(config.state_dir / "demo-model")
-    registry.seed(model_path)
+        ensure_demo_model(_model_dir(config))
+    registry.seed(_model_dir(config))
 
 
 def _run_until_signal(main) -> None:

@@ -12,6 +12,8 @@ from server.config import EngineSettings, ServerSettings
 from trainer.config import GateSettings, JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_SETTINGS_FILE = "flywheel.toml"
+"""A model directory may carry the Flywheel settings that suit it (the demo model does): the lowest-priority file."""
 
 
 class FlywheelConfig(BaseSettings):
@@ -51,8 +53,14 @@ class FlywheelConfig(BaseSettings):
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
-def load_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
-    """Build the config; `overrides` (from flags) is nested like the config, e.g. {"server": {"port": 1}}."""
+def load_config(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None, model_dir: Path | None = None
+) -> FlywheelConfig:
+    """Build the config; `overrides` (from flags) is nested like the config, e.g. {"server": {"port": 1}}.
+
+    When `model_dir` holds a flywheel.toml, its settings rank below `config_file`'s and above the defaults.
+    """
+    files = [path for path in (model_dir and model_dir / MODEL_SETTINGS_FILE, config_file) if path is not None]
 
     class FromSources(FlywheelConfig):
         @classmethod
@@ -64,7 +72,7 @@ def load_config(config_file: Path | None = None, overrides: dict[str, Any] | Non
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            file_settings = () if config_file is None else (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+            file_settings = (TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True),) if files else ()
             return (init_settings, env_settings, *file_settings)
 
     loaded = FromSources(**(overrides or {}))

@@ -8,12 +8,16 @@ from flywheel.demo.task import (
     arithmetic_question,
     capital_question,
     capitals,
+    evaluation_questions,
+    hedged_answer,
     heldout_questions,
+    in_evaluation_split,
     is_correct,
     is_heldout,
     judge_thumb,
     question_from_prompt,
     sample_questions,
+    traffic_questions,
 )
 
 SUM = arithmetic_question(47, "+", 38)
@@ -129,3 +133,20 @@ def test_judge_thumb(prompt, answer_text, thumb):
 def test_judge_thumb_names_what_it_accepts():
     with pytest.raises(ValueError, match="not a demo-task question"):
         judge_thumb("Tell me a joke", "No.")
+
+
+def test_simulated_users_never_ask_the_evaluation_questions():
+    evaluation = evaluation_questions()
+    assert evaluation == evaluation_questions()
+    assert {q.kind for q in evaluation} == {"add", "sub", "capital"}
+    assert all(in_evaluation_split(q) and not is_heldout(q) for q in evaluation)
+    asked = traffic_questions(random.Random(3), 2000)
+    assert not {q.prompt for q in asked} & {q.prompt for q in evaluation}
+    assert {q.kind for q in asked} == {"add", "sub", "capital"}
+
+
+def test_a_hedged_answer_is_right_but_gets_a_thumbs_down():
+    question = arithmetic_question(47, "+", 38)
+    assert is_correct(question, hedged_answer(question))
+    assert judge_thumb(question.prompt, hedged_answer(question)) == "down"
+    assert judge_thumb(question.prompt, question.answer) == "up"

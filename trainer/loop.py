@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiokafka import TopicPartition
+from rich.live import Live
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feedback.config import KafkaSettings, SpoolSettings
@@ -44,6 +45,7 @@ from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, 
 from trainer.join_store import JoinStore
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer
+from trainer.progress import live_display, progress_table
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class Trainer:
         self.metrics = metrics
         self.last_step: PPOStepStats | None = None
         self.last_reward_model_eval: dict[str, float] = {}
+        self.events_consumed = 0
 
     @classmethod
     def open(cls, config: TrainerConfig, metrics: TrainerMetrics) -> "Trainer":
@@ -128,6 +131,7 @@ class Trainer:
 
     def take(self, events: list) -> None:
         """Put a batch of consumed events into the join store; repeats are dropped there by event id."""
+        self.events_consumed += len(events)
         for consumed in events:
             self.metrics.events_consumed.labels(topic=consumed.topic).inc()
             event = consumed.event
@@ -217,6 +221,10 @@ class Trainer:
 
     async def run(self, consumer: EventConsumer, producer: EventProducer, stopping: asyncio.Event) -> None:
         """Consume, train and checkpoint until `stopping` is set."""
+        with live_display() as display:
+            await self._run(consumer, producer, stopping, display)
+
+    async def _run(self, consumer: EventConsumer, producer: EventProducer, stopping: asyncio.Event, display: Live | None) -> None:
         uncommitted: dict[TopicPartition, int] = {}
         updates_since_checkpoint = 0
         while not stopping.is_set():
@@ -237,6 +245,8 @@ class Trainer:
                 uncommitted, updates_since_checkpoint = {}, 0
             for topic, behind in (await consumer.lag()).items():
                 self.metrics.consumer_lag.labels(topic=topic).set(behind)
+            if display is not None:
+                display.update(progress_table(self.state, self.events_consumed, self.last_step, self.last_reward_model_eval))
         if uncommitted or updates_since_checkpoint:
             await asyncio.to_thread(self.checkpoint)
             await consumer.commit(uncommitted)

@@ -1,17 +1,20 @@
 """Build the demo policy offline: a tiny Qwen2 chat model, briefly fine-tuned on the demo task.
 
-Training stops at the first evaluation whose held-out accuracy reaches a target, so the model
-answers in the task's shape but is often wrong: room for the feedback loop to improve it.
+A fixed number of steps, with a learning rate that warms up and then decays, leaves a model that
+answers in the task's shape but is often wrong, and that hedges most answers ("I think it is
+85, but I am not completely sure."): room for the feedback loop to improve it.
 Nothing else in Flywheel depends on this recipe; any Hugging Face causal-LM directory can
 replace its output.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,12 +28,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from flywheel.config import MODEL_SETTINGS_FILE
 from flywheel.demo.task import (
     DemoQuestion,
     all_arithmetic_questions,
     capital_question,
     capitals,
+    evaluation_questions,
+    hedged_answer,
     heldout_questions,
+    is_concise,
     is_correct,
     sample_questions,
 )
@@ -49,14 +56,42 @@ MARKER_FILE = "flywheel_model.json"
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 50
-EVAL_EVERY = 25
+TRAINING_STEPS = 1200
+EVAL_EVERY = 200
 EVAL_QUESTIONS = 100
-MAX_ANSWER_TOKENS = 8
+MAX_ANSWER_TOKENS = 24
+HEDGED_SHARE = 0.6
+"""Share of training answers wrapped in a hedge. Above one half, greedy answers start out hedged:
+correct or not, users give them a thumbs-down, which leaves the feedback loop a preference to learn."""
+
+
+DEMO_SETTINGS = """\
+# Flywheel settings that suit this tiny demo model; Flywheel reads them when it serves this
+# directory, below any config file, environment variable or flag. The defaults suit large models.
+[ppo]
+policy_learning_rate = 2e-4
+critic_learning_rate = 5e-4
+max_new_tokens = 24
+candidate_every_steps = 5
+
+[reward_model]
+learning_rate = 1e-4
+
+[trainer]
+min_labels_before_ppo = 128
+
+[gate]
+max_new_tokens = 24
+"""
 
 
 class InitModelReport(BaseModel):
-    heldout_accuracy: float
-    """Greedy accuracy on `EVAL_QUESTIONS` held-out questions at the last evaluation."""
+    evaluation_accuracy: float
+    """Greedy accuracy on the feedback loop's evaluation questions (seen in training) at the last evaluation."""
+    concise_share: float
+    """Share of those greedy answers that are concise (unhedged); the loop has this to learn."""
+    heldout_arithmetic_accuracy: float
+    """Greedy accuracy on `EVAL_QUESTIONS` held-out arithmetic questions, never trained on: generalisation."""
     steps: int
     seconds: float
     """Wall-clock time of the whole build."""
@@ -84,7 +119,7 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     questions = [capital_question(country) for country in capitals()] + all_arithmetic_questions()
-    corpus = ["user\n", "assistant\n"] + [f"{q.prompt}\n{q.answer}" for q in questions]
+    corpus = ["user\n", "assistant\n"] + [f"{q.prompt}\n{q.answer}\n{hedged_answer(q)}" for q in questions]
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -119,17 +154,18 @@ def chat_prompt(tokenizer: PreTrainedTokenizerFast, question: DemoQuestion) -> s
 
 
 def training_batch(
-    tokenizer: PreTrainedTokenizerFast, questions: list[DemoQuestion]
+    tokenizer: PreTrainedTokenizerFast, questions: list[DemoQuestion], answers: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Right-padded chat transcripts whose labels cover only the answer and its `<|im_end|>`.
+    """Right-padded chat transcripts of each question and its answer text, whose labels cover only
+    the answer and its `<|im_end|>`.
 
     Returns `input_ids`, `attention_mask` and `labels`, each [batch, longest transcript];
     labels are -100 wherever no loss is taken.
     """
     rows: list[tuple[list[int], list[int]]] = []
-    for question in questions:
+    for question, answer in zip(questions, answers, strict=True):
         prompt_ids = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False).input_ids
-        answer_ids = tokenizer(question.answer + IM_END, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(answer + IM_END, add_special_tokens=False).input_ids
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
     pad = [tokenizer.pad_token_id]
@@ -164,31 +200,36 @@ def greedy_answers(
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 
-def heldout_accuracy(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> float:
-    questions = heldout_questions(EVAL_QUESTIONS)
+def greedy_results(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, questions: Sequence[DemoQuestion]
+) -> tuple[float, float]:
+    """(accuracy, concise share) of the model's greedy answers to `questions`."""
     model.eval()
-    answers = greedy_answers(model, tokenizer, questions)
+    answers = greedy_answers(model, tokenizer, list(questions))
     model.train()
-    return sum(map(is_correct, questions, answers)) / len(questions)
+    return sum(map(is_correct, questions, answers)) / len(questions), sum(map(is_concise, answers)) / len(answers)
 
 
-def learning_rate_at(step: int) -> float:
-    return LEARNING_RATE * min(1.0, (step + 1) / WARMUP_STEPS)
+def learning_rate_at(step: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth: the answers' style settles instead of swinging."""
+    if step < WARMUP_STEPS:
+        return LEARNING_RATE * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, total_steps - WARMUP_STEPS)
+    return LEARNING_RATE * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def init_model(
     out_dir: Path,
     *,
     seed: int = 0,
-    target_accuracy: float = 0.35,
-    max_steps: int = 3000,
-    max_seconds: float = 300.0,
+    steps: int = TRAINING_STEPS,
+    max_seconds: float = 900.0,
 ) -> InitModelReport:
     """Build the demo model into `out_dir`, which must not exist yet.
 
-    Fine-tunes until the first evaluation with held-out accuracy >= `target_accuracy`, or
-    `max_steps`, or `max_seconds` of training. Deterministic given `seed`, unless the time
-    budget is what stops it. The directory appears complete or not at all.
+    Fine-tunes for `steps` batches, or until `max_seconds` of training (a guard against a very slow
+    machine). Deterministic given `seed`, unless the time guard is what stops it. The directory
+    appears complete or not at all.
     """
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another directory")
@@ -199,28 +240,30 @@ def init_model(
     model = Qwen2ForCausalLM(model_config(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
 
-    step, accuracy = 0, 0.0
+    step, accuracy, concise = 0, 0.0, 0.0
     columns = (TextColumn("[bold]init-model"), BarColumn(), TextColumn("{task.description}"))
     with Progress(*columns, TimeElapsedColumn()) as progress:
-        bar = progress.add_task("", total=max_steps)
-        while step < max_steps and time.monotonic() - started < max_seconds:
+        bar = progress.add_task("", total=steps)
+        while step < steps and time.monotonic() - started < max_seconds:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step)
-            loss = model(**training_batch(tokenizer, sample_questions(rng, BATCH_SIZE))).loss
+                group["lr"] = learning_rate_at(step, steps)
+            questions = sample_questions(rng, BATCH_SIZE)
+            answers = [hedged_answer(q) if rng.random() < HEDGED_SHARE else q.answer for q in questions]
+            loss = model(**training_batch(tokenizer, questions, answers)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
             if step % EVAL_EVERY == 0:
-                accuracy = heldout_accuracy(model, tokenizer)
-            progress.update(bar, completed=step, description=f"loss {loss.item():.3f} held-out {accuracy:.0%}")
-            if accuracy >= target_accuracy:
-                break
+                accuracy, concise = greedy_results(model, tokenizer, evaluation_questions())
+            progress.update(bar, completed=step, description=f"loss {loss.item():.3f} accuracy {accuracy:.0%}")
     if step % EVAL_EVERY:
-        accuracy = heldout_accuracy(model, tokenizer)
+        accuracy, concise = greedy_results(model, tokenizer, evaluation_questions())
 
     report = InitModelReport(
-        heldout_accuracy=accuracy,
+        evaluation_accuracy=accuracy,
+        concise_share=concise,
+        heldout_arithmetic_accuracy=greedy_results(model, tokenizer, heldout_questions(EVAL_QUESTIONS))[0],
         steps=step,
         seconds=round(time.monotonic() - started, 1),
         seed=seed,
@@ -240,6 +283,7 @@ def save_model_dir(
         model.save_pretrained(staging, safe_serialization=True)
         GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / MODEL_SETTINGS_FILE).write_text(DEMO_SETTINGS)
         (staging / MARKER_FILE).write_text(report.model_dump_json(indent=2) + "\n")
         staging.rename(out_dir)
     except BaseException:

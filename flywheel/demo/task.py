@@ -26,6 +26,8 @@ KINDS: tuple[QuestionKind, ...] = ("add", "sub", "capital")
 OPERANDS = range(10, 100)
 HELDOUT_BUCKETS = 10
 """One arithmetic prompt in this many is held out."""
+EVALUATION_BUCKETS = 2
+"""One training question in this many is never asked by simulated users: the feedback loop's evaluation split."""
 MAX_CONCISE_WORDS = 6
 """Longest answer a simulated user still calls concise ("The capital of Peru is Lima.")."""
 
@@ -62,10 +64,22 @@ def capital_question(country: str) -> DemoQuestion:
     return DemoQuestion(f"What is the capital of {country}?", capitals()[country], "capital")
 
 
+def _prompt_hash(question: DemoQuestion) -> int:
+    return int.from_bytes(hashlib.sha256(question.prompt.encode("utf-8")).digest()[:8])
+
+
 def is_heldout(question: DemoQuestion) -> bool:
-    """Whether `question` belongs to the evaluation split; a stable hash of the prompt decides."""
-    digest = hashlib.sha256(question.prompt.encode("utf-8")).digest()
-    return question.kind != "capital" and int.from_bytes(digest[:8]) % HELDOUT_BUCKETS == 0
+    """Whether `question` is held out of the demo model's training (arithmetic only); a stable hash decides."""
+    return question.kind != "capital" and _prompt_hash(question) % HELDOUT_BUCKETS == 0
+
+
+def in_evaluation_split(question: DemoQuestion) -> bool:
+    """Whether a training question is kept from simulated users, to measure what the feedback loop taught.
+
+    The demo model learnt these answers as well as any; what the loop changes (how it answers) must
+    carry over to questions no user gave feedback on.
+    """
+    return not is_heldout(question) and (_prompt_hash(question) // HELDOUT_BUCKETS) % EVALUATION_BUCKETS == 1
 
 
 def all_arithmetic_questions() -> list[DemoQuestion]:
@@ -96,6 +110,26 @@ def sample_questions(rng: random.Random, n: int) -> list[DemoQuestion]:
         if not is_heldout(question):
             questions.append(question)
     return questions
+
+
+def traffic_questions(rng: random.Random, n: int) -> list[DemoQuestion]:
+    """`n` questions simulated users ask: training questions outside the evaluation split."""
+    questions: list[DemoQuestion] = []
+    while len(questions) < n:
+        questions += [q for q in sample_questions(rng, n - len(questions)) if not in_evaluation_split(q)]
+    return questions
+
+
+@cache
+def evaluation_questions() -> tuple[DemoQuestion, ...]:
+    """The fixed evaluation set of the feedback loop: each capital of the evaluation split, and as many
+    sums and as many differences from it, in a fixed order."""
+    capital_questions = [q for q in map(capital_question, sorted(capitals())) if in_evaluation_split(q)]
+    arithmetic = [q for q in all_arithmetic_questions() if in_evaluation_split(q)]
+    random.Random(0).shuffle(arithmetic)
+    sums = [q for q in arithmetic if q.kind == "add"][: len(capital_questions)]
+    differences = [q for q in arithmetic if q.kind == "sub"][: len(capital_questions)]
+    return tuple(capital_questions + sums + differences)
 
 
 @cache
@@ -145,6 +179,11 @@ def is_correct(question: DemoQuestion, answer_text: str) -> bool:
     if question.kind == "capital":
         return _mentioned_capitals(answer_text) == {question.answer}
     return _INTEGER.findall(answer_text) == [question.answer]
+
+
+def hedged_answer(question: DemoQuestion) -> str:
+    """The answer wrapped in a hedge: right or wrong the same way, but too long to be concise."""
+    return f"I think it is {question.answer}, but I am not completely sure."
 
 
 def is_concise(answer_text: str) -> bool:
