@@ -22,6 +22,7 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
+from benchmarks.latency import percentile
 from feedback.broker import EmbeddedBroker
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics
@@ -34,11 +35,6 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 async def closed_loop(stub: serving_pb2_grpc.FlywheelStub, requests: int, concurrency: int, max_tokens: int) -> list[float]:

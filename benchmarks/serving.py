@@ -47,6 +47,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from feedback.broker import free_port
 from flywheel.config import REPO_ROOT
 from flywheel.v1 import serving_pb2, serving_pb2_grpc
 from server.config import EngineSettings, ServerSettings
@@ -282,7 +283,7 @@ async def flywheel_grpc(
     model: str, settings: EngineSettings, workload: Workload, prompt_token_ids: list[int], log_dir: Path
 ) -> AsyncIterator[Served]:
     """(b) `flywheel serve` in a subprocess, `Generate` over one grpc.aio channel."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     env = {
         **os.environ,
         "FLYWHEEL_ENGINE__DTYPE": settings.dtype,
@@ -317,7 +318,7 @@ async def openai_http(
     model: str, settings: EngineSettings, workload: Workload, prompt_token_ids: list[int], log_dir: Path
 ) -> AsyncIterator[Served]:
     """(c) vLLM's OpenAI server in a subprocess with PolicyEngine's engine arguments, /v1/completions over aiohttp."""
-    port = free_port()
+    port = free_port("127.0.0.1")
     with server_process("openai", openai_server_command(model, settings, port), dict(os.environ), log_dir) as server:
         connector = aiohttp.TCPConnector(limit=max(workload.concurrency_levels))
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector) as session:
@@ -372,12 +373,6 @@ def openai_server_command(model: str, settings: EngineSettings, port: int) -> li
 
 
 # --- subprocesses and readiness ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from grpc import aio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.latency import percentile
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics
@@ -109,11 +110,6 @@ class Load:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 async def run(args: argparse.Namespace) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from feedback.config import SpoolSettings
+from flywheel.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Spool:
         if not self._sizes:
             self._sizes[1] = 0
             self._path(1).touch()
-            _fsync_directory(self._directory)
+            fsync_path(self._directory)
         self._head = SpoolPosition(min(self._sizes), 0)
         self._writer = open(self._path(max(self._sizes)), "ab")  # noqa: SIM115 (held for the spool's life)
         self._refusing = False
@@ -185,13 +186,4 @@ class Spool:
         number = max(self._sizes) + 1
         self._writer = open(self._path(number), "ab")  # noqa: SIM115 (held for the spool's life)
         self._sizes[number] = 0
-        _fsync_directory(self._directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a created file's directory entry durable too."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_path(self._directory)

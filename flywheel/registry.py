@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, Field
 
+from flywheel.durable import fsync_path, write_atomically
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -119,30 +121,6 @@ def _copy_and_hash(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (creations, renames) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace path with data so that a reader or a crash sees the old bytes or the new, never a mix."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _append_line(path: Path, line: str) -> None:
     """Append one line to a JSON-lines log and fsync it; drop a torn last line a crash left first."""
     with path.open("ab+") as log_file:
@@ -217,9 +195,9 @@ class PolicyRegistry:
                     metrics=dict(metrics),
                     created_at=_utc_now(),
                 )
-                _write_atomically(staging / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+                write_atomically(staging / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode(), TEMP_PREFIX)
                 os.rename(staging, self._version_dir(version))
-                _fsync_dir(self.root)
+                fsync_path(self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -291,7 +269,7 @@ class PolicyRegistry:
                 previous_version=current.version if current else None,
             )
             line = record.model_dump_json()
-            _write_atomically(self._live_path, line.encode())
+            write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
             _append_line(self._history_path, line)
         log.info("live policy %s → %d (%s): %s", record.previous_version, version, kind, reason)
         return record
@@ -322,7 +300,7 @@ class PolicyRegistry:
         """Store the gate's verdict on a version beside it (the version's own files stay untouched)."""
         self._require(version)
         verdict = {"version": version, "approved": approved, "checks": checks, "at": _utc_now().isoformat()}
-        _write_atomically(self._verdict_path(version), json.dumps(verdict, indent=2).encode())
+        write_atomically(self._verdict_path(version), json.dumps(verdict, indent=2).encode(), TEMP_PREFIX)
 
     def verdict(self, version: int) -> dict[str, Any] | None:
         """The gate's verdict on a version: {version, approved, checks, at}, or None if not judged yet."""

@@ -7,13 +7,14 @@ new one, never half of one. Kafka offsets are committed only after `save` return
 """
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
+
+from flywheel.durable import fsync_path, write_atomically
 
 from trainer.join_store import JoinStore
 from trainer.ppo import PPOTrainer
@@ -41,19 +42,11 @@ class TrainerState(BaseModel):
     kl_coef: float | None = None
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _fsync_tree(directory: Path) -> None:
     """fsync every file and folder under `directory`, deepest first, then the directory itself."""
     for path in sorted(directory.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(directory)
+        fsync_path(path)
+    fsync_path(directory)
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -88,11 +81,7 @@ def save_checkpoint(
     _fsync_tree(staging)
     final = checkpoint_dir / name
     staging.rename(final)
-    pointer = checkpoint_dir / f".{LATEST}.{uuid.uuid4().hex[:6]}"
-    pointer.write_text(name)
-    _fsync(pointer)
-    os.replace(pointer, checkpoint_dir / LATEST)
-    _fsync(checkpoint_dir)
+    write_atomically(checkpoint_dir / LATEST, name.encode())
     checkpoints = sorted((path for path in checkpoint_dir.iterdir() if path.is_dir()), key=lambda path: path.stat().st_mtime)
     for old in checkpoints[:-2]:
         shutil.rmtree(old, ignore_errors=True)
