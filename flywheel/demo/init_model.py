@@ -60,7 +60,7 @@ TRAINING_STEPS = 1200
 EVAL_EVERY = 200
 EVAL_QUESTIONS = 100
 MAX_ANSWER_TOKENS = 24
-HEDGED_SHARE = 0.6
+HEDGED_SHARE = 0.75
 """Share of training answers wrapped in a hedge. Above one half, greedy answers start out hedged:
 correct or not, users give them a thumbs-down, which leaves the feedback loop a preference to learn."""
 
@@ -69,10 +69,12 @@ DEMO_SETTINGS = """\
 # Flywheel settings that suit this tiny demo model; Flywheel reads them when it serves this
 # directory, below any config file, environment variable or flag. The defaults suit large models.
 [ppo]
-policy_learning_rate = 2e-4
+policy_learning_rate = 1e-4
 critic_learning_rate = 5e-4
 max_new_tokens = 24
 candidate_every_steps = 5
+init_kl_coef = 0.1
+kl_horizon = 500
 
 [reward_model]
 learning_rate = 1e-4
