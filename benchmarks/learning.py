@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from feedback.broker import free_port
-from flywheel.config import REPO_ROOT
-from flywheel.demo.init_model import MARKER_FILE, init_model
+from flywheel.config import MODEL_SETTINGS_FILE, REPO_ROOT
+from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, InitModelReport, init_model
 from flywheel.registry import PolicyRegistry
 
 SERVER_START_TIMEOUT_S = 600
@@ -84,14 +84,23 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250, help="measure the thumbs-up rate every N events")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "learning")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh demo model and of the users")
+    parser.add_argument(
+        "--fresh-model", type=Path, default=None,
+        help="a demo model built by `flywheel init-model` and never trained by the loop, to skip building one",
+    )  # fmt: skip
     args = parser.parse_args()
 
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     started = time.monotonic()
-    model_report = init_model(args.out / "demo-model", seed=args.seed)
-    init_seconds = time.monotonic() - started
+    if args.fresh_model is None:
+        model_report = init_model(args.out / "demo-model", seed=args.seed)
+    else:
+        shutil.copytree(args.fresh_model, args.out / "demo-model")
+        (args.out / "demo-model" / MODEL_SETTINGS_FILE).write_text(DEMO_SETTINGS)  # this checkout's settings
+        model_report = InitModelReport.model_validate_json((args.out / "demo-model" / MARKER_FILE).read_text())
+    init_seconds = model_report.seconds if args.fresh_model else time.monotonic() - started
 
     up, addresses = start_up(args.out, args.out / "demo-model")
     try:

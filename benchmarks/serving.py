@@ -292,9 +292,11 @@ async def flywheel_grpc(
         "FLYWHEEL_ENGINE__SEED": str(settings.seed),
         "FLYWHEEL_SERVER__MAX_IN_FLIGHT": str(max(workload.concurrency_levels)),
         "FLYWHEEL_SERVER__MAX_QUEUED": str(max(workload.concurrency_levels)),
+        # Serving alone: what logging to Kafka costs is benchmarks/event_logging.py's question.
+        "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",
     }
     command = [
-        str(Path(sys.executable).parent / "flywheel"), "serve", "--model", model,
+        str(Path(sys.executable).parent / "flywheel"), "serve", "--model", model, "--state-dir", str(log_dir / "flywheel-state"),
         "--port", str(port), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     with server_process("flywheel", command, env, log_dir) as server:

@@ -69,11 +69,12 @@ DEMO_SETTINGS = """\
 # Flywheel settings that suit this tiny demo model; Flywheel reads them when it serves this
 # directory, below any config file, environment variable or flag. The defaults suit large models.
 [ppo]
-policy_learning_rate = 1e-4
+policy_learning_rate = 3e-5
 critic_learning_rate = 5e-4
 max_new_tokens = 24
 candidate_every_steps = 5
-init_kl_coef = 0.1
+init_kl_coef = 0.2
+target_kl = 2.0
 kl_horizon = 500
 
 [reward_model]
