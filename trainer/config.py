@@ -88,6 +88,9 @@ class TrainerSettings(BaseModel):
         32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."
     )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
+    torch_threads: int = Field(
+        0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
+    )
 
 
 class GateSettings(BaseModel):
@@ -108,6 +111,9 @@ class GateSettings(BaseModel):
     max_new_tokens: int = Field(32, ge=1, description="Longest answer generated during evaluation, in tokens.")
     kl_samples_per_prompt: int = Field(2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate.")
     auto_rollback: bool = Field(True, description="Roll back a live version whose thumbs are significantly worse.")
+    torch_threads: int = Field(
+        0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
+    )
     rollback: ThumbsDownSPRT = Field(default_factory=ThumbsDownSPRT)
 
     def golden_path(self) -> Path | None:

@@ -82,9 +82,11 @@ learning_rate = 1e-4
 
 [trainer]
 min_labels_before_ppo = 128
+torch_threads = 1
 
 [gate]
 max_new_tokens = 24
+torch_threads = 1
 """
 
 
