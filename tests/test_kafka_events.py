@@ -22,6 +22,7 @@ from feedback.producer import EventProducer
 from flywheel.v1 import events_pb2, serving_pb2
 
 HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing assertion
+OUTAGE_EVENTS = 600  # published while the broker is down
 
 
 def new_id() -> str:
@@ -319,13 +320,13 @@ def test_events_published_through_a_broker_outage_arrive_once_each_in_order_per_
             before_outage = await read_all("before-outage", 200)
 
             await broker.stop()
-            publish(200)
-            await until(lambda: sample(registry, "flywheel_events_spooled_total", topic=topic) >= 200)
+            publish(OUTAGE_EVENTS)
+            await until(lambda: sample(registry, "flywheel_events_spooled_total", topic=topic) >= OUTAGE_EVENTS)
             await broker.start()  # same port, empty
             publish(200)  # while the spool may still be replaying: these must queue behind it
             await producer.flush()
             await producer.stop()
-            after_outage = await read_all("after-outage", 400)
+            after_outage = await read_all("after-outage", OUTAGE_EVENTS + 200)
         return registry, topic, before_outage + after_outage
 
     registry, topic, received = asyncio.run(scenario())
@@ -338,6 +339,6 @@ def test_events_published_through_a_broker_outage_arrive_once_each_in_order_per_
     for key in keys:
         expected = [number for number, event in enumerate(published) if event.response_id == key]
         assert sequences_by_key[key] == expected, f"events of {key} out of order"
-    assert sample(registry, "flywheel_events_replayed_total", topic=topic) >= 200
+    assert sample(registry, "flywheel_events_replayed_total", topic=topic) >= OUTAGE_EVENTS
     assert sample(registry, "flywheel_events_dropped_total", topic=topic, reason="spool_full") == 0
     assert sample(registry, "flywheel_spool_bytes") == 0
