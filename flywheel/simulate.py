@@ -213,14 +213,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, rate_axis = pyplot.subplots(figsize=(8, 4.5))
     events = [row["feedback_events"] for row in rows]
-    rate_axis.plot(events, [row["heldout_thumbs_up_rate"] for row in rows], marker="o", label="held-out thumbs-up rate (greedy)")
+    rate_line = rate_axis.plot(events, [row["heldout_thumbs_up_rate"] for row in rows], marker="o", label="held-out thumbs-up rate (greedy)")
     rate_axis.set_xlabel("feedback events")
     rate_axis.set_ylabel("thumbs-up rate")
     rate_axis.set_ylim(0, 1)
     version_axis = rate_axis.twinx()
-    version_axis.step(events, [row["policy_version"] for row in rows], where="post", color="grey", alpha=0.6, label="policy version")
+    version_line = version_axis.step(
+        events, [row["policy_version"] for row in rows], where="post", color="grey", alpha=0.6, label="live policy version"
+    )
     version_axis.set_ylabel("live policy version")
-    figure.legend(loc="lower right")
+    rate_axis.legend(handles=rate_line + version_line, loc="center right")
     rate_axis.set_title("Flywheel: learning from thumbs")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
