@@ -75,7 +75,7 @@ def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer,
     assert len({len(ids) for ids in prompt_ids}) == 1
     trainer = trainer_for(
         model_path, tokenizer, max_new_tokens=8, minibatch_size=4, epochs=4,
-        policy_learning_rate=1e-3, critic_learning_rate=1e-3, missing_eos_penalty=0.0,
+        policy_learning_rate=3e-4, critic_learning_rate=1e-3, missing_eos_penalty=0.0,
     )
     toy_reward = favoured_share(len(prompt_ids[0]))
     before = favoured_probability(trainer, prompt_ids)
