@@ -238,11 +238,18 @@ def test_metrics_scrape_parses_and_counts(start_server):
             stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=4, min_tokens=4)))
         with pytest.raises(grpc.RpcError):
             stub.Generate(pb.GenerateRequest(prompt=""))
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(_scrape(server))
-        for s in family.samples
-    }
+
+    def scraped() -> dict:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(_scrape(server))
+            for s in family.samples
+        }
+
+    # The server counts a call after its status has gone out: the client may scrape first.
+    refused = ("flywheel_grpc_requests_total", (("code", "INVALID_ARGUMENT"), ("rpc", "Generate")))
+    wait_until(lambda: refused in scraped())
+    samples = scraped()
     assert samples[("flywheel_grpc_requests_total", (("code", "OK"), ("rpc", "Generate")))] == 3
     assert samples[("flywheel_grpc_requests_total", (("code", "INVALID_ARGUMENT"), ("rpc", "Generate")))] == 1
     assert samples[("flywheel_completion_tokens_total", ())] == 12
