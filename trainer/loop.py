@@ -240,15 +240,19 @@ class Trainer:
                     event = await asyncio.to_thread(self.publish_candidate)
                     producer.publish(self.config.kafka.topics.policy, str(event.policy_version), event)
             if updates_since_checkpoint >= self.config.trainer.checkpoint_every_steps:
-                await asyncio.to_thread(self.checkpoint)
-                await consumer.commit(uncommitted)
+                await self._checkpoint_then_commit(consumer, uncommitted)
                 uncommitted, updates_since_checkpoint = {}, 0
             for topic, behind in (await consumer.lag()).items():
                 self.metrics.consumer_lag.labels(topic=topic).set(behind)
             if display is not None:
                 display.update(progress_table(self.state, self.events_consumed, self.last_step, self.last_reward_model_eval))
         if uncommitted or updates_since_checkpoint:
-            await asyncio.to_thread(self.checkpoint)
+            await self._checkpoint_then_commit(consumer, uncommitted)
+
+    async def _checkpoint_then_commit(self, consumer: EventConsumer, uncommitted: dict[TopicPartition, int]) -> None:
+        """Checkpoint, then commit the offsets of what was read before it; in that order a crash loses nothing."""
+        await asyncio.to_thread(self.checkpoint)
+        if uncommitted:  # nothing was read since the last commit (PPO steps on earlier traffic): aiokafka refuses {}
             await consumer.commit(uncommitted)
 
 
