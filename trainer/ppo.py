@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.config import PPOSettings
+from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.ppo_math import (
     AdaptiveKLController,
     apply_missing_eos_penalty,
@@ -170,6 +171,12 @@ class PolicyWithValue(nn.Module):
         """The critic's value of the state before each response token, `(answers, response_len)`."""
         return at_positions(self.critic.token_scores(batch.input_ids, batch.attention_mask), batch.predicting_positions)
 
+    def forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What PPO trains, in one call (the call DistributedDataParallel syncs gradients through):
+        the policy's logits for each response token, `(answers, response_len, vocab)`, and the
+        critic's values, `(answers, response_len)`."""
+        return self.response_logits(self.policy, batch), self.values(batch)
+
 
 @dataclass(frozen=True)
 class PPOStepStats:
@@ -202,7 +209,12 @@ class PPOStepStats:
 
 
 class PPOTrainer:
-    """Runs PPO steps on a PolicyWithValue: optimizers for policy and critic, and the KL coefficient."""
+    """Runs PPO steps on a PolicyWithValue: optimizers for policy and critic, and the KL coefficient.
+
+    Under torchrun, pass `ranks` (trainer.distributed.init_ranks): each rank then samples and
+    trains on its share of every step's prompts and of every minibatch, with gradients averaged
+    over ranks (see trainer/distributed.py). The default is one process.
+    """
 
     def __init__(
         self,
@@ -210,10 +222,15 @@ class PPOTrainer:
         tokenizer: PreTrainedTokenizerBase,
         settings: PPOSettings,
         sampler: Sampler | None = None,
+        ranks: Ranks = SINGLE_PROCESS,
     ):
         self.models = models
         self.tokenizer = tokenizer
         self.settings = settings
+        self.ranks = ranks
+        self.trainable = ranks.wrap(models)
+        self.minibatch_size = ranks.share(settings.minibatch_size, "ppo.minibatch_size")
+        """Answers per gradient step on this rank; `settings.minibatch_size` over all ranks."""
         self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
         self.sampler = sampler or TransformersSampler(models.policy, tokenizer.pad_token_id, self.eos_token_ids)
         self.policy_optimizer = torch.optim.AdamW(models.policy.parameters(), lr=settings.policy_learning_rate)
@@ -221,8 +238,9 @@ class PPOTrainer:
         self.kl_controller = AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
-        """Sample `responses_per_prompt` answers to each prompt (a prompt's answers are adjacent rows)."""
-        repeated = [list(prompt) for prompt in prompts for _ in range(self.settings.responses_per_prompt)]
+        """Sample `responses_per_prompt` answers to each of this rank's share of `prompts` (all of
+        them in one process); a prompt's answers are adjacent rows."""
+        repeated = [list(prompt) for prompt in self.ranks.shard(prompts) for _ in range(self.settings.responses_per_prompt)]
         started = time.perf_counter()
         responses = self.sampler(repeated, self.settings.max_new_tokens, self.settings.temperature)
         seconds = time.perf_counter() - started
@@ -233,10 +251,13 @@ class PPOTrainer:
 
     def _minibatches(self, answers: int, shuffle: bool) -> list[torch.Tensor]:
         order = torch.randperm(answers) if shuffle else torch.arange(answers)
-        return list(order.split(self.settings.minibatch_size))
+        return list(order.split(self.minibatch_size))
 
     def ppo_step(self, rollout: Rollout, reward_model: Scorer) -> PPOStepStats:
-        """Score the rollout and take `epochs` passes of clipped PPO updates over it."""
+        """Score the rollout and take `epochs` passes of clipped PPO updates over it.
+
+        Returns this rank's statistics; `self.ranks.reduce_stats` gives them over all ranks.
+        """
         started = time.perf_counter()
         s, models = self.settings, self.models
         # Shuffle once up front and walk the first epoch in order: the rollout-time passes below
@@ -250,12 +271,12 @@ class PPOTrainer:
             old_logprobs, ref_logprobs, old_values, entropy, scores = [], [], [], [], []
             for index in self._minibatches(len(shuffled), shuffle=False):
                 minibatch = batch.rows(index)
-                logits = models.response_logits(models.policy, minibatch)
+                logits, values = models(minibatch)
                 old_logprobs.append(logprobs_from_logits(logits, minibatch.response_ids, s.temperature))
                 entropy.append(entropy_from_logits(logits, s.temperature))
                 ref_logits = models.response_logits(models.reference, minibatch)
                 ref_logprobs.append(logprobs_from_logits(ref_logits, minibatch.response_ids, s.temperature))
-                old_values.append(models.values(minibatch))
+                old_values.append(values)
                 scores.append(reward_model(minibatch.input_ids, minibatch.attention_mask))
             old_logprobs, ref_logprobs, old_values, entropy, scores = map(
                 torch.cat, (old_logprobs, ref_logprobs, old_values, entropy, scores)
@@ -272,13 +293,13 @@ class PPOTrainer:
         for epoch in range(s.epochs):
             for index in self._minibatches(len(shuffled), shuffle=epoch > 0):
                 minibatch = batch.rows(index)
-                logits = models.response_logits(models.policy, minibatch)
+                logits, values = self.trainable(minibatch)
                 logprobs = logprobs_from_logits(logits, minibatch.response_ids, s.temperature)
                 policy_loss, policy_stats = clipped_policy_loss(
                     logprobs, old_logprobs[index], advantages[index], mask[index], s.clip_eps
                 )
                 value_loss, _ = clipped_value_loss(
-                    models.values(minibatch), old_values[index], returns[index], mask[index], s.value_clip_eps
+                    values, old_values[index], returns[index], mask[index], s.value_clip_eps
                 )
                 self.policy_optimizer.zero_grad()
                 self.critic_optimizer.zero_grad()
@@ -290,7 +311,8 @@ class PPOTrainer:
                 self.critic_optimizer.step()
                 update_stats.append({**policy_stats, "value_loss": value_loss.detach()})
 
-        self.kl_controller.update(kl_to_reference, len(shuffled))
+        # β steers by the KL of every rank's answers, so it stays the same on all ranks.
+        self.kl_controller.update(self.ranks.mean(kl_to_reference), len(shuffled) * self.ranks.world_size)
         seconds = time.perf_counter() - started
         response_tokens = int(mask.sum())
 

@@ -1,0 +1,92 @@
+"""One rank of a data-parallel PPO run on the demo model, for tests/test_distributed.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR
+
+Every rank takes `--steps` PPO steps on the same list of demo prompts (each samples answers for
+its own share) and writes OUT_DIR/rank-<rank>.json: what it sampled, each step's statistics (its
+own and over all ranks), and a digest of its policy weights before and after.
+"""
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from trainer.config import PPOSettings
+from trainer.distributed import close_ranks, init_ranks
+from trainer.ppo import PolicyWithValue, PPOTrainer
+from trainer.reward_model import RewardModel
+
+PROMPTS = [
+    "What is 47+38?", "What is 83-47?", "What is 12+90?", "What is 65-21?",
+    "What is the capital of Peru?", "What is the capital of France?", "What is 30+41?", "What is 99-18?",
+]  # fmt: skip
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+
+    ranks = init_ranks("cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    # The reward model's head is new: the same seed on every rank gives every rank the same one.
+    torch.manual_seed(0)
+    reward_model = RewardModel.from_pretrained(args.model_dir)
+    models = PolicyWithValue.from_pretrained(args.model_dir, reward_model)
+    settings = PPOSettings(
+        prompts_per_step=len(PROMPTS), max_new_tokens=8, minibatch_size=4, epochs=2, policy_learning_rate=1e-4
+    )
+    ppo = PPOTrainer(models, tokenizer, settings, ranks=ranks)
+    started_from = weights_digest(models.policy)
+    torch.manual_seed(1000 + ranks.rank)  # each rank samples its own answers
+
+    prompt_ids = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for p in PROMPTS
+    ]
+    steps = []
+    for _ in range(args.steps):
+        rollout = ppo.rollout(prompt_ids)
+        own = ppo.ppo_step(rollout, reward_model)
+        steps.append(
+            {
+                "prompts": [tokenizer.decode(p) for p in rollout.prompt_token_ids],
+                "own": asdict(own),
+                "all_ranks": asdict(ranks.reduce_stats(own)),
+                "kl_coef_after": ppo.kl_controller.kl_coef,
+            }
+        )
+    report = {
+        "rank": ranks.rank,
+        "world_size": ranks.world_size,
+        "backend": torch.distributed.get_backend() if ranks.distributed else None,
+        "ddp": type(ppo.trainable).__name__,
+        "started_from": started_from,
+        "policy": weights_digest(models.policy),
+        "critic": weights_digest(models.critic),
+        "steps": steps,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"rank-{ranks.rank}.json").write_text(json.dumps(report, indent=2))
+    close_ranks(ranks)
+
+
+if __name__ == "__main__":
+    main()

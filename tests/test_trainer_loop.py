@@ -1,0 +1,595 @@
+"""The trainer against the real (embedded) Kafka broker and real files.
+
+- The reward model learns the demo users' thumbs and preferences: held-out pairwise accuracy.
+- PPO raises the reward model's score on prompts it never saw, while the KL to the reference
+  stays within the budget.
+- `flywheel train`, SIGKILLed at several moments and restarted, ends with every published event
+  taken exactly once and every label trained on exactly once.
+
+Events are built the way the server logs answers (chat-rendered prompt ids, answer ids and the
+end-of-turn token) and the way simulated users rate them (`judge_thumb`).
+"""
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from feedback.config import KafkaSettings, SpoolSettings
+from feedback.consumer import EventConsumer
+from feedback.metrics import EventMetrics
+from feedback.producer import EventProducer
+from flywheel.config import REPO_ROOT
+from flywheel.config import load_config
+from flywheel.demo.task import (
+    DemoQuestion,
+    evaluation_questions,
+    hedged_answer,
+    is_concise,
+    judge_thumb,
+    traffic_questions,
+)
+from flywheel.registry import PolicyRegistry
+from flywheel.v1 import events_pb2, serving_pb2
+from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
+from tests.test_reward_model import wrong_answer
+from trainer.checkpoint import JOIN_STORE_FILE, LATEST, latest_checkpoint, load_state
+from trainer.join_store import JoinStore, PreferencePair
+from trainer.loop import Trainer, TrainerConfig
+from trainer.metrics import TrainerMetrics
+from trainer.ppo import PolicyWithValue, Rollout, Sampler, TokenBatch, TransformersSampler, end_of_sequence_ids
+from trainer.ppo_math import logprobs_from_logits
+from trainer.reward_model import load_without_dropout
+
+HANG_GUARD_S = 480  # only to fail instead of hanging; nothing here is a timing assertion
+HELDOUT_FRACTION = 0.25
+RATINGS = {"up": serving_pb2.RATING_UP, "down": serving_pb2.RATING_DOWN}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+# ---------------------------------------------------------------- demo traffic
+
+
+class DemoTraffic:
+    """Answers logged as the server logs them, rated as the demo's simulated users rate them."""
+
+    def __init__(self, tokenizer, seed: int):
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+
+    def prompt(self, question: DemoQuestion) -> tuple[str, list[int]]:
+        """The chat-rendered prompt text and its token ids, as `server.engine.render_chat` gives them."""
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return rendered, self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    def answer(
+        self, question: DemoQuestion, text: str, user_id: str = "alice", response_token_ids: Sequence[int] | None = None
+    ) -> events_pb2.GenerationLogged:
+        """A logged answer: `response_token_ids` as sampled, or else `text`'s ids and the end-of-turn token."""
+        rendered, prompt_token_ids = self.prompt(question)
+        if response_token_ids is None:
+            response_token_ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        ended = response_token_ids[-1] == self.tokenizer.eos_token_id
+        event = events_pb2.GenerationLogged(
+            event_id=uuid.uuid4().hex,
+            response_id=f"resp-{uuid.uuid4().hex}",
+            rendered_prompt=rendered,
+            response_text=text,
+            prompt_token_ids=prompt_token_ids,
+            response_token_ids=response_token_ids,
+            finish_reason=serving_pb2.FINISH_REASON_STOP if ended else serving_pb2.FINISH_REASON_LENGTH,
+            policy_version=1,
+            user_id=user_id,
+            server_id="test-server",
+        )
+        event.chat.messages.add(role="user", content=question.prompt)
+        event.requested_at.GetCurrentTime()
+        event.finished_at.GetCurrentTime()
+        return event
+
+    @staticmethod
+    def feedback(answer: events_pb2.GenerationLogged, user_id: str, **vote) -> events_pb2.FeedbackGiven:
+        event = events_pb2.FeedbackGiven(
+            event_id=uuid.uuid4().hex, response_id=answer.response_id, user_id=user_id, policy_version=1, **vote
+        )
+        event.given_at.GetCurrentTime()
+        return event
+
+    def labelled(self, questions: Sequence[DemoQuestion]) -> list[Message]:
+        """For each question the right answer and a wrong one, each thumbed by alice as `judge_thumb` says;
+        for every third, also a hedged right answer, and bob preferring the plain one over it."""
+        events: list[Message] = []
+        for index, question in enumerate(questions):
+            right, wrong = self.answer(question, question.answer), self.answer(question, wrong_answer(self.rng, question))
+            events += [right, wrong]
+            for answer in (right, wrong):
+                thumb = judge_thumb(question.prompt, answer.response_text)
+                events.append(self.feedback(answer, "alice", rating=RATINGS[thumb]))
+            if index % 3 == 0:
+                hedged = self.answer(question, hedged_answer(question), user_id="bob")
+                events += [hedged, self.feedback(right, "bob", preferred_over_response_id=hedged.response_id)]
+        return events
+
+    def policy_answers(self, sampler: Sampler, questions: Sequence[DemoQuestion], max_new_tokens: int) -> list[Message]:
+        """The live policy's own sampled answers (temperature 1), each thumbed by carol as `judge_thumb` says."""
+        responses = sampler([self.prompt(question)[1] for question in questions], max_new_tokens, 1.0)
+        events: list[Message] = []
+        for question, response in zip(questions, responses):
+            text = self.tokenizer.decode(response, skip_special_tokens=True)
+            answer = self.answer(question, text, user_id="carol", response_token_ids=response)
+            events += [answer, self.feedback(answer, "carol", rating=RATINGS[judge_thumb(question.prompt, text)])]
+        return events
+
+
+def topic_of(kafka: KafkaSettings, event: Message) -> str:
+    return kafka.topics.generations if isinstance(event, events_pb2.GenerationLogged) else kafka.topics.feedback
+
+
+async def publish(kafka: KafkaSettings, spool_dir: Path, events: Sequence[Message]) -> None:
+    """Publish events the way the server does (keyed by response_id) and wait until Kafka has them all."""
+    producer = EventProducer(kafka, SpoolSettings(directory=spool_dir), EventMetrics.register(CollectorRegistry()))
+    await producer.start()
+    try:
+        for event in events:
+            producer.publish(topic_of(kafka, event), event.response_id, event)
+        async with asyncio.timeout(HANG_GUARD_S):
+            await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def unused_train_labels(store: JoinStore) -> int:
+    """Train-split thumbs and pairs the reward model has not trained on (all of them in a new store)."""
+    return len(store.labelled_examples("train", HELDOUT_FRACTION)) + len(store.preference_pairs("train", HELDOUT_FRACTION))
+
+
+def train_labels(events: Sequence[Message], directory: Path) -> tuple[int, list[PreferencePair]]:
+    """How many train-split labels the join store makes of `events`, and its held-out pairs (a scratch store's)."""
+    store = JoinStore(directory / "expected.sqlite3", ttl_seconds=1e9)
+    try:
+        for event in events:
+            if isinstance(event, events_pb2.GenerationLogged):
+                store.add_generation(event)
+            else:
+                store.add_feedback(event)
+        return unused_train_labels(store), store.preference_pairs("heldout", HELDOUT_FRACTION)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- the trainer in this process
+
+
+def without_nulls(settings: dict) -> dict:
+    return {
+        key: without_nulls(value) if isinstance(value, dict) else value for key, value in settings.items() if value is not None
+    }
+
+
+def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sections: dict) -> TrainerConfig:
+    """The trainer's config as `flywheel train` reads it: the model directory's own settings (the demo
+    model's flywheel.toml) below the test's `sections`; state, registry and spool under tmp_path."""
+    config = load_config(
+        overrides={
+            "state_dir": str(tmp_path),
+            "kafka": without_nulls(kafka.model_dump(mode="json")),
+            "reward_model": {"heldout_fraction": HELDOUT_FRACTION} | sections.pop("reward_model", {}),
+            **sections,
+        },
+        model_dir=model_path,
+    )
+    return TrainerConfig(
+        trainer=config.trainer,
+        reward_model=config.reward_model,
+        ppo=config.ppo,
+        join_store=config.join_store,
+        kafka=config.kafka,
+        spool=config.spool.model_copy(update={"directory": config.spool.directory / "trainer"}),
+        registry_dir=config.registry_dir,
+    )
+
+
+async def run_until(trainer: Trainer, config: TrainerConfig, done: Callable[[Trainer], bool], waiting_for: str) -> None:
+    """Run `trainer` against Kafka, as `run_trainer` does, until `done(trainer)`; then stop it cleanly."""
+    event_metrics = EventMetrics.register(CollectorRegistry())
+    producer = EventProducer(config.kafka, config.spool, event_metrics)
+    topics = [config.kafka.topics.generations, config.kafka.topics.feedback]
+    consumer = EventConsumer(config.kafka, config.trainer.consumer_group, event_metrics, topics)
+    stopping = asyncio.Event()
+    await producer.start()
+    await consumer.start()
+    running = asyncio.create_task(trainer.run(consumer, producer, stopping))
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not done(trainer):
+            if running.done():
+                running.result()
+                raise AssertionError(f"the trainer stopped by itself at {trainer.state}")
+            assert time.monotonic() < deadline, f"gave up waiting for {waiting_for}; trainer state {trainer.state}"
+            await asyncio.sleep(0.2)
+        stopping.set()
+        await running
+    finally:
+        if not running.done():
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+        await consumer.stop()
+        await producer.stop()
+
+
+def logged(caplog, message: str) -> list:
+    return [record for record in caplog.records if record.getMessage().startswith(message)]
+
+
+def test_the_reward_model_learns_the_demo_users_feedback(model_path, tokenizer, kafka_settings, tmp_path, caplog):
+    torch.manual_seed(0)
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    traffic, questions = DemoTraffic(tokenizer, seed=0), traffic_questions(random.Random(0), 90)
+    # Feedback arrives in three waves, each enough for one update of the reward model.
+    waves = [traffic.labelled(questions[start : start + 30]) for start in range(0, 90, 30)]
+    events = [event for wave in waves for event in wave]
+    expected_train, heldout_pairs = train_labels(events, tmp_path)
+    update_every_labels = 48
+    config = trainer_config(
+        tmp_path, kafka_settings, model_path,
+        # One pass over ~250 labels: a higher rate than the demo's, whose reward model sees thousands.
+        reward_model={"learning_rate": 5e-4, "update_every_labels": update_every_labels},
+        trainer={"min_labels_before_ppo": 10**9, "checkpoint_every_steps": 1000},  # checkpoints are another test's
+    )  # fmt: skip
+    started = time.perf_counter()
+
+    async def scenario() -> tuple[Trainer, float]:
+        trainer = await asyncio.to_thread(Trainer.open, config, TrainerMetrics(CollectorRegistry()))
+        untrained = trainer.reward_model.evaluate(heldout_pairs, [])["pairwise_accuracy"]
+
+        async def feed() -> None:
+            for wave in waves:
+                updates = trainer.state.reward_model_updates
+                await publish(kafka_settings, tmp_path / "test-spool", wave)
+                while trainer.state.reward_model_updates == updates:
+                    await asyncio.sleep(0.2)
+
+        feeding = asyncio.create_task(feed())
+        # All waves are in, and every label but the last few (under one update's worth) has been trained on.
+        enough = expected_train - update_every_labels
+        waiting_for = f"three waves, and more than {enough} of {expected_train} labels trained on"
+        await run_until(trainer, config, lambda t: feeding.done() and t.state.labels_trained > enough, waiting_for)
+        feeding.result()
+        return trainer, untrained
+
+    trainer, untrained = asyncio.run(scenario())
+    try:
+        accuracies = [round(record.pairwise_accuracy, 3) for record in logged(caplog, "reward model updated")]
+        evaluation = trainer.last_reward_model_eval
+        final = trainer.reward_model.evaluate(
+            trainer.join_store.preference_pairs("heldout", HELDOUT_FRACTION),
+            trainer.join_store.labelled_examples("heldout", HELDOUT_FRACTION),
+        )
+        print(
+            f"reward model: {len(events)} events, {trainer.state.labels_trained} of {expected_train} train labels, "
+            f"{len(heldout_pairs)} held-out pairs; held-out accuracy untrained {untrained:.3f}, "
+            f"after each update {accuracies}; "
+            f"all held-out feedback {final}; {time.perf_counter() - started:.1f}s"
+        )
+        assert trainer.state.reward_model_updates == len(accuracies) >= 3
+        assert evaluation["pairwise_accuracy"] >= 0.75
+        assert final["pairwise_accuracy"] >= 0.75
+        assert final["pairwise_accuracy"] > untrained
+        assert trainer.state.ppo_steps == 0
+    finally:
+        trainer.close()
+
+
+@torch.no_grad()
+def score_and_kl(
+    trainer: Trainer, policy: PreTrainedModel, prompts: list[list[int]], answers_per_prompt: int
+) -> tuple[float, float, list[str]]:
+    """The reward model's mean score of `policy`'s sampled answers to `prompts`, their KL to the
+    reference (nats per answer, Σ log π − log π_ref at the PPO temperature), and one answer per
+    prompt. Every call draws the same random numbers, so two policies are compared on equal terms."""
+    settings, tokenizer, models = trainer.config.ppo, trainer.ppo.tokenizer, trainer.ppo.models
+    torch.manual_seed(1234)
+    repeated = [prompt for prompt in prompts for _ in range(answers_per_prompt)]
+    sampler = TransformersSampler(policy, tokenizer.pad_token_id, trainer.ppo.eos_token_ids)
+    responses = sampler(repeated, settings.max_new_tokens, settings.temperature)
+    batch = TokenBatch.from_rollout(Rollout(repeated, responses, [False] * len(responses), 0.0), tokenizer.pad_token_id)
+    scores = trainer.reward_model.model(batch.input_ids, batch.attention_mask)
+    logprobs = logprobs_from_logits(PolicyWithValue.response_logits(policy, batch), batch.response_ids, settings.temperature)
+    reference = logprobs_from_logits(
+        PolicyWithValue.response_logits(models.reference, batch), batch.response_ids, settings.temperature
+    )
+    kl = torch.where(batch.response_mask, logprobs - reference, 0.0).sum(-1).mean().item()
+    return scores.mean().item(), kl, [tokenizer.decode(r, skip_special_tokens=True) for r in responses[::answers_per_prompt]]
+
+
+def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budget(
+    model_path, tokenizer, kafka_settings, tmp_path, caplog
+):
+    torch.manual_seed(0)
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    questions = traffic_questions(random.Random(2), 40)
+    ppo_steps, max_new_tokens = 5, 16
+    # Users thumb the live policy's own answers, and the right and wrong answers of other sources.
+    traffic = DemoTraffic(tokenizer, seed=2)
+    policy = load_without_dropout(AutoModelForCausalLM, model_path)
+    eos_token_ids = end_of_sequence_ids(policy.generation_config.eos_token_id, tokenizer.eos_token_id)
+    sampler = TransformersSampler(policy, tokenizer.pad_token_id, eos_token_ids)
+    torch.manual_seed(0)
+    own = traffic.policy_answers(sampler, questions * 2, max_new_tokens)
+    hedged = [event.response_text for event in own[::2] if not is_concise(event.response_text)]
+    assert hedged, (
+        f"the demo model at {model_path} never hedges, so its users' feedback leaves PPO nothing it can learn: it "
+        "predates the hedged demo model (flywheel/demo/init_model.py); remove that directory to rebuild it"
+    )
+    events = traffic.labelled(questions) + own
+    expected_train, _ = train_labels(events, tmp_path)
+    update_every_labels = 48
+    config = trainer_config(
+        tmp_path, kafka_settings, model_path,
+        reward_model={"learning_rate": 5e-4, "update_every_labels": update_every_labels},
+        # PPO starts once the reward model has learnt from (nearly) every label.
+        trainer={"min_labels_before_ppo": expected_train - update_every_labels + 1, "checkpoint_every_steps": 1000},
+        # The demo model's own PPO settings, but shorter answers (a hedge takes about 14 tokens) and no candidates.
+        ppo={"max_new_tokens": max_new_tokens, "candidate_every_steps": 1000},
+    )  # fmt: skip
+    started = time.perf_counter()
+
+    async def scenario() -> Trainer:
+        await publish(kafka_settings, tmp_path / "test-spool", events)
+        trainer = await asyncio.to_thread(Trainer.open, config, TrainerMetrics(CollectorRegistry()))
+        await run_until(trainer, config, lambda t: t.state.ppo_steps >= ppo_steps, f"{ppo_steps} PPO steps")
+        return trainer
+
+    trainer = asyncio.run(scenario())
+    try:
+        # The loop's evaluation split: questions the demo model learnt, but no user asks.
+        prompts = [traffic.prompt(question)[1] for question in evaluation_questions()[::4]]
+        before, _, answers_before = score_and_kl(trainer, trainer.ppo.models.reference, prompts, answers_per_prompt=8)
+        after, kl, answers_after = score_and_kl(trainer, trainer.ppo.models.policy, prompts, answers_per_prompt=8)
+        steps = logged(caplog, "PPO step")
+        print(
+            f"PPO on {len(events)} events: reward-model score on {len(prompts)} unseen prompts {before:.3f} -> {after:.3f}, "
+            f"KL to reference {kl:.3f} nats (target {config.ppo.target_kl}); per step score "
+            f"{[round(step.mean_score, 2) for step in steps]}, KL {[round(step.kl_to_reference, 2) for step in steps]}; "
+            f"answers before {answers_before[-6:]}, after {answers_after[-6:]}; {time.perf_counter() - started:.1f}s"
+        )
+        assert len(steps) == trainer.state.ppo_steps >= ppo_steps
+        assert all(step.first_minibatch_ratio == 1.0 for step in steps)
+        assert after > before + 1.0
+        # The budget holds on unseen prompts, and on average over the steps (one step's 16 answers are a noisy estimate).
+        assert 0 <= kl < config.ppo.target_kl
+        assert sum(step.kl_to_reference for step in steps) / len(steps) < config.ppo.target_kl
+    finally:
+        trainer.close()
+
+
+# ---------------------------------------------------------------- `flywheel train` in a child process
+
+
+def toml_document(tables: dict, prefix: str = "") -> str:
+    """Nested dicts of strings, numbers and booleans as TOML (JSON's literals are TOML's for these)."""
+    scalars = [f"{key} = {json.dumps(value)}" for key, value in tables.items() if not isinstance(value, dict)]
+    lines = ([f"[{prefix}]"] if prefix else []) + scalars
+    for key, value in tables.items():
+        if isinstance(value, dict):
+            lines.append(toml_document(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(lines) + "\n"
+
+
+class TrainProcess:
+    """`flywheel train --config FILE` as a child process; its JSON log lines are collected as they arrive."""
+
+    def __init__(self, config_file: Path):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", "train", "--config", str(config_file)],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: list[dict] = []
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="flywheel-train-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.process.stderr:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                line = None
+            with self._arrived:
+                self.lines.append(line if isinstance(line, dict) else {"message": raw.rstrip()})
+                self._arrived.notify_all()
+
+    def wait_for(self, message: str, after: int = 0) -> int:
+        """The index of the first log line from `after` on whose message starts with `message`."""
+        deadline = time.monotonic() + HANG_GUARD_S
+        with self._arrived:
+            while True:
+                for index in range(after, len(self.lines)):
+                    if self.lines[index].get("message", "").startswith(message):
+                        return index
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    exited = self.process.returncode
+                    raise AssertionError(f"flywheel train exited ({exited}) before {message!r}:\n{self.tail()}")
+                assert time.monotonic() < deadline, f"no {message!r} in the log of flywheel train:\n{self.tail()}"
+                self._arrived.wait(timeout=1)
+
+    def logged_since(self, index: int, message: str) -> bool:
+        with self._arrived:
+            return any(line.get("message", "").startswith(message) for line in self.lines[index + 1 :])
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self._reader.join()
+
+    def stop(self) -> int:
+        """SIGTERM, as an orchestrator stops it; returns the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=HANG_GUARD_S)
+        self._reader.join()
+        return code
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(json.dumps(line) for line in self.lines[-lines:])
+
+
+def latest_name(checkpoint_dir: Path) -> str | None:
+    try:
+        return (checkpoint_dir / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def wait_for_new_checkpoint(checkpoint_dir: Path, trainer: TrainProcess, than: str | None) -> str:
+    """Poll LATEST (every 10 ms, so a kill can follow a checkpoint closely) until it names another checkpoint than `than`."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while (name := latest_name(checkpoint_dir)) == than:
+        assert trainer.process.poll() is None, f"flywheel train exited ({trainer.process.returncode}):\n{trainer.tail()}"
+        assert time.monotonic() < deadline, f"no new checkpoint; LATEST is {name}:\n{trainer.tail()}"
+        time.sleep(0.01)
+    return name
+
+
+def seen_event_ids(join_store_path: Path) -> set[str]:
+    """The event ids in a join store another process may be writing (read-only; WAL readers do not block it)."""
+    connection = sqlite3.connect(f"file:{join_store_path}?mode=ro", uri=True)
+    try:
+        return {event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")}
+    except sqlite3.OperationalError:  # not created yet
+        return set()
+    finally:
+        connection.close()
+
+
+@pytest.mark.timeout(900)  # four starts of `flywheel train`, each importing torch and transformers
+def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once(
+    model_path, tokenizer, kafka_settings, tmp_path
+):
+    state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
+    checkpoint_dir, join_store_path = state_dir / "trainer" / "checkpoint", state_dir / "trainer" / "join_store.sqlite3"
+    PolicyRegistry(registry_dir).seed(model_path)
+    update_every_labels = 16
+    settings = {
+        "state_dir": str(state_dir),
+        "registry_dir": str(registry_dir),
+        "engine": {"model": str(model_path)},  # its flywheel.toml (the demo model's settings) ranks below this file
+        # A SIGKILLed member keeps its partitions until its session times out: keep that short.
+        "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
+        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 60, "checkpoint_every_steps": 1},
+        "reward_model": {
+            "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
+        },
+        "ppo": {
+            "prompts_per_step": 8, "responses_per_prompt": 2, "max_new_tokens": 12, "epochs": 2, "minibatch_size": 8,
+            "candidate_every_steps": 2,
+        },
+    }  # fmt: skip
+    config_file = tmp_path / "flywheel.toml"
+    config_file.write_text(toml_document(settings))
+
+    traffic = DemoTraffic(tokenizer, seed=1)
+    questions = traffic_questions(random.Random(1), 70)
+    rounds = [traffic.labelled(questions[start:end]) for start, end in ((0, 10), (10, 35), (35, 45), (45, 55), (55, 70))]
+    published: list[Message] = []
+
+    def publish_round(events: list[Message]) -> None:
+        asyncio.run(publish(kafka_settings, tmp_path / "test-spool", events))
+        published.extend(events)
+
+    started = time.perf_counter()
+    moments: list[str] = []
+
+    def killed(trainer: TrainProcess, moment: str) -> None:
+        trainer.kill()
+        moments.append(f"{moment} ({time.perf_counter() - started:.0f}s)")
+
+    # 1. Killed right after a reward-model update: its checkpoint (if any) was not finished.
+    trainer = TrainProcess(config_file)
+    publish_round(rounds[0])
+    trainer.wait_for("reward model updated")
+    killed(trainer, f"right after a reward-model update, LATEST {latest_name(checkpoint_dir)}")
+
+    # 2. Killed in the middle of a PPO step. Round 2 lifts the labels past min_labels_before_ppo and
+    # leaves many steps owed; from then on, the loop pass that updates the reward model on round 3
+    # goes straight on to a PPO step, and checkpoints only after it.
+    trainer = TrainProcess(config_file)
+    publish_round(rounds[1])
+    first_step = trainer.wait_for("PPO step")
+    publish_round(rounds[2])
+    update = trainer.wait_for("reward model updated", after=first_step)
+    time.sleep(0.1)
+    in_step = not trainer.logged_since(update, "PPO step")
+    killed(trainer, f"{'in' if in_step else 'after'} the PPO step after a reward-model update")
+
+    # 3. Events published while no trainer runs; killed just after the restarted one's first checkpoint,
+    # before (or while) it commits the Kafka offsets.
+    publish_round(rounds[3])
+    restored = latest_name(checkpoint_dir)
+    trainer = TrainProcess(config_file)
+    trainer.wait_for(f"training resumes from {restored}")
+    written = wait_for_new_checkpoint(checkpoint_dir, trainer, than=restored)
+    killed(trainer, f"right after checkpoint {written}")
+
+    # 4. The last round; once every event is in the join store, a clean stop (SIGTERM) checkpoints it all.
+    restored = latest_name(checkpoint_dir)
+    trainer = TrainProcess(config_file)
+    trainer.wait_for(f"training resumes from {restored}")
+    publish_round(rounds[4])
+    published_ids = [event.event_id for event in published]
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not seen_event_ids(join_store_path) >= set(published_ids):
+        assert time.monotonic() < deadline, f"the trainer did not take every event:\n{trainer.tail()}"
+        time.sleep(0.2)
+    assert trainer.stop() == 0, trainer.tail()
+
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    state = load_state(checkpoint)
+    snapshot = tmp_path / "final-join-store.sqlite3"
+    shutil.copyfile(checkpoint / JOIN_STORE_FILE, snapshot)
+    connection = sqlite3.connect(snapshot)
+    seen = [event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")]
+    (thumbs_used,) = connection.execute("SELECT count(*) FROM votes WHERE used_as_label").fetchone()
+    (pairs_used,) = connection.execute("SELECT count(*) FROM used_pairs").fetchone()
+    connection.close()
+    store = JoinStore(snapshot, ttl_seconds=1e9)
+    waiting = unused_train_labels(store)
+    store.close()
+    expected_train, _ = train_labels(published, tmp_path)
+    print(
+        f"flywheel train killed {moments}; final {checkpoint.name}: {state.model_dump()}; {len(published)} events; "
+        f"train labels {expected_train} = {thumbs_used} thumbs + {pairs_used} pairs used + {waiting} waiting; "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+
+    # Every published event was taken exactly once (seen_events is keyed by event id) and no other.
+    assert sorted(seen) == sorted(published_ids)
+    # No label was trained on twice: the counter of trained labels is the number of distinct labels marked used ...
+    assert state.labels_trained == thumbs_used + pairs_used
+    # ... and none was skipped: every train label is used, but for fewer than one update's worth still waiting.
+    assert thumbs_used + pairs_used + waiting == expected_train
+    assert waiting < update_every_labels
+    assert state.ppo_steps >= 2
+    assert PolicyRegistry(registry_dir).latest() > 1  # candidates were proposed
