@@ -22,7 +22,7 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
-from benchmarks.latency import percentile
+from benchmarks.common import percentile
 from feedback.broker import EmbeddedBroker
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics

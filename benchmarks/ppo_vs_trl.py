@@ -30,7 +30,6 @@ benchmarks/results/ppo_vs_trl.md.
 import argparse
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from flywheel.demo.task import sample_questions
+from benchmarks.common import demo_prompt_ids, markdown_table
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer
 from trainer.reward_model import RewardModel
@@ -91,16 +90,6 @@ def timed(trainer: str, step) -> StepTime:
     response_tokens = step()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return StepTime(trainer, seconds, cpu_seconds, response_tokens)
-
-
-def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
-    """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
-    questions = sample_questions(random.Random(seed), count)
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, tokenize=False)
-        for q in questions
-    ]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
 
 
 # --- Flywheel ------------------------------------------------------------------------------------------------
@@ -219,14 +208,6 @@ class TRLSteps:
 
 
 # --- report --------------------------------------------------------------------------------------------------
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
 
 
 HEADER = [

@@ -22,7 +22,6 @@ to benchmarks/results/rollouts.md.
 import argparse
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -35,7 +34,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from flywheel.demo.task import sample_questions
+from benchmarks.common import demo_prompt_ids, markdown_table
 from trainer.ppo import TransformersSampler, end_of_sequence_ids
 from trainer.reward_model import load_without_dropout
 
@@ -83,16 +82,6 @@ def cpu_seconds() -> float:
             continue
         total += times.user + times.system
     return total
-
-
-def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
-    """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
-    questions = sample_questions(random.Random(seed), count)
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, tokenize=False)
-        for q in questions
-    ]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
 
 
 @torch.no_grad()
@@ -208,14 +197,6 @@ HEADER = [
     "vLLM incl. sync / transformers",
 ]
 CPU_HEADER = ["batch", "new tokens", "transformers tokens/CPU-s", "vLLM tokens/CPU-s", "vLLM / transformers"]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
 
 
 def summary_row(rounds: list[Round]) -> tuple[list[str], list[str], dict[str, float]]:

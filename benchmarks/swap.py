@@ -26,7 +26,7 @@ from grpc import aio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.latency import percentile
+from benchmarks.common import percentile
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics

@@ -1,0 +1,32 @@
+"""What the benchmarks share: demo prompts, latency percentiles, markdown tables."""
+
+import random
+
+from transformers import PreTrainedTokenizerBase
+
+from flywheel.demo.task import sample_questions
+
+
+def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
+    """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
+    questions = sample_questions(random.Random(seed), count)
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The value below which `share` of `values` fall (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, its first column left-aligned and the others right-aligned."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
