@@ -59,12 +59,13 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 def save_checkpoint(
     checkpoint_dir: Path, state: TrainerState, ppo: PPOTrainer, reward_model: RewardModelTrainer, join_store: JoinStore
 ) -> Path:
-    """Write a complete checkpoint and make it the latest; all but the two newest are removed.
+    """Write a complete checkpoint and make it the latest; all but it and the one before are removed.
 
     The one before stays so that a reader who found it just before this save (the gate loading
     the reward model) can finish. Returns the new checkpoint's directory.
     """
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    previous = latest_checkpoint(checkpoint_dir)
     name = f"step-{state.ppo_steps:08d}-rm-{state.reward_model_updates:06d}-{uuid.uuid4().hex[:6]}"
     staging = checkpoint_dir / f".tmp-{name}"
     staging.mkdir()
@@ -82,9 +83,10 @@ def save_checkpoint(
     final = checkpoint_dir / name
     staging.rename(final)
     write_atomically(checkpoint_dir / LATEST, name.encode())
-    checkpoints = sorted((path for path in checkpoint_dir.iterdir() if path.is_dir()), key=lambda path: path.stat().st_mtime)
-    for old in checkpoints[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = {name} | ({previous.name} if previous is not None else set())
+    for old in checkpoint_dir.iterdir():
+        if old.is_dir() and old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
