@@ -117,15 +117,7 @@ def _train(args: argparse.Namespace) -> None:
     _limit_torch_threads(config.trainer.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
-    trainer_config = TrainerConfig(
-        trainer=config.trainer,
-        reward_model=config.reward_model,
-        ppo=config.ppo,
-        join_store=config.join_store,
-        kafka=config.kafka,
-        spool=config.spool.model_copy(update={"directory": config.spool.directory / "trainer"}),
-        registry_dir=config.registry_dir,
-    )
+    trainer_config = TrainerConfig.of(config)
     metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
     _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping))
 

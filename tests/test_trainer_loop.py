@@ -200,15 +200,7 @@ def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sec
         },
         model_dir=model_path,
     )
-    return TrainerConfig(
-        trainer=config.trainer,
-        reward_model=config.reward_model,
-        ppo=config.ppo,
-        join_store=config.join_store,
-        kafka=config.kafka,
-        spool=config.spool.model_copy(update={"directory": config.spool.directory / "trainer"}),
-        registry_dir=config.registry_dir,
-    )
+    return TrainerConfig.of(config)
 
 
 async def run_until(trainer: Trainer, config: TrainerConfig, done: Callable[[Trainer], bool], waiting_for: str) -> None:
