@@ -1,6 +1,7 @@
 """What the benchmarks share: demo prompts, latency percentiles, markdown tables."""
 
 import random
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -30,3 +31,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
         "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+def report(lines: list[str], results_md: Path, write: bool) -> None:
+    """Print a benchmark's markdown; with `write`, also keep it as its results file."""
+    print("\n".join(lines))
+    if write:
+        results_md.parent.mkdir(parents=True, exist_ok=True)
+        results_md.write_text("\n".join(lines))

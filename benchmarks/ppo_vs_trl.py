@@ -42,7 +42,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.common import demo_prompt_ids, markdown_table
+from benchmarks.common import demo_prompt_ids, markdown_table, report
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer
 from trainer.reward_model import RewardModel
@@ -326,10 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         f"**{medians['Flywheel'][1] / medians['TRL'][1]:.2f}×** in tokens per CPU-second (medians).",
         "",
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_MD.write_text("\n".join(lines))
+    report(lines, RESULTS_MD, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.common import demo_prompt_ids, markdown_table
+from benchmarks.common import demo_prompt_ids, markdown_table, report
 from trainer.ppo import TransformersSampler, end_of_sequence_ids
 from trainer.reward_model import load_without_dropout
 
@@ -305,10 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         f"vLLM / transformers in tokens per CPU-second: {min(r['cpu'] for r in ratios):.2f}–{max(r['cpu'] for r in ratios):.2f}×.",
         "",
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_MD.write_text("\n".join(lines))
+    report(lines, RESULTS_MD, write=not args.no_write)
 
 
 if __name__ == "__main__":
