@@ -101,7 +101,7 @@ class FlywheelSteps:
     def __init__(self, model: Path, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], workload: Workload):
         self.prompts = prompts
         self.reward_model = RewardModel.from_pretrained(model)
-        models = PolicyWithValue.from_pretrained(model, self.reward_model)
+        models = PolicyWithValue.from_pretrained(model)
         models.policy.generation_config.min_new_tokens = workload.new_tokens
         settings = PPOSettings(
             prompts_per_step=len(prompts),

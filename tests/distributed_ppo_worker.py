@@ -46,7 +46,7 @@ def main() -> None:
     # The reward model's head is new: the same seed on every rank gives every rank the same one.
     torch.manual_seed(0)
     reward_model = RewardModel.from_pretrained(args.model_dir)
-    models = PolicyWithValue.from_pretrained(args.model_dir, reward_model)
+    models = PolicyWithValue.from_pretrained(args.model_dir)
     settings = PPOSettings(
         prompts_per_step=len(PROMPTS), max_new_tokens=8, minibatch_size=4, epochs=2, policy_learning_rate=1e-4
     )

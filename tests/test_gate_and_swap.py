@@ -57,7 +57,7 @@ def trainer_checkpoint(model_path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     reward_model = RewardModelTrainer(RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id)
-    ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path, reward_model.model), tokenizer, PPOSettings())
+    ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path), tokenizer, PPOSettings())
     join_store = JoinStore(directory / "join_store.sqlite3", 3600)
     save_checkpoint(directory / "trainer", TrainerState(reference_path=str(model_path), reference_version=1), ppo, reward_model, join_store)
     join_store.close()

@@ -29,7 +29,7 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 def trainer_for(model_path, tokenizer, **settings) -> PPOTrainer:
-    models = PolicyWithValue.from_pretrained(model_path, RewardModel.from_pretrained(model_path))
+    models = PolicyWithValue.from_pretrained(model_path)
     return PPOTrainer(models, tokenizer, PPOSettings(**settings))
 
 

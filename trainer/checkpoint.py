@@ -24,6 +24,7 @@ LATEST = "LATEST"
 STATE_FILE = "state.json"
 PPO_OPTIMIZERS_FILE = "ppo_optimizers.pt"
 JOIN_STORE_FILE = "join_store.sqlite3"
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class TrainerState(BaseModel):
@@ -70,7 +71,7 @@ def save_checkpoint(
     staging = checkpoint_dir / f".tmp-{name}"
     staging.mkdir()
     ppo.save_policy(staging / "policy")
-    ppo.models.critic.save_pretrained(staging / "critic")
+    ppo.models.critic.save(staging / VALUE_HEAD_FILE)
     reward_model.save(staging / "reward_model")
     torch.save(
         {"policy": ppo.policy_optimizer.state_dict(), "critic": ppo.critic_optimizer.state_dict()},

@@ -53,8 +53,8 @@ class PPOSettings(BaseModel):
         1.0, ge=0, description="Subtracted from the score of an answer cut at max_new_tokens without end-of-sequence."
     )
     policy_learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy.")
-    critic_learning_rate: float = Field(3e-5, gt=0, description="AdamW learning rate of the critic (value model).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Policy and critic gradients are each clipped to this L2 norm.")
+    critic_learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the critic (the value head on the policy's features).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Policy and value-head gradients are each clipped to this L2 norm.")
     candidate_every_steps: int = Field(
         10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
     )

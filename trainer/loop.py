@@ -34,6 +34,7 @@ from feedback.producer import EventProducer
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
+    VALUE_HEAD_FILE,
     TrainerState,
     latest_checkpoint,
     load_state,
@@ -45,7 +46,7 @@ from trainer.checkpoint import (
 from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 from trainer.join_store import JoinStore
 from trainer.metrics import TrainerMetrics
-from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer
+from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
 from trainer.progress import live_display, progress_table
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
@@ -122,7 +123,7 @@ class Trainer:
                 config.reward_model,
                 tokenizer.pad_token_id,
             )
-            models = PolicyWithValue.from_pretrained(policy_path, reward_model.model)
+            models = PolicyWithValue.from_pretrained(policy_path)
             # Labels a crashed run marked used never reached a checkpoint: start the store afresh,
             # and Kafka (no offsets committed yet) hands every event out again.
             remove_join_store(config.join_store.path)
@@ -131,9 +132,10 @@ class Trainer:
             state = load_state(checkpoint)
             tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
             reward_model = RewardModelTrainer.load(checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id)
+            policy = load_without_dropout(AutoModelForCausalLM, checkpoint / "policy")
             models = PolicyWithValue(
-                load_without_dropout(AutoModelForCausalLM, checkpoint / "policy"),
-                RewardModel.from_pretrained(checkpoint / "critic"),
+                policy,
+                ValueHead.load(checkpoint / VALUE_HEAD_FILE, policy.config.hidden_size),
                 load_without_dropout(AutoModelForCausalLM, state.reference_path),
             )
             restore_join_store(checkpoint, config.join_store.path)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,7 +37,7 @@ from trainer.ppo_math import (
     masked_whiten,
     per_token_rewards,
 )
-from trainer.reward_model import RewardModel, load_without_dropout, right_pad
+from trainer.reward_model import load_without_dropout, right_pad
 
 Sampler = Callable[[list[list[int]], int, float], list[list[int]]]
 """sample(prompt_token_ids, max_new_tokens, temperature) -> one response's token ids per prompt.
@@ -137,45 +138,69 @@ def at_positions(per_position: torch.Tensor, positions: torch.Tensor) -> torch.T
     return per_position.gather(1, index.expand(*positions.shape, *per_position.shape[2:]))
 
 
-class PolicyWithValue(nn.Module):
-    """The trainable policy, its critic, and a frozen reference copy of the starting policy.
+class ValueHead(nn.Module):
+    """The critic: a small MLP reading the policy's last hidden state, `(..., hidden)` -> `(...)`.
 
-    The critic is a copy of the reward model read at every token, not a fresh head on the
-    policy: it starts out already judging answers the way the score does, so its first value
-    estimates carry signal and early advantages are less noisy (as in InstructGPT). It is a
-    separate model, so value regression never pulls on the policy's weights.
+    Its input is detached, so value regression never pulls on the policy's weights, and it costs
+    no transformer pass of its own: the policy's forward pass serves both. The output layer
+    starts at zero, so the first values are 0 and the first advantages are the whitened returns.
     """
 
-    def __init__(self, policy: PreTrainedModel, critic: RewardModel, reference: PreTrainedModel):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, 1))
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden.detach()).squeeze(-1)
+
+    def save(self, path: Path) -> None:
+        save_file(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path, hidden_size: int) -> "ValueHead":
+        head = cls(hidden_size)
+        head.load_state_dict(load_file(path))
+        return head
+
+
+class PolicyWithValue(nn.Module):
+    """The trainable policy, its critic (a value head on the policy's features), and a frozen
+    reference copy of the starting policy."""
+
+    def __init__(self, policy: PreTrainedModel, critic: ValueHead, reference: PreTrainedModel):
         super().__init__()
         self.policy = policy
         self.critic = critic
         self.reference = reference.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, policy_path: str | Path, reward_model: RewardModel) -> "PolicyWithValue":
+    def from_pretrained(cls, policy_path: str | Path) -> "PolicyWithValue":
         policy = load_without_dropout(AutoModelForCausalLM, policy_path)
-        return cls(policy, copy.deepcopy(reward_model), copy.deepcopy(policy))
+        return cls(policy, ValueHead(policy.config.hidden_size), copy.deepcopy(policy))
 
     @staticmethod
-    def response_logits(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    def response_hidden(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+        """The last hidden state at the column predicting each response token, `(answers, response_len, hidden)`."""
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return at_positions(hidden, batch.predicting_positions)
+
+    @classmethod
+    def response_logits(cls, model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
         """Logits predicting each response token, `(answers, response_len, vocab)`.
 
         The LM head runs only on the response positions: on a real vocabulary the logits of
         every prompt position would dominate memory.
         """
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return model.get_output_embeddings()(at_positions(hidden, batch.predicting_positions))
-
-    def values(self, batch: TokenBatch) -> torch.Tensor:
-        """The critic's value of the state before each response token, `(answers, response_len)`."""
-        return at_positions(self.critic.token_scores(batch.input_ids, batch.attention_mask), batch.predicting_positions)
+        return model.get_output_embeddings()(cls.response_hidden(model, batch))
 
     def forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """What PPO trains, in one call (the call DistributedDataParallel syncs gradients through):
         the policy's logits for each response token, `(answers, response_len, vocab)`, and the
-        critic's values, `(answers, response_len)`."""
-        return self.response_logits(self.policy, batch), self.values(batch)
+        critic's value of the state before each response token, `(answers, response_len)`."""
+        hidden = self.response_hidden(self.policy, batch)
+        return self.policy.get_output_embeddings()(hidden), self.critic(hidden)
 
 
 @dataclass(frozen=True)
@@ -233,8 +258,9 @@ class PPOTrainer:
         """Answers per gradient step on this rank; `settings.minibatch_size` over all ranks."""
         self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
         self.sampler = sampler or TransformersSampler(models.policy, tokenizer.pad_token_id, self.eos_token_ids)
-        self.policy_optimizer = torch.optim.AdamW(models.policy.parameters(), lr=settings.policy_learning_rate)
-        self.critic_optimizer = torch.optim.AdamW(models.critic.parameters(), lr=settings.critic_learning_rate)
+        # fused: one kernel per step over all parameters, instead of several per parameter tensor.
+        self.policy_optimizer = torch.optim.AdamW(models.policy.parameters(), lr=settings.policy_learning_rate, fused=True)
+        self.critic_optimizer = torch.optim.AdamW(models.critic.parameters(), lr=settings.critic_learning_rate, fused=True)
         self.kl_controller = AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:

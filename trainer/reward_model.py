@@ -2,7 +2,7 @@
 
 It scores the token ids exactly as logged (prompt then response, right-padded), reading the
 head at the last real token. It learns online from pairs (Bradley–Terry) and single thumbs
-(pointwise logistic loss), and the PPO critic reuses the same module read at every token.
+(pointwise logistic loss).
 """
 
 import math
@@ -60,7 +60,7 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[to
 
 
 class RewardModel(nn.Module):
-    """A transformer backbone with a scalar head: one score per sequence, or per token."""
+    """A transformer backbone with a scalar head: one score per sequence."""
 
     def __init__(self, backbone: PreTrainedModel, score_head: nn.Linear):
         super().__init__()
@@ -85,17 +85,13 @@ class RewardModel(nn.Module):
             nn.init.zeros_(score_head.bias)
         return cls(backbone, score_head)
 
-    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head at every position. input_ids, attention_mask: `(batch, seq_len)`; returns `(batch, seq_len)`."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.score_head(hidden).squeeze(-1)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One score per sequence, read at its last real token.
 
         input_ids, attention_mask: `(batch, seq_len)`, right-padded. Returns `(batch,)`.
         """
-        scores = self.token_scores(input_ids, attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        scores = self.score_head(hidden).squeeze(-1)
         return scores.gather(1, last_token_indices(attention_mask).unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, directory: Path) -> None:

@@ -70,7 +70,6 @@ DEMO_SETTINGS = """\
 # directory, below any config file, environment variable or flag. The defaults suit large models.
 [ppo]
 policy_learning_rate = 3e-5
-critic_learning_rate = 5e-4
 max_new_tokens = 24
 candidate_every_steps = 5
 init_kl_coef = 0.2
