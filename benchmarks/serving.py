@@ -2,7 +2,7 @@
 
 Three systems answer the same workload on the same model with the same engine arguments:
 
-  engine   vLLM's AsyncLLM in this process, driven through `PolicyEngine.stream` (the ceiling: no RPC at all);
+  engine   vLLM's AsyncLLM in this process, driven through `PolicyEngine.stream(whole=True)` as `Generate` drives it (the ceiling: no RPC at all);
   flywheel `flywheel serve` in a subprocess, driven with `Generate` over a grpc.aio channel;
   openai   vLLM's OpenAI HTTP server in a subprocess, driven with POST /v1/completions over aiohttp.
 
@@ -267,7 +267,7 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
 
     async def send_one() -> int:
         tokens = 0
-        async for delta in engine.stream(f"bench-{next(request_ids)}", prompt, sampling):
+        async for delta in engine.stream(f"bench-{next(request_ids)}", prompt, sampling, whole=True):
             tokens += len(delta.token_ids)
         return tokens
 
@@ -499,7 +499,7 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
         SECTION_HEADING,
         "",
         "Completion tokens per second and client-side request latency of three ways to serve the same model with the "
-        "same vLLM engine arguments: (a) vLLM's `AsyncLLM` in-process through `PolicyEngine.stream` (the ceiling), "
+        "same vLLM engine arguments: (a) vLLM's `AsyncLLM` in-process through `PolicyEngine.stream(whole=True)`, as `Generate` uses it (the ceiling), "
         "(b) Flywheel's `Generate` over gRPC (`flywheel serve`), (c) vLLM's OpenAI server, `/v1/completions`.",
         "",
         "```",

@@ -36,6 +36,9 @@ class GenerationDelta:
     """Log-probability of each new token under the sampling distribution (after temperature, top-p, top-k)."""
     finish_reason: str | None
     """None while generating; then "stop", "length" or "abort"."""
+    first_token_at: float | None = None
+    """time.monotonic() when the engine produced the answer's first token, where the engine says
+    (a whole answer); None where the delta's arrival is that time."""
 
 
 class PolicyEngine:
@@ -71,8 +74,14 @@ class PolicyEngine:
     def render_prompt(self, prompt: str) -> RenderedPrompt:
         return RenderedPrompt(prompt, self.tokenizer.encode(prompt))
 
-    async def stream(self, request_id: str, prompt: RenderedPrompt, sampling: Sampling) -> AsyncIterator[GenerationDelta]:
-        """Generate; cancelling the consumer aborts the request inside the engine."""
+    async def stream(
+        self, request_id: str, prompt: RenderedPrompt, sampling: Sampling, *, whole: bool = False
+    ) -> AsyncIterator[GenerationDelta]:
+        """Generate; cancelling the consumer aborts the request inside the engine.
+
+        `whole` yields the finished answer as one delta instead of one per engine step: a unary
+        answer needs no per-token messages between the engine's output loop and the caller.
+        """
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
             min_tokens=sampling.min_tokens,
@@ -82,7 +91,7 @@ class PolicyEngine:
             seed=sampling.seed,
             stop=list(sampling.stop),
             logprobs=0,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA,
         )
         engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
         async for output in self._llm.generate(engine_prompt, params, request_id):
@@ -90,11 +99,14 @@ class PolicyEngine:
             logprobs = [
                 step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
             ]
+            # The engine core stamps its outputs with time.monotonic(), one clock for every process.
+            first_token_at = output.metrics.first_token_ts if whole and output.metrics else None
             yield GenerationDelta(
                 text=completion.text,
                 token_ids=list(completion.token_ids),
                 behavior_logprobs=logprobs,
                 finish_reason=completion.finish_reason if output.finished else None,
+                first_token_at=first_token_at or None,
             )
 
     def unfinished_requests(self) -> int:

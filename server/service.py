@@ -60,7 +60,7 @@ class Answer:
 
     def add(self, delta: GenerationDelta) -> None:
         if self.first_token_at is None and delta.token_ids:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = delta.first_token_at or time.monotonic()
         self.text_parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)
         self.behavior_logprobs.extend(delta.behavior_logprobs)
@@ -108,13 +108,13 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
 
     async def Generate(self, request, context):
         summary = None
-        async for event in self._generate(request, context, rpc="Generate"):
+        async for event in self._generate(request, context, rpc="Generate", whole=True):
             if isinstance(event, serving_pb2.GenerateResponse):
                 summary = event
         return summary
 
     async def GenerateStream(self, request, context):
-        async for event in self._generate(request, context, rpc="GenerateStream"):
+        async for event in self._generate(request, context, rpc="GenerateStream", whole=False):
             if isinstance(event, serving_pb2.GenerateResponse):
                 yield serving_pb2.GenerateStreamResponse(summary=event)
             elif event:
@@ -142,8 +142,10 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         log.info("feedback", extra={"response_id": event.response_id, "rating": rating, "replaced": replaced})
         return serving_pb2.SubmitFeedbackResponse(event_id=event.event_id, replaced_previous=replaced)
 
-    async def _generate(self, request, context: aio.ServicerContext, rpc: str) -> AsyncIterator[str | serving_pb2.GenerateResponse]:
-        """Yield text deltas, then the summary response."""
+    async def _generate(
+        self, request, context: aio.ServicerContext, rpc: str, whole: bool
+    ) -> AsyncIterator[str | serving_pb2.GenerateResponse]:
+        """Yield text deltas (one with the whole text if `whole`), then the summary response."""
         answer = Answer(response_id=f"resp-{uuid.uuid4().hex}", arrived_at=time.monotonic())
         answer.requested_at.GetCurrentTime()
         request_id_var.set(answer.response_id)
@@ -156,7 +158,7 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
                 answer.admitted_at = time.monotonic()
                 self._metrics.queue_seconds.observe(answer.admitted_at - answer.arrived_at)
                 policy = self._policy.current
-                async for delta in self._engine.stream(answer.response_id, prompt, sampling):
+                async for delta in self._engine.stream(answer.response_id, prompt, sampling, whole=whole):
                     answer.add(delta)
                     yield delta.text
         except Overloaded as error:
