@@ -1,6 +1,6 @@
 """One rank of a data-parallel PPO run on the demo model, for tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR [--device cuda]
 
 Every rank takes `--steps` PPO steps on the same list of demo prompts (each samples answers for
 its own share) and writes OUT_DIR/rank-<rank>.json: what it sampled, each step's statistics (its
@@ -30,7 +30,7 @@ PROMPTS = [
 def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -39,13 +39,14 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo; cuda: NCCL, one GPU per rank")
     args = parser.parse_args()
 
-    ranks = init_ranks("cpu")
+    ranks = init_ranks(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     # The reward model's head is new: the same seed on every rank gives every rank the same one.
     torch.manual_seed(0)
-    reward_model = RewardModel.from_pretrained(args.model_dir)
+    reward_model = RewardModel.from_pretrained(args.model_dir).to(ranks.device)
     models = PolicyWithValue.from_pretrained(args.model_dir)
     settings = PPOSettings(
         prompts_per_step=len(PROMPTS), max_new_tokens=8, minibatch_size=4, epochs=2, policy_learning_rate=1e-4

@@ -48,7 +48,8 @@ log-probs recomputed at that temperature are the behavior policy's; temperature 
 """
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""score(input_ids, attention_mask) -> `(batch,)`, over right-padded prompt + response: a RewardModel."""
+"""score(input_ids, attention_mask) -> `(batch,)`, over right-padded prompt + response: a RewardModel.
+It is called with tensors on the PPO trainer's device, so a model must live there too."""
 
 
 class TransformersSampler:
@@ -63,8 +64,9 @@ class TransformersSampler:
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
         longest = max(map(len, prompts))
         # Left padding, so every row's answer starts at the same column.
-        input_ids = torch.tensor([[self.pad_token_id] * (longest - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        device = self.policy.device
+        input_ids = torch.tensor([[self.pad_token_id] * (longest - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
         generated = self.policy.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -130,6 +132,9 @@ class TokenBatch:
     def rows(self, index: torch.Tensor) -> "TokenBatch":
         """The answers at `index` (a `(k,)` long tensor), in that order."""
         return TokenBatch(*(getattr(self, field.name)[index] for field in fields(self)))
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(*(getattr(self, field.name).to(device) for field in fields(self)))
 
 
 def at_positions(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -238,7 +243,8 @@ class PPOTrainer:
 
     Under torchrun, pass `ranks` (trainer.distributed.init_ranks): each rank then samples and
     trains on its share of every step's prompts and of every minibatch, with gradients averaged
-    over ranks (see trainer/distributed.py). The default is one process.
+    over ranks (see trainer/distributed.py). The default is one process. The models are moved to
+    `ranks.device`, where every batch is built.
     """
 
     def __init__(
@@ -253,7 +259,8 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.settings = settings
         self.ranks = ranks
-        self.trainable = ranks.wrap(models)
+        self.device = ranks.device
+        self.trainable = ranks.wrap(models.to(self.device))
         self.minibatch_size = ranks.share(settings.minibatch_size, "ppo.minibatch_size")
         """Answers per gradient step on this rank; `settings.minibatch_size` over all ranks."""
         self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
@@ -276,7 +283,7 @@ class PPOTrainer:
         return Rollout(repeated, responses, ended, seconds)
 
     def _minibatches(self, answers: int, shuffle: bool) -> list[torch.Tensor]:
-        order = torch.randperm(answers) if shuffle else torch.arange(answers)
+        order = torch.randperm(answers, device=self.device) if shuffle else torch.arange(answers, device=self.device)
         return list(order.split(self.minibatch_size))
 
     def ppo_step(self, rollout: Rollout, reward_model: Scorer) -> PPOStepStats:
@@ -288,9 +295,9 @@ class PPOTrainer:
         s, models = self.settings, self.models
         # Shuffle once up front and walk the first epoch in order: the rollout-time passes below
         # then see exactly the first epoch's minibatches, so its ratio is bitwise 1.
-        shuffled = torch.randperm(len(rollout.response_token_ids))
-        batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id).rows(shuffled)
-        ended_with_eos = torch.tensor(rollout.ended_with_eos)[shuffled]
+        shuffled = torch.randperm(len(rollout.response_token_ids), device=self.device)
+        batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id).to(self.device).rows(shuffled)
+        ended_with_eos = torch.tensor(rollout.ended_with_eos, device=self.device)[shuffled]
         mask = batch.response_mask
 
         with torch.no_grad():
