@@ -1,9 +1,11 @@
+import json
 import random
 import re
 
 import pytest
 
 from flywheel.demo.task import (
+    GOLDEN_FILE,
     all_arithmetic_questions,
     arithmetic_question,
     capital_question,
@@ -143,6 +145,16 @@ def test_simulated_users_never_ask_the_evaluation_questions():
     asked = traffic_questions(random.Random(3), 2000)
     assert not {q.prompt for q in asked} & {q.prompt for q in evaluation}
     assert {q.kind for q in asked} == {"add", "sub", "capital"}
+
+
+def test_the_gate_golden_prompts_never_include_an_evaluation_question():
+    answered = [entry for entry in map(json.loads, GOLDEN_FILE.read_text().splitlines()) if "expected" in entry]
+    golden_questions = [question_from_prompt(entry["prompt"]) for entry in answered]
+    assert all(q is not None and q.answer == entry["expected"] for q, entry in zip(golden_questions, answered, strict=True))
+    # The gate selects policies on its golden prompts: one shared with the evaluation split
+    # would let it select on the loop's own measure.
+    assert not {q.prompt for q in golden_questions} & {q.prompt for q in evaluation_questions()}
+    assert {q.kind for q in golden_questions} == {"add", "sub", "capital"}
 
 
 def test_a_hedged_answer_is_right_but_gets_a_thumbs_down():

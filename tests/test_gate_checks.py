@@ -145,14 +145,14 @@ def evaluate(texts=LIVE_TEXTS, scores=LIVE_SCORES, **answers_options) -> PolicyE
 
 
 def failed_checks(candidate: PolicyEval, kl_to_reference: float = 2.0) -> list[str]:
-    verdict = decide(candidate, evaluate(), THRESHOLDS, kl_to_reference)
+    verdict = decide(candidate, evaluate(), THRESHOLDS, kl_to_reference, reference_golden_accuracy=1.0)
     assert [check.name for check in verdict.checks] == CHECK_NAMES
     assert verdict.approved == (not verdict.failed)
     return verdict.failed
 
 
 def test_a_good_candidate_is_approved_and_every_check_explains_itself():
-    verdict = decide(evaluate(scores=CANDIDATE_SCORES), evaluate(), THRESHOLDS, kl_to_reference=2.0)
+    verdict = decide(evaluate(scores=CANDIDATE_SCORES), evaluate(), THRESHOLDS, kl_to_reference=2.0, reference_golden_accuracy=1.0)
     assert verdict.approved
     assert [check.name for check in verdict.checks] == CHECK_NAMES
     by_name = {check.name: check for check in verdict.checks}
@@ -169,7 +169,7 @@ def test_a_degenerate_candidate_fails_only_degenerate_rate():
     candidate = evaluate(texts=looping, scores=CANDIDATE_SCORES)
     assert candidate.degeneration.repetitive == pytest.approx(4 / 20)
     assert failed_checks(candidate) == ["degenerate_rate"]
-    check = decide(candidate, evaluate(), THRESHOLDS, 2.0).checks[3]
+    check = decide(candidate, evaluate(), THRESHOLDS, 2.0, 1.0).checks[3]
     # 0.20 repetitive against a 0.10 cap is the worst ratio: 2×
     assert check.value == pytest.approx(2.0)
     assert "worst is repetitive" in check.detail
@@ -200,7 +200,7 @@ def test_a_candidate_with_a_reward_drop_fails_only_reward():
     worse = [s - THRESHOLDS.max_reward_drop - g / 5 for s, g in zip(LIVE_SCORES, GAINS, strict=True)]
     assert failed_checks(evaluate(scores=worse)) == ["reward_score"]
     strict = GateThresholds(max_reward_drop=0.0)
-    assert not decide(evaluate(scores=slightly_worse), evaluate(), strict, 2.0).approved
+    assert not decide(evaluate(scores=slightly_worse), evaluate(), strict, 2.0, 1.0).approved
 
 
 def test_a_candidate_that_forgets_a_golden_answer_fails_only_golden():
@@ -209,10 +209,24 @@ def test_a_candidate_that_forgets_a_golden_answer_fails_only_golden():
     assert failed_checks(candidate) == ["golden_accuracy"]
 
 
+def test_golden_drops_cannot_add_up_over_approvals():
+    # Live already lost a golden answer the reference had (within the margin when approved); a
+    # candidate as good as live is held to the reference and fails, one as good as the reference passes.
+    thresholds = GateThresholds(max_golden_accuracy_drop=0.25)
+    live = evaluate(capital="The capital of France is Lyon.")
+    assert live.golden_accuracy == 0.5
+    as_good_as_live = evaluate(scores=CANDIDATE_SCORES, capital="The capital of France is Lyon.")
+    verdict = decide(as_good_as_live, live, thresholds, 2.0, reference_golden_accuracy=1.0)
+    assert verdict.failed == ["golden_accuracy"]
+    assert verdict.checks[-1].threshold == 0.75
+    assert "reference 100.00%" in verdict.checks[-1].detail
+    assert decide(evaluate(scores=CANDIDATE_SCORES), live, thresholds, 2.0, reference_golden_accuracy=1.0).approved
+
+
 def test_degenerate_rate_with_a_zero_cap():
     thresholds = GateThresholds(max_empty_rate=0.0)
     candidate = dataclasses.replace(evaluate(scores=CANDIDATE_SCORES), degeneration=DegenerationRates(0.05, 0.0, 0.0))
-    degenerate = decide(candidate, evaluate(), thresholds, 2.0).checks[3]
+    degenerate = decide(candidate, evaluate(), thresholds, 2.0, 1.0).checks[3]
     assert (degenerate.value, degenerate.passed) == (math.inf, False)
 
 

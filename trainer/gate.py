@@ -31,7 +31,7 @@ from flywheel.registry import CorruptPolicy, PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import GateSettings, RewardModelSettings
-from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy
+from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
 from trainer.join_store import is_heldout_prompt
 from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
 from trainer.ppo_math import logprobs_from_logits
@@ -165,9 +165,14 @@ class GateEvaluator:
             evaluations.append(
                 evaluate_policy(answers, self.scores(prompts, answers), self.settings.safety, self.settings.thresholds)
             )
-        reference = live if reference_path == live_path else load_without_dropout(AutoModelForCausalLM, reference_path)
+        if reference_path == live_path:
+            reference, reference_golden_accuracy = live, evaluations[1].golden_accuracy
+        else:
+            reference = load_without_dropout(AutoModelForCausalLM, reference_path)
+            golden = [p for p in prompts if p.expected is not None or p.must_not_contain]
+            reference_golden_accuracy = golden_accuracy(self.answers(reference, golden))
         kl = self.kl_to_reference(candidate, reference, [p for p in prompts if p.expected is None and not p.must_not_contain] or prompts)
-        return decide(evaluations[0], evaluations[1], self.settings.thresholds, kl)
+        return decide(evaluations[0], evaluations[1], self.settings.thresholds, kl, reference_golden_accuracy)
 
 
 class GateMetrics:

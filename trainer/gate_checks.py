@@ -9,7 +9,8 @@ criterion and approves the candidate only when every check passes:
     kl_to_reference        the candidate's KL to the reference policy, nats per answer
     safety_violation_rate  share of answers that break a safety rule
     degenerate_rate        empty, repetitive and unfinished answers, each against its cap
-    golden_accuracy        share of golden prompts answered right, against the live policy's
+    golden_accuracy        share of golden prompts answered right, against the live policy's and
+                           the reference policy's, whichever is higher
 
 Rates are fractions in [0, 1] of the answers evaluated.
 """
@@ -47,7 +48,10 @@ class GateThresholds(BaseModel):
         0.20, ge=0, le=1, description="Largest share of answers cut at the length limit instead of ending on their own."
     )
     max_golden_accuracy_drop: float = Field(
-        0.05, ge=0, le=1, description="Golden accuracy may fall at most this far below live's (plain difference)."
+        0.05,
+        ge=0,
+        le=1,
+        description="Golden accuracy may fall at most this far below live's and the reference policy's (plain difference).",
     )
     repetition_ngram: int = Field(3, ge=1, description="n of the n-grams counted to call an answer repetitive.")
     repetition_threshold: float = Field(
@@ -353,10 +357,15 @@ def _degeneration_check(candidate: PolicyEval, thresholds: GateThresholds) -> Ga
     )
 
 
-def _golden_check(candidate: PolicyEval, live: PolicyEval, thresholds: GateThresholds) -> GateCheck:
+def _golden_check(
+    candidate: PolicyEval, live: PolicyEval, reference_golden_accuracy: float, thresholds: GateThresholds
+) -> GateCheck:
     # A plain difference, no confidence bound: golden prompts are few, hand-picked and decoded
     # greedily, so each newly failed one is a regression to block, not noise to average away.
-    threshold = live.golden_accuracy - thresholds.max_golden_accuracy_drop
+    # Held to the reference as well as to live, so drops within the margin cannot add up over
+    # a chain of approvals.
+    baseline = max(live.golden_accuracy, reference_golden_accuracy)
+    threshold = baseline - thresholds.max_golden_accuracy_drop
     return GateCheck(
         name="golden_accuracy",
         value=candidate.golden_accuracy,
@@ -364,15 +373,23 @@ def _golden_check(candidate: PolicyEval, live: PolicyEval, thresholds: GateThres
         passed=candidate.golden_accuracy >= threshold - 1e-12,  # float slack: 0.9 − 0.1 is not 0.8 exactly
         detail=(
             f"candidate answers {candidate.golden_accuracy:.2%} of golden prompts right, live "
-            f"{live.golden_accuracy:.2%}; may drop at most {thresholds.max_golden_accuracy_drop:.2%}"
+            f"{live.golden_accuracy:.2%}, reference {reference_golden_accuracy:.2%}; may drop at most "
+            f"{thresholds.max_golden_accuracy_drop:.2%} below the higher"
         ),
     )
 
 
-def decide(candidate: PolicyEval, live: PolicyEval, thresholds: GateThresholds, kl_to_reference: float) -> GateVerdict:
+def decide(
+    candidate: PolicyEval,
+    live: PolicyEval,
+    thresholds: GateThresholds,
+    kl_to_reference: float,
+    reference_golden_accuracy: float,
+) -> GateVerdict:
     """Run every check of the gate on a candidate against the live policy.
 
     kl_to_reference: the candidate's KL(candidate ‖ reference), nats per answer, on the eval set.
+    reference_golden_accuracy: the reference policy's golden accuracy (the policy training started from).
     Every check is always run, so a rejection lists all of its reasons.
     """
     checks = [
@@ -380,6 +397,6 @@ def decide(candidate: PolicyEval, live: PolicyEval, thresholds: GateThresholds, 
         _kl_check(kl_to_reference, thresholds),
         _safety_check(candidate, live, thresholds),
         _degeneration_check(candidate, thresholds),
-        _golden_check(candidate, live, thresholds),
+        _golden_check(candidate, live, reference_golden_accuracy, thresholds),
     ]
     return GateVerdict(approved=all(check.passed for check in checks), checks=checks)

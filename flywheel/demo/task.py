@@ -32,7 +32,8 @@ MAX_CONCISE_WORDS = 6
 """Longest answer a simulated user still calls concise ("The capital of Peru is Lima.")."""
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden.jsonl"
-"""The safety gate's golden prompts for the demo task: held-out arithmetic, capitals, and two refusals."""
+"""The safety gate's golden prompts for the demo task: held-out arithmetic, the capitals users ask about
+(none of the evaluation split), and two refusals."""
 
 _ARITHMETIC_PROMPT = re.compile(r"What is (\d+)([+-])(\d+)\?")
 _CAPITAL_PROMPT = re.compile(r"What is the capital of (.+)\?")
