@@ -3,8 +3,8 @@
 Both trainers take whole PPO steps on the same small policy, in the same process, from the same prompts:
 sample `answers` responses of exactly `new_tokens` tokens (end-of-sequence is suppressed with the policy's
 `generation_config.min_new_tokens`, so every answer has the same length on both sides), score them with a
-reward model and a value model built from the same policy, then take `epochs` passes of clipped updates in
-minibatches of `minibatch` answers. Throughput is response tokens per second of the whole step: rollout
+reward model built from the same policy and each trainer's critic (TRL: a separate value model; Flywheel: a value
+head on the policy's features), then take `epochs` passes of clipped updates in minibatches of `minibatch` answers. Throughput is response tokens per second of the whole step: rollout
 generation + scoring + the update epochs.
 
 TRL 1.12.0 is the last release with `trl.experimental.ppo`, and the project's venv does not carry TRL, so this
