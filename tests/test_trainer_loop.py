@@ -3,6 +3,7 @@
 - The reward model learns the demo users' thumbs and preferences: held-out pairwise accuracy.
 - PPO raises the reward model's score on prompts it never saw, while the KL to the reference
   stays within the budget.
+- A trainer whose candidates the gate keeps rejecting restarts its policy from the live one.
 - `flywheel train`, SIGKILLed at several moments and restarted, ends with every published event
   taken exactly once and every label trained on exactly once.
 
@@ -51,7 +52,7 @@ from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fix
 from tests.test_reward_model import wrong_answer
 from trainer.checkpoint import JOIN_STORE_FILE, LATEST, latest_checkpoint, load_state
 from trainer.join_store import JoinStore, PreferencePair
-from trainer.loop import Trainer, TrainerConfig
+from trainer.loop import Trainer, TrainerConfig, rejections_in_a_row
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, Rollout, Sampler, TokenBatch, TransformersSampler, end_of_sequence_ids
 from trainer.ppo_math import logprobs_from_logits
@@ -374,6 +375,54 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
         # The budget holds on unseen prompts, and on average over the steps (one step's 16 answers are a noisy estimate).
         assert 0 <= kl < config.ppo.target_kl
         assert sum(step.kl_to_reference for step in steps) / len(steps) < config.ppo.target_kl
+    finally:
+        trainer.close()
+
+
+# ---------------------------------------------------------------- restarting from the live policy
+
+
+def verdict(approved: bool, check: str = "reward_score") -> dict:
+    return {"approved": approved, "checks": [{"name": check, "passed": approved}]}
+
+
+def test_rejections_in_a_row_counts_judged_rejections_since_the_last_approval():
+    superseded = verdict(False, "superseded")
+    assert rejections_in_a_row([]) == 0
+    assert rejections_in_a_row([verdict(False), verdict(True), verdict(False), superseded, None, verdict(False)]) == 2
+    assert rejections_in_a_row([verdict(False)] * 3 + [None]) == 3
+    assert rejections_in_a_row([verdict(False), verdict(True)]) == 0
+
+
+def test_a_trainer_whose_candidates_keep_failing_restarts_from_the_live_policy(model_path, kafka_settings, tmp_path):
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    config = trainer_config(tmp_path, kafka_settings, model_path, trainer={"restart_after_rejections": 2})
+    trainer = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
+    try:
+        policy = trainer.ppo.models.policy
+        live_weights = {name: weight.clone() for name, weight in policy.state_dict().items()}
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.add_(0.01)
+        trainer.ppo.policy_optimizer.state[next(policy.parameters())]["step"] = torch.tensor(1.0)
+        first, second = trainer.publish_candidate(), trainer.publish_candidate()
+        assert not trainer.restart_due()  # not judged yet
+        registry.record_verdict(first.policy_version, False, verdict(False)["checks"])
+        assert not trainer.restart_due()
+        registry.record_verdict(second.policy_version, False, verdict(False)["checks"])
+        assert trainer.restart_due()
+
+        assert trainer.restart_from_live() == 1
+        for name, weight in policy.state_dict().items():
+            torch.testing.assert_close(weight, live_weights[name], rtol=0, atol=0)
+        assert not trainer.ppo.policy_optimizer.state
+        assert trainer.state.restarted_after_version == second.policy_version
+        assert not trainer.restart_due()  # the rejections before the restart no longer count
+        third = trainer.publish_candidate()
+        registry.record_verdict(third.policy_version, False, verdict(False)["checks"])
+        assert not trainer.restart_due()
+        assert trainer.metrics.registry.get_sample_value("flywheel_trainer_policy_restarts_total") == 1
     finally:
         trainer.close()
 

@@ -40,6 +40,9 @@ class TrainerState(BaseModel):
     generations_at_last_step: int = 0
     """Logged answers the PPO steps so far have accounted for, `prompts_per_step` each."""
     last_candidate_version: int | None = None
+    restarted_after_version: int = 0
+    """The policy last restarted from the live one when this was the registry's newest version:
+    only the gate's verdicts on later candidates count toward the next restart."""
     kl_coef: float | None = None
 
 

@@ -87,6 +87,12 @@ class TrainerSettings(BaseModel):
     min_labels_before_ppo: int = Field(
         32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."
     )
+    restart_after_rejections: int = Field(
+        3,
+        ge=0,
+        description="After this many candidates in a row rejected by the gate, the trainer's policy restarts from the "
+        "live policy (fresh optimizer moments); 0 never restarts.",
+    )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."

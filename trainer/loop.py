@@ -208,6 +208,38 @@ class Trainer:
         log.info("PPO step %d", self.state.ppo_steps, extra=asdict(stats))
         return stats
 
+    def restart_due(self) -> bool:
+        """Whether the gate rejected the last `restart_after_rejections` candidates judged since the last restart.
+
+        A trainer whose candidates keep failing has drifted from what is served; training on from
+        there would only drift further.
+        """
+        needed = self.config.trainer.restart_after_rejections
+        if needed == 0:
+            return False
+        verdicts = [
+            self.registry.verdict(version)
+            for version in self.registry.versions()
+            if version > self.state.restarted_after_version and self.registry.manifest(version).parent_version is not None
+        ]
+        return rejections_in_a_row(verdicts) >= needed
+
+    def restart_from_live(self) -> int:
+        """Restart the policy from the live version's weights; the reference, value head and reward model stay. Returns the version."""
+        live = self.registry.live()
+        if live is None:
+            raise RuntimeError(f"the policy registry {self.config.registry_dir} has no live policy to restart from")
+        weights = load_without_dropout(AutoModelForCausalLM, self.registry.path(live.version)).state_dict()
+        self.ppo.restart_policy(weights)
+        self.state.restarted_after_version = self.registry.latest() or 0
+        self.metrics.policy_restarts.inc()
+        log.warning(
+            "policy restarted from live version %d after %d rejected candidates in a row",
+            live.version,
+            self.config.trainer.restart_after_rejections,
+        )
+        return live.version
+
     def candidate_due(self) -> bool:
         return self.state.ppo_steps > 0 and self.state.ppo_steps % self.config.ppo.candidate_every_steps == 0
 
@@ -253,6 +285,8 @@ class Trainer:
             if await asyncio.to_thread(self.update_reward_model) is not None:
                 updates_since_checkpoint += 1
             if self.ppo_step_due():
+                if self.restart_due():
+                    await asyncio.to_thread(self.restart_from_live)
                 await asyncio.to_thread(self.ppo_step)
                 updates_since_checkpoint += 1
                 if self.candidate_due():
@@ -273,6 +307,18 @@ class Trainer:
         await asyncio.to_thread(self.checkpoint)
         if uncommitted:  # nothing was read since the last commit (PPO steps on earlier traffic): aiokafka refuses {}
             await consumer.commit(uncommitted)
+
+
+def rejections_in_a_row(verdicts: list[dict | None]) -> int:
+    """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
+    (None: not judged yet). Candidates superseded before they were judged do not count either way."""
+    judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != ["superseded"]]
+    count = 0
+    for verdict in reversed(judged):
+        if verdict["approved"]:
+            break
+        count += 1
+    return count
 
 
 def candidate_event(version: int, parent_version: int | None, path: str, digest: str) -> events_pb2.PolicyEvent:

@@ -51,3 +51,8 @@ class TrainerMetrics:
             registry=registry,
         )
         self.candidates = Counter("flywheel_trainer_candidates", "Candidate policies proposed to the gate.", registry=registry)
+        self.policy_restarts = Counter(
+            "flywheel_trainer_policy_restarts",
+            "Restarts of the trained policy from the live one after candidates rejected in a row.",
+            registry=registry,
+        )

@@ -369,6 +369,11 @@ class PPOTrainer:
             tokens_per_second=response_tokens / seconds,
         )
 
+    def restart_policy(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the policy's weights (e.g. with the live policy's) and forget the optimizer's moments."""
+        self.models.policy.load_state_dict(weights)
+        self.policy_optimizer.state.clear()
+
     def save_policy(self, directory: Path) -> None:
         """Write the policy as a Hugging Face directory vLLM can serve: safetensors weights, config,
         generation config, tokenizer and chat template."""
