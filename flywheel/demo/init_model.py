@@ -74,7 +74,7 @@ max_new_tokens = 24
 candidate_every_steps = 5
 init_kl_coef = 0.2
 target_kl = 2.0
-kl_horizon = 500
+kl_horizon = 100
 
 [reward_model]
 learning_rate = 1e-4
