@@ -88,10 +88,10 @@ class TrainerSettings(BaseModel):
         32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."
     )
     restart_after_rejections: int = Field(
-        3,
+        0,
         ge=0,
         description="After this many candidates in a row rejected by the gate, the trainer's policy restarts from the "
-        "live policy (fresh optimizer moments); 0 never restarts.",
+        "live policy (fresh optimizer moments); 0, the default, never restarts.",
     )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(
