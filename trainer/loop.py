@@ -133,11 +133,12 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
             reward_model = RewardModelTrainer.load(checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id)
             policy = load_without_dropout(AutoModelForCausalLM, checkpoint / "policy")
-            models = PolicyWithValue(
-                policy,
-                ValueHead.load(checkpoint / VALUE_HEAD_FILE, policy.config.hidden_size),
-                load_without_dropout(AutoModelForCausalLM, state.reference_path),
-            )
+            if (checkpoint / VALUE_HEAD_FILE).exists():
+                value_head = ValueHead.load(checkpoint / VALUE_HEAD_FILE, policy.config.hidden_size)
+            else:
+                log.warning("checkpoint %s predates the value head (its critic was a separate model): starting a new one", checkpoint.name)
+                value_head = ValueHead(policy.config.hidden_size)
+            models = PolicyWithValue(policy, value_head, load_without_dropout(AutoModelForCausalLM, state.reference_path))
             restore_join_store(checkpoint, config.join_store.path)
             log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
         ppo = PPOTrainer(models, tokenizer, config.ppo)
