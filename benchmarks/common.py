@@ -1,6 +1,9 @@
-"""What the benchmarks share: demo prompts, latency percentiles, markdown tables."""
+"""What the benchmarks share: demo prompts, latency percentiles, markdown tables, the command that ran."""
 
+import os
 import random
+import shlex
+import sys
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -39,3 +42,11 @@ def report(lines: list[str], results_md: Path, write: bool) -> None:
     if write:
         results_md.parent.mkdir(parents=True, exist_ok=True)
         results_md.write_text("\n".join(lines))
+
+
+def invocation(module: str, argv: list[str] | None) -> str:
+    """The command line that ran benchmark `module`, with this interpreter relative to the repository."""
+    arguments = argv if argv is not None else sys.argv[1:]
+    # Not flywheel.config.REPO_ROOT: the TRL benchmark's venv runs without the project's dependencies.
+    repo_root = Path(__file__).resolve().parent.parent
+    return shlex.join([os.path.relpath(sys.executable, repo_root), "-m", module, *arguments])

@@ -30,7 +30,6 @@ benchmarks/results/ppo_vs_trl.md.
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.common import demo_prompt_ids, markdown_table, report
+from benchmarks.common import demo_prompt_ids, invocation, markdown_table, report
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer
 from trainer.reward_model import RewardModel
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
 
     rows, medians = summary_rows(times)
-    command = shlex.join([os.path.relpath(sys.executable, REPO_ROOT), "-m", "benchmarks.ppo_vs_trl", *(argv if argv is not None else sys.argv[1:])])
+    command = invocation("benchmarks.ppo_vs_trl", argv)
     lines = [
         "## PPO step throughput: Flywheel vs TRL",
         "",

@@ -22,7 +22,6 @@ to benchmarks/results/rollouts.md.
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmarks.common import demo_prompt_ids, markdown_table, report
+from benchmarks.common import demo_prompt_ids, invocation, markdown_table, report
 from trainer.ppo import TransformersSampler, end_of_sequence_ids
 from trainer.reward_model import load_without_dropout
 
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     engine.llm.llm_engine.engine_core.shutdown()
 
-    command = shlex.join([os.path.relpath(sys.executable, REPO_ROOT), "-m", "benchmarks.rollouts", *(argv if argv is not None else sys.argv[1:])])
+    command = invocation("benchmarks.rollouts", argv)
     lines = [
         "## Rollouts: transformers generate vs vLLM",
         "",
