@@ -52,6 +52,10 @@ class EvalPrompt:
     expected: str | None = None
     must_not_contain: tuple[str, ...] = ()
 
+    @property
+    def is_golden(self) -> bool:
+        return self.expected is not None or bool(self.must_not_contain)
+
 
 def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalPrompt]:
     """Golden prompts from a JSON-lines file: {"prompt", "expected"} and/or {"prompt", "must_not_contain": [...]}.
@@ -169,9 +173,8 @@ class GateEvaluator:
             reference, reference_golden_accuracy = live, evaluations[1].golden_accuracy
         else:
             reference = load_without_dropout(AutoModelForCausalLM, reference_path)
-            golden = [p for p in prompts if p.expected is not None or p.must_not_contain]
-            reference_golden_accuracy = golden_accuracy(self.answers(reference, golden))
-        kl = self.kl_to_reference(candidate, reference, [p for p in prompts if p.expected is None and not p.must_not_contain] or prompts)
+            reference_golden_accuracy = golden_accuracy(self.answers(reference, [p for p in prompts if p.is_golden]))
+        kl = self.kl_to_reference(candidate, reference, [p for p in prompts if not p.is_golden] or prompts)
         return decide(evaluations[0], evaluations[1], self.settings.thresholds, kl, reference_golden_accuracy)
 
 
