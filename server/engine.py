@@ -99,14 +99,15 @@ class PolicyEngine:
             logprobs = [
                 step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
             ]
-            # The engine core stamps its outputs with time.monotonic(), one clock for every process.
-            first_token_at = output.metrics.first_token_ts if whole and output.metrics else None
+            # The engine core stamps its outputs with time.monotonic(), one clock for every process
+            # (0.0 where it kept no stamp).
+            first_token_at = (output.metrics.first_token_ts or None) if whole and output.metrics else None
             yield GenerationDelta(
                 text=completion.text,
                 token_ids=list(completion.token_ids),
                 behavior_logprobs=logprobs,
                 finish_reason=completion.finish_reason if output.finished else None,
-                first_token_at=first_token_at or None,
+                first_token_at=first_token_at,
             )
 
     def unfinished_requests(self) -> int:
