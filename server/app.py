@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -162,6 +163,7 @@ async def serve(
     swapper = PolicySwapper(engine, server.policy, server.admission, policies, server.metrics, producer, kafka.topics, server.server_id)
     policy_events = EventConsumer(kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy])
     following = asyncio.create_task(_follow_policies(swapper, policy_events, settings.policy_poll_seconds))
+    freeze_startup_heap()
     try:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -178,6 +180,16 @@ async def serve(
         if producer is not None:
             await producer.stop()
         engine.shutdown()
+
+
+def freeze_startup_heap() -> None:
+    """Put every object alive after start-up out of the garbage collector's reach.
+
+    They live as long as the process, and a full collection would walk them all: the engine's and the
+    libraries' start-up heap took 0.4 s to scan on 2 cores, every answer in flight waiting.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _follow_policies(swapper: PolicySwapper, policy_events: EventConsumer, poll_seconds: float) -> None:
