@@ -10,9 +10,10 @@ Every request is the same prompt, greedy, with min_tokens == max_tokens so every
 Each system is started once and warmed up. Then, for several rounds, every concurrency level runs a fixed
 number of requests against each system in turn, in a closed loop (each of `concurrency` workers sends its
 next request when its previous one is answered). Interleaving the systems round by round spreads whatever
-else the machine is doing evenly over them; an idle engine costs nothing while another is measured.
+else the machine is doing evenly over them. Each measurement waits until every engine is idle: vLLM's engine
+processes poll for a second after their last step, and an idle engine costs nothing while another is measured.
 
-    .venv/bin/python -m benchmarks.serving [--model DIR] [--concurrency 1 8 32] [--rounds 5] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.serving [--model DIR] [--concurrency 1 8 32] [--rounds 12] [--max-tokens 64]
 
 Prints a table, writes the raw numbers to benchmarks/results/serving.json and the `## Serving` section of
 BENCHMARKS.md.
@@ -41,6 +42,7 @@ import aiohttp
 import grpc
 import numpy as np
 import psutil
+import uvloop
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
@@ -214,6 +216,23 @@ async def run_level(
     )  # fmt: skip
 
 
+async def engines_idle(systems_served: dict[str, Served], interval: float = 0.25, timeout: float = 30) -> None:
+    """Wait until no engine process of any system uses CPU.
+
+    vLLM's engine-core and model-worker processes keep polling each other for a second after their
+    last step; a system measured in that second would share the model worker's core with them.
+    """
+    engines = [process for served in systems_served.values() for process in served.engine]
+    deadline = time.monotonic() + timeout
+    busy = _cpu_seconds(engines)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(interval)
+        busy, before = _cpu_seconds(engines), busy
+        if busy - before < 0.02 * interval * len(engines):
+            return
+    raise TimeoutError(f"vLLM's engine processes were still busy {timeout:.0f} s after the last measurement")
+
+
 async def measure(systems_served: dict[str, Served], workload: Workload) -> list[Run]:
     """Every round: every level, every system; the systems' order rotates from round to round."""
     runs = []
@@ -222,6 +241,7 @@ async def measure(systems_served: dict[str, Served], workload: Workload) -> list
         order = systems[round_index % len(systems) :] + systems[: round_index % len(systems)]
         for concurrency in workload.concurrency_levels:
             for system in order:
+                await engines_idle(systems_served)
                 run = await run_level(
                     system, systems_served[system], concurrency, workload.requests_at(concurrency), workload.max_tokens, round_index
                 )
@@ -247,6 +267,7 @@ def sampling_message(workload: Workload) -> serving_pb2.SamplingParams:
 @contextlib.asynccontextmanager
 async def in_process_engine(model: str, settings: EngineSettings, workload: Workload) -> AsyncIterator[Served]:
     """(a) vLLM's AsyncLLM on this event loop, through the same seam the Flywheel server uses."""
+    from server.app import freeze_startup_heap
     from server.engine import PolicyEngine
     from server.validation import RequestLimits, validate_sampling
 
@@ -264,6 +285,7 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
     engine_processes = [child for child in this_process.children(recursive=True) if child.pid not in children_before]
     prompt = engine.render_prompt(workload.prompt)
     request_ids = iter(range(1 << 62))
+    freeze_startup_heap()  # as `flywheel serve` does once it has started
 
     async def send_one() -> int:
         tokens = 0
@@ -384,11 +406,16 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> Iterator[ServerProcess]:
-    """Run `command` in its own process group, logging to log_dir; the whole group is killed on exit."""
+    """Run `command` in its own process group, logging to log_dir; the whole group is killed on exit.
+
+    The same session as this process, though: Linux schedules each session as one group (autogroup),
+    so a server in a session of its own would get half the CPU against the clients, where the
+    in-process engine shares it thread by thread.
+    """
     log_path = log_dir / f"{name}.log"
     console.print(f"[dim]starting {name}: {shlex.join(command)}[/dim]")
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, process_group=0)
     try:
         yield ServerProcess(process, log_path)
     finally:
@@ -436,18 +463,32 @@ async def http_ok(session: aiohttp.ClientSession, path: str) -> bool:
 # --- reporting -----------------------------------------------------------------------------------------------
 
 
-def ratios(summaries: list[LevelSummary]) -> list[dict]:
-    """Per concurrency: Flywheel's throughput over the ceiling's and over the OpenAI server's, and its p99 over the latter's."""
-    by_key = {(summary.system, summary.concurrency): summary for summary in summaries}
+def paired_ratios(runs: list[Run], numerator: str, denominator: str, concurrency: int) -> list[float]:
+    """Throughput of `numerator` over `denominator` in each round where both ran at this concurrency."""
+    by_round: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if run.concurrency == concurrency:
+            by_round.setdefault(run.round, {})[run.system] = run.tokens_per_second
+    return [systems[numerator] / systems[denominator] for systems in by_round.values() if numerator in systems and denominator in systems]
+
+
+def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
+    """Per concurrency: Flywheel's throughput over the ceiling's and over the OpenAI server's, and its p99 over the latter's.
+
+    Throughput ratios are taken round by round, between measurements a minute apart, then the median over rounds
+    (with the range): the machine's speed drifts more between rounds than between the systems of one round.
+    """
+    p99 = {(summary.system, summary.concurrency): summary.p99_seconds for summary in summaries}
     rows = []
-    for concurrency in sorted({summary.concurrency for summary in summaries}):
-        engine, flywheel, openai = (by_key.get((system, concurrency)) for system in SYSTEMS)
-        row = {"concurrency": concurrency}
-        if flywheel and engine:
-            row["flywheel_over_engine_throughput"] = flywheel.tokens_per_second / engine.tokens_per_second
-        if flywheel and openai:
-            row["flywheel_over_openai_throughput"] = flywheel.tokens_per_second / openai.tokens_per_second
-            row["flywheel_over_openai_p99"] = flywheel.p99_seconds / openai.p99_seconds
+    for concurrency in sorted({run.concurrency for run in runs}):
+        row: dict = {"concurrency": concurrency}
+        for key, other in (("flywheel_over_engine_throughput", "engine"), ("flywheel_over_openai_throughput", "openai")):
+            paired = paired_ratios(runs, "flywheel", other, concurrency)
+            if paired:
+                row[key] = float(np.median(paired))
+                row[f"{key}_range"] = [min(paired), max(paired)]
+        if ("flywheel", concurrency) in p99 and ("openai", concurrency) in p99:
+            row["flywheel_over_openai_p99"] = p99["flywheel", concurrency] / p99["openai", concurrency]
         rows.append(row)
     return rows
 
@@ -456,7 +497,7 @@ RESULT_COLUMNS = (
     "system", "concurrency", "requests", "tokens/s (median)", "tokens/s (min–max)", "p50 ms", "p99 ms",
     "client+front-end CPU ms/token", "engine CPU ms/token",
 )  # fmt: skip
-RATIO_COLUMNS = ("concurrency", "b/a tokens/s", "b/c tokens/s", "b/c p99")
+RATIO_COLUMNS = ("concurrency", "b/a tokens/s (median)", "b/a (min–max)", "b/c tokens/s (median)", "b/c (min–max)", "b/c p99")
 RATIO_KEYS = ("flywheel_over_engine_throughput", "flywheel_over_openai_throughput", "flywheel_over_openai_p99")
 
 
@@ -475,7 +516,13 @@ def result_cells(summary: LevelSummary, titles: dict[str, str] = SYSTEM_TITLES) 
 
 
 def ratio_cells(row: dict) -> list[str]:
-    return [str(row["concurrency"]), *(f"{row[key]:.2f}" if key in row else "–" for key in RATIO_KEYS)]
+    cells = [str(row["concurrency"])]
+    for key in RATIO_KEYS:
+        cells.append(f"{row[key]:.2f}" if key in row else "–")
+        if key.endswith("_throughput"):
+            low, high = row.get(f"{key}_range", (None, None))
+            cells.append(f"{low:.2f}–{high:.2f}" if low is not None else "–")
+    return cells
 
 
 def rich_table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> Table:
@@ -521,8 +568,11 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
         f"Each system is started once and warmed up with {workload['warmup_requests']} requests; then "
         f"{workload['rounds']} rounds, each running every concurrency level against every system in turn "
         f"(order rotating), max({workload['min_requests']}, {workload['requests_per_worker']} × concurrency) "
-        "requests per measurement in a closed loop. tokens/s is the median over rounds (range beside it); "
-        "latency is measured by the client from send to whole answer, percentiles over all rounds' requests. "
+        "requests per measurement in a closed loop, each measurement starting once every engine is idle. "
+        "The servers run in the benchmark's session, so the kernel schedules their threads and the clients' "
+        "as it schedules the in-process engine's; the benchmark and both servers run uvloop's event loop. tokens/s is the median over rounds (range beside it); "
+        "b/a and b/c are taken within each round and their median over rounds is given (range beside it). "
+        "Latency is measured by the client from send to whole answer, percentiles over all rounds' requests. "
         "CPU ms/token is user + system CPU time per completion token, over all rounds: client+front-end counts the "
         "benchmark process (clients; for (a) also vLLM's front end) plus the server's main process, engine counts "
         "vLLM's engine-core and model-worker processes. Unlike tokens/s it hardly moves when other work shares the machine.",
@@ -552,8 +602,9 @@ def reading(ratio_rows: list[dict]) -> str:
     verdict_a = "the 0.95 target is met at every level" if not below else f"below the 0.95 target at concurrency {_levels(below)}"
     verdict_c = "ahead at every level" if not behind else f"behind at concurrency {_levels(behind)}"
     return (
-        f"Reading: Flywheel delivers {min(b_over_a):.0%}–{max(b_over_a):.0%} of the in-process engine's throughput "
-        f"({verdict_a}) and {min(b_over_c):.2f}–{max(b_over_c):.2f}× the OpenAI server's ({verdict_c}), with a p99 "
+        f"Reading (medians of the round-by-round ratios): Flywheel delivers {min(b_over_a):.0%}–{max(b_over_a):.0%} of the "
+        f"in-process engine's throughput ({verdict_a}) and {min(b_over_c):.2f}–{max(b_over_c):.2f}× the OpenAI server's "
+        f"({verdict_c}), with a p99 "
         f"latency {min(p99_over_c):.2f}–{max(p99_over_c):.2f}× the OpenAI server's."
     )
 
@@ -655,9 +706,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length; min_tokens is the same")
-    parser.add_argument("--rounds", type=int, default=5, help="measurements of every (concurrency, system), interleaved")
+    parser.add_argument("--rounds", type=int, default=12, help="measurements of every (concurrency, system), interleaved")
     parser.add_argument("--min-requests", type=int, default=32, help="requests per measurement: at least this many")
-    parser.add_argument("--requests-per-worker", type=int, default=4, help="... and at least this many per concurrent worker")
+    parser.add_argument("--requests-per-worker", type=int, default=16, help="... and at least this many per concurrent worker")
     parser.add_argument("--warmup-requests", type=int, default=32)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
@@ -686,13 +737,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as log_dir:
-        runs = asyncio.run(run_all(model, settings, workload, args.systems, Path(log_dir)))
+        # The in-process engine and the clients run on the event loop `flywheel serve` and vLLM's OpenAI server use.
+        runs = uvloop.run(run_all(model, settings, workload, args.systems, Path(log_dir)))
     # Collect the shut-down AsyncLLM now: its __del__ fails if it first runs during interpreter teardown.
     gc.collect()
     load_after = os.getloadavg()[0]
 
     summaries = summarize(runs)
-    ratio_rows = ratios(summaries)
+    ratio_rows = ratios(runs, summaries)
     result_rows = [result_cells(summary, SYSTEM_LABELS) for summary in summaries]
     console.print(rich_table("Serving: completion tokens/s, request latency, CPU per token", RESULT_COLUMNS, result_rows))
     console.print(rich_table("Flywheel (b) over the ceiling (a) and the OpenAI server (c)", RATIO_COLUMNS, [ratio_cells(r) for r in ratio_rows]))
