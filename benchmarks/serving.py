@@ -475,7 +475,7 @@ def paired_ratios(runs: list[Run], numerator: str, denominator: str, concurrency
 def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
     """Per concurrency: Flywheel's throughput over the ceiling's and over the OpenAI server's, and its p99 over the latter's.
 
-    Throughput ratios are taken round by round, between measurements a minute apart, then the median over rounds
+    Throughput ratios are taken round by round, between measurements seconds apart, then the median over rounds
     (with the range): the machine's speed drifts more between rounds than between the systems of one round.
     """
     p99 = {(summary.system, summary.concurrency): summary.p99_seconds for summary in summaries}
