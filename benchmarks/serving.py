@@ -48,6 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import invocation
 from feedback.broker import free_port
 from flywheel.config import REPO_ROOT
 from flywheel.v1 import serving_pb2, serving_pb2_grpc
@@ -754,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     report = {
-        "command": shlex.join(["python", "-m", "benchmarks.serving", *(argv if argv is not None else sys.argv[1:])]),
+        "command": invocation("benchmarks.serving", argv),
         "machine": machine_facts(),
         "load_average_1m": {"before": load_before, "after": load_after},
         "model": model_facts(model),
