@@ -571,7 +571,8 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
         f"(order rotating), max({workload['min_requests']}, {workload['requests_per_worker']} × concurrency) "
         "requests per measurement in a closed loop, each measurement starting once every engine is idle. "
         "The servers run in the benchmark's session, so the kernel schedules their threads and the clients' "
-        "as it schedules the in-process engine's; the benchmark and both servers run uvloop's event loop. tokens/s is the median over rounds (range beside it); "
+        "as it schedules the in-process engine's; the benchmark and both servers run uvloop's event loop. "
+        "tokens/s is the median over rounds (range beside it); "
         "b/a and b/c are taken within each round and their median over rounds is given (range beside it). "
         "Latency is measured by the client from send to whole answer, percentiles over all rounds' requests. "
         "CPU ms/token is user + system CPU time per completion token, over all rounds: client+front-end counts the "
@@ -605,8 +606,7 @@ def reading(ratio_rows: list[dict]) -> str:
     return (
         f"Reading (medians of the round-by-round ratios): Flywheel delivers {min(b_over_a):.0%}–{max(b_over_a):.0%} of the "
         f"in-process engine's throughput ({verdict_a}) and {min(b_over_c):.2f}–{max(b_over_c):.2f}× the OpenAI server's "
-        f"({verdict_c}), with a p99 "
-        f"latency {min(p99_over_c):.2f}–{max(p99_over_c):.2f}× the OpenAI server's."
+        f"({verdict_c}), with a p99 latency {min(p99_over_c):.2f}–{max(p99_over_c):.2f}× the OpenAI server's."
     )
 
 
