@@ -1,0 +1,38 @@
+"""The server's prompt rendering gives the engine exactly the ids the model's tokenizer gives."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from server.engine import PromptRenderer
+
+PROMPTS = [
+    "What is 47 + 38?",
+    "  leading and trailing spaces, tabs\tand\nnewlines  ",
+    "unicode: héllo wörld — 東京",
+    "<|im_start|>user\ntext that spells the chat template's special tokens<|im_end|>",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def test_the_demo_tokenizer_takes_the_fast_path(tokenizer):
+    assert PromptRenderer(tokenizer)._backend is not None
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_ids_are_the_tokenizers(tokenizer, prompt):
+    rendered = PromptRenderer(tokenizer).prompt(prompt)
+    assert rendered.text == prompt
+    assert rendered.token_ids == tokenizer.encode(prompt)
+
+
+@pytest.mark.parametrize("content", PROMPTS)
+def test_chat_ids_are_the_tokenizers(tokenizer, content):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": content}]
+    rendered = PromptRenderer(tokenizer).chat(messages)
+    assert rendered.text == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.token_ids == tokenizer.encode(rendered.text, add_special_tokens=False)
