@@ -6,7 +6,9 @@ Three systems answer the same workload on the same model with the same engine ar
   flywheel `flywheel serve` in a subprocess, driven with `Generate` over a grpc.aio channel;
   openai   vLLM's OpenAI HTTP server in a subprocess, driven with POST /v1/completions over aiohttp.
 
-Every request is the same prompt, greedy, with min_tokens == max_tokens so every answer has the same length.
+Every request is the same prompt text, tokenized by each system for every request as Flywheel's `Generate`
+must (the ceiling renders it per request with the server's own renderer; vLLM's OpenAI server is sent the
+text, not token ids), greedy, with min_tokens == max_tokens so every answer has the same length.
 Each system is started once and warmed up. Then, for several rounds, every concurrency level runs a fixed
 number of requests against each system in turn, in a closed loop (each of `concurrency` workers sends its
 next request when its previous one is answered). Interleaving the systems round by round spreads whatever
@@ -131,6 +133,7 @@ class LevelSummary:
     p99_seconds: float
     front_cpu_ms_per_token: float
     """Client and front-end CPU per completion token, over all rounds."""
+    front_cpu_ms_per_request: float
     engine_cpu_ms_per_token: float
 
     @classmethod
@@ -148,6 +151,7 @@ class LevelSummary:
             p50_seconds=float(np.percentile(latencies, 50)),
             p99_seconds=float(np.percentile(latencies, 99)),
             front_cpu_ms_per_token=1000 * sum(run.front_cpu_seconds for run in runs) / tokens,
+            front_cpu_ms_per_request=1000 * sum(run.front_cpu_seconds for run in runs) / len(latencies),
             engine_cpu_ms_per_token=1000 * sum(run.engine_cpu_seconds for run in runs) / tokens,
         )
 
@@ -284,12 +288,12 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
     children_before = {child.pid for child in this_process.children(recursive=True)}
     engine = PolicyEngine.start(settings, model)
     engine_processes = [child for child in this_process.children(recursive=True) if child.pid not in children_before]
-    prompt = engine.render_prompt(workload.prompt)
     request_ids = iter(range(1 << 62))
     freeze_startup_heap()  # as `flywheel serve` does once it has started
 
     async def send_one() -> int:
         tokens = 0
+        prompt = engine.render_prompt(workload.prompt)  # as `Generate` renders every request's text
         async for delta in engine.stream(f"bench-{next(request_ids)}", prompt, sampling, whole=True):
             tokens += len(delta.token_ids)
         return tokens
@@ -298,6 +302,9 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
         yield Served(send_one, front=[this_process], engine=engine_processes)
     finally:
         engine.shutdown()
+        # An import inside vLLM's shutdown leaves a traceback that keeps this frame, so the engine, alive
+        # until interpreter teardown, where AsyncLLM.__del__ fails; `del` empties the local and send_one's cell.
+        del engine
 
 
 @contextlib.asynccontextmanager
@@ -349,7 +356,7 @@ async def openai_http(
             await wait_until(server, lambda: http_ok(session, "/health"), "HTTP /health 200")
             body = {
                 "model": model,
-                "prompt": prompt_token_ids,
+                "prompt": workload.prompt,
                 "max_tokens": workload.max_tokens,
                 "min_tokens": workload.max_tokens,
                 "temperature": 0.0,
@@ -474,12 +481,14 @@ def paired_ratios(runs: list[Run], numerator: str, denominator: str, concurrency
 
 
 def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
-    """Per concurrency: Flywheel's throughput over the ceiling's and over the OpenAI server's, and its p99 over the latter's.
+    """Per concurrency: Flywheel's throughput over the ceiling's and over the OpenAI server's, its p99 over the latter's,
+    and the client and front-end CPU each server spends per answer beyond the ceiling's.
 
     Throughput ratios are taken round by round, between measurements seconds apart, then the median over rounds
     (with the range): the machine's speed drifts more between rounds than between the systems of one round.
     """
     p99 = {(summary.system, summary.concurrency): summary.p99_seconds for summary in summaries}
+    front_cpu = {(summary.system, summary.concurrency): summary.front_cpu_ms_per_request for summary in summaries}
     rows = []
     for concurrency in sorted({run.concurrency for run in runs}):
         row: dict = {"concurrency": concurrency}
@@ -490,6 +499,9 @@ def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
                 row[f"{key}_range"] = [min(paired), max(paired)]
         if ("flywheel", concurrency) in p99 and ("openai", concurrency) in p99:
             row["flywheel_over_openai_p99"] = p99["flywheel", concurrency] / p99["openai", concurrency]
+        for key, system in zip(ADDED_CPU_KEYS, ("flywheel", "openai")):
+            if (system, concurrency) in front_cpu and ("engine", concurrency) in front_cpu:
+                row[key] = front_cpu[system, concurrency] - front_cpu["engine", concurrency]
         rows.append(row)
     return rows
 
@@ -498,8 +510,12 @@ RESULT_COLUMNS = (
     "system", "concurrency", "requests", "tokens/s (median)", "tokens/s (min–max)", "p50 ms", "p99 ms",
     "client+front-end CPU ms/token", "engine CPU ms/token",
 )  # fmt: skip
-RATIO_COLUMNS = ("concurrency", "b/a tokens/s (median)", "b/a (min–max)", "b/c tokens/s (median)", "b/c (min–max)", "b/c p99")
+RATIO_COLUMNS = (
+    "concurrency", "b/a tokens/s (median)", "b/a (min–max)", "b/c tokens/s (median)", "b/c (min–max)", "b/c p99",
+    "b − a client+front-end CPU ms/answer", "c − a client+front-end CPU ms/answer",
+)  # fmt: skip
 RATIO_KEYS = ("flywheel_over_engine_throughput", "flywheel_over_openai_throughput", "flywheel_over_openai_p99")
+ADDED_CPU_KEYS = ("flywheel_added_front_cpu_ms_per_answer", "openai_added_front_cpu_ms_per_answer")
 
 
 def result_cells(summary: LevelSummary, titles: dict[str, str] = SYSTEM_TITLES) -> list[str]:
@@ -523,6 +539,7 @@ def ratio_cells(row: dict) -> list[str]:
         if key.endswith("_throughput"):
             low, high = row.get(f"{key}_range", (None, None))
             cells.append(f"{low:.2f}–{high:.2f}" if low is not None else "–")
+    cells.extend(f"{row[key]:.2f}" if key in row else "–" for key in ADDED_CPU_KEYS)
     return cells
 
 
@@ -564,7 +581,8 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
         f"KV cache {settings['kv_cache_bytes'] >> 20} MiB, max_num_seqs {workload['max_num_seqs']}, "
         f"max_num_batched_tokens {workload['max_num_batched_tokens']}, logprobs_mode processed_logprobs, seed "
         f"{settings['seed']}; Flywheel max_in_flight {max(workload['concurrency_levels'])}.",
-        f"- Workload: one {workload['prompt_tokens']}-token prompt, greedy, max_tokens = min_tokens = {workload['max_tokens']} "
+        f"- Workload: one {workload['prompt_tokens']}-token prompt, sent as text and tokenized for every request by "
+        f"every system (the ceiling with the server's renderer, vLLM's OpenAI server with its own), greedy, max_tokens = min_tokens = {workload['max_tokens']} "
         "(every answer has that many tokens, each with its log-prob), answers returned whole. "
         f"Each system is started once and warmed up with {workload['warmup_requests']} requests; then "
         f"{workload['rounds']} rounds, each running every concurrency level against every system in turn "
@@ -593,7 +611,7 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
 
 def reading(ratio_rows: list[dict]) -> str:
     """The numbers against the targets (b/a >= 0.95 in throughput, b ahead of c), in words."""
-    complete = [row for row in ratio_rows if all(key in row for key in RATIO_KEYS)]
+    complete = [row for row in ratio_rows if all(key in row for key in RATIO_KEYS + ADDED_CPU_KEYS)]
     if not complete:
         return "Not every system ran, so there are no ratios to read."
     b_over_a = [row["flywheel_over_engine_throughput"] for row in complete]
@@ -603,10 +621,16 @@ def reading(ratio_rows: list[dict]) -> str:
     behind = [row["concurrency"] for row in complete if row["flywheel_over_openai_throughput"] < 1.0]
     verdict_a = "the 0.95 target is met at every level" if not below else f"below the 0.95 target at concurrency {_levels(below)}"
     verdict_c = "ahead at every level" if not behind else f"behind at concurrency {_levels(behind)}"
+    cheaper = [row["concurrency"] for row in complete if row[ADDED_CPU_KEYS[0]] < row[ADDED_CPU_KEYS[1]]]
+    added = ", ".join(
+        f"{row[ADDED_CPU_KEYS[0]]:.2f} against {row[ADDED_CPU_KEYS[1]]:.2f} ms at concurrency {row['concurrency']}" for row in complete
+    )
     return (
         f"Reading (medians of the round-by-round ratios): Flywheel delivers {min(b_over_a):.0%}–{max(b_over_a):.0%} of the "
         f"in-process engine's throughput ({verdict_a}) and {min(b_over_c):.2f}–{max(b_over_c):.2f}× the OpenAI server's "
-        f"({verdict_c}), with a p99 latency {min(p99_over_c):.2f}–{max(p99_over_c):.2f}× the OpenAI server's."
+        f"({verdict_c}), with a p99 latency {min(p99_over_c):.2f}–{max(p99_over_c):.2f}× the OpenAI server's. "
+        f"Client and front-end CPU per answer beyond the ceiling's, Flywheel against the OpenAI server: {added} "
+        f"(Flywheel spends less at concurrency {_levels(cheaper) if cheaper else 'none'})."
     )
 
 
@@ -683,7 +707,7 @@ def default_model() -> str:
 async def run_all(model: str, settings: EngineSettings, workload: Workload, systems: list[str], log_dir: Path) -> list[Run]:
     from transformers import AutoTokenizer
 
-    # The server's own rendering of the prompt (PolicyEngine.render_prompt), sent as ids to the OpenAI server.
+    # Both servers must report this many prompt tokens: the same prompt, rendered alike.
     prompt_token_ids = AutoTokenizer.from_pretrained(model).encode(workload.prompt)
     starters = {
         "engine": lambda: in_process_engine(model, settings, workload),
