@@ -582,7 +582,8 @@ def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: li
         f"max_num_batched_tokens {workload['max_num_batched_tokens']}, logprobs_mode processed_logprobs, seed "
         f"{settings['seed']}; Flywheel max_in_flight {max(workload['concurrency_levels'])}.",
         f"- Workload: one {workload['prompt_tokens']}-token prompt, sent as text and tokenized for every request by "
-        f"every system (the ceiling with the server's renderer, vLLM's OpenAI server with its own), greedy, max_tokens = min_tokens = {workload['max_tokens']} "
+        "every system (the ceiling with the server's renderer, vLLM's OpenAI server with its own), greedy, "
+        f"max_tokens = min_tokens = {workload['max_tokens']} "
         "(every answer has that many tokens, each with its log-prob), answers returned whole. "
         f"Each system is started once and warmed up with {workload['warmup_requests']} requests; then "
         f"{workload['rounds']} rounds, each running every concurrency level against every system in turn "
