@@ -7,47 +7,18 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from flywheel.prompts import PromptRenderer, RenderedPrompt
 from server.config import EngineSettings
 from server.validation import Sampling
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    text: str
-    token_ids: list[int]
-
-
-class PromptRenderer:
-    """Prompt text and chat messages to the token ids the engine is given, with the model's tokenizer."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        # A fast tokenizer's Rust backend returns the ids `tokenizer.encode` returns, without the
-        # Python batching around them (about 50 µs a request, a tenth of the server's CPU per call).
-        self._backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
-        if self._backend is not None:
-            self._backend.encode_special_tokens = tokenizer.split_special_tokens
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self._backend is None:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return RenderedPrompt(text, self._encode(text, add_special_tokens=False))
-
-    def prompt(self, prompt: str) -> RenderedPrompt:
-        return RenderedPrompt(prompt, self._encode(prompt, add_special_tokens=True))
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from feedback.config import TopicNames
 from feedback.intake import FeedbackIntake, FeedbackRefused, Refusal
 from feedback.tokens import FeedbackClaims, issue_feedback_token
 from flywheel.logs import request_id_var
+from flywheel.prompts import RenderedPrompt
 from flywheel.v1 import events_pb2, serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController, Overloaded
-from server.engine import GenerationDelta, PolicyEngine, RenderedPrompt
+from server.engine import GenerationDelta, PolicyEngine
 from server.metrics import ServingMetrics
 from server.policy import EventLog, LivePolicy
 from server.validation import (

@@ -1,9 +1,9 @@
-"""The server's prompt rendering gives the engine exactly the ids the model's tokenizer gives."""
+"""Prompt rendering (the server's and the gate's) gives exactly the ids the model's tokenizer gives."""
 
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine import PromptRenderer
+from flywheel.prompts import PromptRenderer
 
 PROMPTS = [
     "What is 47 + 38?",

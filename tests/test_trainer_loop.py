@@ -46,6 +46,7 @@ from flywheel.demo.task import (
     judge_thumb,
     traffic_questions,
 )
+from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
@@ -79,11 +80,9 @@ class DemoTraffic:
         self.rng = random.Random(seed)
 
     def prompt(self, question: DemoQuestion) -> tuple[str, list[int]]:
-        """The chat-rendered prompt text and its token ids, as `server.engine.render_chat` gives them."""
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return rendered, self.tokenizer.encode(rendered, add_special_tokens=False)
+        """The chat-rendered prompt text and its token ids, as the server renders them."""
+        rendered = PromptRenderer(self.tokenizer).chat([{"role": "user", "content": question.prompt}])
+        return rendered.text, rendered.token_ids
 
     def answer(
         self, question: DemoQuestion, text: str, user_id: str = "alice", response_token_ids: Sequence[int] | None = None

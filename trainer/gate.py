@@ -27,6 +27,7 @@ from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
+from flywheel.prompts import PromptRenderer
 from flywheel.registry import CorruptPolicy, PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2
 from trainer.checkpoint import latest_checkpoint
@@ -62,6 +63,7 @@ def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalProm
 
     Each prompt is asked as one user chat message. Raises ValueError naming the line of a bad entry.
     """
+    renderer = PromptRenderer(tokenizer)
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -73,8 +75,8 @@ def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalProm
             raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt' ({error})") from error
         if expected is None and not banned:
             raise ValueError(f"{path}:{number}: give 'expected' or 'must_not_contain'")
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        prompts.append(EvalPrompt(tuple(tokenizer.encode(rendered, add_special_tokens=False)), prompt, expected, banned))
+        rendered = renderer.chat([{"role": "user", "content": prompt}])
+        prompts.append(EvalPrompt(tuple(rendered.token_ids), prompt, expected, banned))
     return prompts
 
 
