@@ -309,7 +309,7 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
 
 @contextlib.asynccontextmanager
 async def flywheel_grpc(
-    model: str, settings: EngineSettings, workload: Workload, prompt_token_ids: list[int], log_dir: Path
+    model: str, settings: EngineSettings, workload: Workload, prompt_tokens: int, log_dir: Path
 ) -> AsyncIterator[Served]:
     """(b) `flywheel serve` in a subprocess, `Generate` over one grpc.aio channel."""
     port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
@@ -337,8 +337,8 @@ async def flywheel_grpc(
 
             async def send_one() -> int:
                 response = await stub.Generate(request)
-                if response.prompt_tokens != len(prompt_token_ids):
-                    raise RuntimeError(f"flywheel: prompt is {response.prompt_tokens} tokens, expected {len(prompt_token_ids)}")
+                if response.prompt_tokens != prompt_tokens:
+                    raise RuntimeError(f"flywheel: prompt is {response.prompt_tokens} tokens, expected {prompt_tokens}")
                 return response.completion_tokens
 
             yield subprocess_system(send_one, server.process.pid)
@@ -346,7 +346,7 @@ async def flywheel_grpc(
 
 @contextlib.asynccontextmanager
 async def openai_http(
-    model: str, settings: EngineSettings, workload: Workload, prompt_token_ids: list[int], log_dir: Path
+    model: str, settings: EngineSettings, workload: Workload, prompt_tokens: int, log_dir: Path
 ) -> AsyncIterator[Served]:
     """(c) vLLM's OpenAI server in a subprocess with PolicyEngine's engine arguments, /v1/completions over aiohttp."""
     port = free_port("127.0.0.1")
@@ -369,8 +369,8 @@ async def openai_http(
                     if reply.status != 200:
                         raise RuntimeError(f"openai: HTTP {reply.status}: {await reply.text()}")
                     usage = (await reply.json())["usage"]
-                if usage["prompt_tokens"] != len(prompt_token_ids):
-                    raise RuntimeError(f"openai: prompt is {usage['prompt_tokens']} tokens, expected {len(prompt_token_ids)}")
+                if usage["prompt_tokens"] != prompt_tokens:
+                    raise RuntimeError(f"openai: prompt is {usage['prompt_tokens']} tokens, expected {prompt_tokens}")
                 return usage["completion_tokens"]
 
             yield subprocess_system(send_one, server.process.pid)
@@ -705,15 +705,14 @@ def default_model() -> str:
 # --- main ----------------------------------------------------------------------------------------------------
 
 
-async def run_all(model: str, settings: EngineSettings, workload: Workload, systems: list[str], log_dir: Path) -> list[Run]:
-    from transformers import AutoTokenizer
-
-    # Both servers must report this many prompt tokens: the same prompt, rendered alike.
-    prompt_token_ids = AutoTokenizer.from_pretrained(model).encode(workload.prompt)
+async def run_all(
+    model: str, settings: EngineSettings, workload: Workload, prompt_tokens: int, systems: list[str], log_dir: Path
+) -> list[Run]:
+    """`prompt_tokens`: how many tokens both servers must report for the prompt (the same text, rendered alike)."""
     starters = {
         "engine": lambda: in_process_engine(model, settings, workload),
-        "flywheel": lambda: flywheel_grpc(model, settings, workload, prompt_token_ids, log_dir),
-        "openai": lambda: openai_http(model, settings, workload, prompt_token_ids, log_dir),
+        "flywheel": lambda: flywheel_grpc(model, settings, workload, prompt_tokens, log_dir),
+        "openai": lambda: openai_http(model, settings, workload, prompt_tokens, log_dir),
     }
     async with contextlib.AsyncExitStack() as running:
         systems_served: dict[str, Served] = {}
@@ -761,10 +760,13 @@ def main(argv: list[str] | None = None) -> None:
         requests_per_worker=args.requests_per_worker,
         warmup_requests=args.warmup_requests,
     )
+    from transformers import AutoTokenizer
+
+    prompt_tokens = len(AutoTokenizer.from_pretrained(model).encode(workload.prompt))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as log_dir:
         # The in-process engine and the clients run on the event loop `flywheel serve` and vLLM's OpenAI server use.
-        runs = uvloop.run(run_all(model, settings, workload, args.systems, Path(log_dir)))
+        runs = uvloop.run(run_all(model, settings, workload, prompt_tokens, args.systems, Path(log_dir)))
     # Collect the shut-down AsyncLLM now: its __del__ fails if it first runs during interpreter teardown.
     gc.collect()
     load_after = os.getloadavg()[0]
@@ -777,8 +779,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         return
 
-    from transformers import AutoTokenizer
-
     report = {
         "command": invocation("benchmarks.serving", argv),
         "machine": machine_facts(),
@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
         "engine_settings": settings.model_dump(),
         "workload": {
             **dataclasses.asdict(workload),
-            "prompt_tokens": len(AutoTokenizer.from_pretrained(model).encode(workload.prompt)),
+            "prompt_tokens": prompt_tokens,
             "max_num_seqs": SchedulerConfig.DEFAULT_MAX_NUM_SEQS,
             "max_num_batched_tokens": SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS,
         },
