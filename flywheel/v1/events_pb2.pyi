@@ -27,7 +27,7 @@ POLICY_EVENT_KIND_LIVE: PolicyEventKind
 POLICY_EVENT_KIND_ROLLBACK: PolicyEventKind
 
 class GenerationLogged(_message.Message):
-    __slots__ = ("event_id", "response_id", "prompt", "chat", "rendered_prompt", "response_text", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "sampling", "finish_reason", "policy_version", "user_id", "client_request_id", "tags", "requested_at", "finished_at", "server_id")
+    __slots__ = ("event_id", "response_id", "prompt", "chat", "rendered_prompt", "response_text", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "sampling", "finish_reason", "policy_version", "user_id", "client_request_id", "tags", "requested_at", "finished_at", "server_id", "principal")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class GenerationLogged(_message.Message):
     REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     response_id: str
     prompt: str
@@ -71,10 +72,11 @@ class GenerationLogged(_message.Message):
     requested_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     server_id: str
-    def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_serving_pb2.ChatMessages, _Mapping]] = ..., rendered_prompt: _Optional[str] = ..., response_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behavior_logprobs: _Optional[_Iterable[float]] = ..., sampling: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., policy_version: _Optional[int] = ..., user_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., server_id: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_serving_pb2.ChatMessages, _Mapping]] = ..., rendered_prompt: _Optional[str] = ..., response_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behavior_logprobs: _Optional[_Iterable[float]] = ..., sampling: _Optional[_Union[_serving_pb2.SamplingParams, _Mapping]] = ..., finish_reason: _Optional[_Union[_serving_pb2.FinishReason, str]] = ..., policy_version: _Optional[int] = ..., user_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., server_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class FeedbackGiven(_message.Message):
-    __slots__ = ("event_id", "response_id", "user_id", "rating", "comment", "preferred_over_response_id", "policy_version", "given_at")
+    __slots__ = ("event_id", "response_id", "user_id", "rating", "comment", "preferred_over_response_id", "policy_version", "given_at", "principal")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class FeedbackGiven(_message.Message):
     PREFERRED_OVER_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     GIVEN_AT_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     response_id: str
     user_id: str
@@ -91,7 +94,8 @@ class FeedbackGiven(_message.Message):
     preferred_over_response_id: str
     policy_version: int
     given_at: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., user_id: _Optional[str] = ..., rating: _Optional[_Union[_serving_pb2.Rating, str]] = ..., comment: _Optional[str] = ..., preferred_over_response_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., given_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    principal: str
+    def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., user_id: _Optional[str] = ..., rating: _Optional[_Union[_serving_pb2.Rating, str]] = ..., comment: _Optional[str] = ..., preferred_over_response_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., given_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class GateCheck(_message.Message):
     __slots__ = ("name", "value", "threshold", "passed", "detail")
