@@ -1,11 +1,19 @@
 """The one configuration object of every Flywheel process: flags > environment (FLYWHEEL_*) > TOML file > defaults."""
 
+import copy
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from feedback.config import KafkaSettings, SpoolSettings
 from server.config import EngineSettings, ServerSettings
@@ -13,7 +21,36 @@ from trainer.config import GateSettings, JoinStoreSettings, PPOSettings, RewardM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_SETTINGS_FILE = "flywheel.toml"
-"""A model directory may carry the Flywheel settings that suit it (the demo model does): the lowest-priority file."""
+"""A model directory may carry the training and gate settings that suit it (the demo model does): the
+lowest-priority file, limited to MODEL_DIR_MAY_SET."""
+
+MODEL_DIR_MAY_SET = (
+    "ppo",
+    "reward_model",
+    "trainer.min_labels_before_ppo",
+    "trainer.checkpoint_every_steps",
+    "trainer.restart_after_rejections",
+    "trainer.seed",
+    "trainer.torch_threads",
+    "gate.thresholds",
+    "gate.safety",
+    "gate.golden_file",
+    "gate.heldout_prompts",
+    "gate.max_new_tokens",
+    "gate.kl_samples_per_prompt",
+    "gate.torch_threads",
+)
+"""Everything a model directory's flywheel.toml may set; a section's name allows all of it. A model is
+downloaded, not vetted, so it gets no say over keys, secrets, addresses, ports, consumer groups or the
+process's own files: those belong to whoever runs it (config file, environment, flags)."""
+
+MODEL_DIR_PATHS = {"reward_model.model_path": ("",), "gate.golden_file": ("", "demo")}
+"""Settings of MODEL_DIR_MAY_SET that name a file, with their values that are not paths. From a model
+directory, a path is relative to it and must stay inside it."""
+
+
+class ModelSettingsError(ValueError):
+    """A model directory's flywheel.toml sets what it may not."""
 
 
 class FlywheelConfig(BaseSettings):
@@ -58,9 +95,10 @@ def load_config(
 ) -> FlywheelConfig:
     """Build the config; `overrides` (from flags) is nested like the config, e.g. {"server": {"port": 1}}.
 
-    When `model_dir` holds a flywheel.toml, its settings rank below `config_file`'s and above the defaults.
+    When `model_dir` holds a flywheel.toml, its settings rank below `config_file`'s and above the defaults;
+    it may set only MODEL_DIR_MAY_SET (ModelSettingsError otherwise).
     """
-    files = [path for path in (model_dir and model_dir / MODEL_SETTINGS_FILE, config_file) if path is not None]
+    model_settings = read_model_settings(model_dir) if model_dir is not None else {}
 
     class FromSources(FlywheelConfig):
         @classmethod
@@ -72,11 +110,75 @@ def load_config(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            file_settings = (TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True),) if files else ()
-            return (init_settings, env_settings, *file_settings)
+            file_settings = (TomlConfigSettingsSource(settings_cls, toml_file=config_file),) if config_file else ()
+            return (init_settings, env_settings, *file_settings, InitSettingsSource(settings_cls, model_settings))
 
     loaded = FromSources(**(overrides or {}))
     return FlywheelConfig.model_validate(loaded.model_dump())
+
+
+def read_model_settings(model_dir: Path) -> dict[str, Any]:
+    """The settings of `model_dir`'s flywheel.toml ({} without one), its paths made absolute.
+
+    Raises ModelSettingsError naming each setting outside MODEL_DIR_MAY_SET and each path that leaves the directory.
+    """
+    settings_file = model_dir / MODEL_SETTINGS_FILE
+    if not settings_file.is_file():
+        return {}
+    try:
+        table = tomllib.loads(settings_file.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ModelSettingsError(f"{settings_file} is not valid TOML: {error}") from error
+    refused = settings_a_model_may_not_set(table)
+    resolved, outside = model_paths_resolved(table, model_dir)
+    if refused or outside:
+        problems = [f"it may not set {', '.join(refused)}"] if refused else []
+        problems += [f"{setting} leaves the model directory ({path})" for setting, path in outside.items()]
+        raise ModelSettingsError(
+            f"{settings_file}: {'; '.join(problems)}. A model directory may set only its training and gate "
+            f"settings: {', '.join(MODEL_DIR_MAY_SET)}, with paths inside the directory. Set anything else in "
+            "the config file, a FLYWHEEL_* environment variable or a flag."
+        )
+    return resolved
+
+
+def settings_a_model_may_not_set(table: dict[str, Any]) -> list[str]:
+    """The dotted names of the settings in `table` (a parsed flywheel.toml) outside MODEL_DIR_MAY_SET."""
+    return [setting for setting in _leaf_settings(table) if not _model_may_set(setting)]
+
+
+def model_paths_resolved(table: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """`table` with each path of MODEL_DIR_PATHS resolved against `model_dir`, and those that land outside it.
+
+    Pure but for resolving symbolic links: a link in the directory pointing out of it leaves it too.
+    """
+    resolved = copy.deepcopy(table)
+    outside: dict[str, Path] = {}
+    root = model_dir.resolve()
+    for setting, not_paths in MODEL_DIR_PATHS.items():
+        section, name = setting.split(".")
+        value = table.get(section, {}).get(name) if isinstance(table.get(section), dict) else None
+        if not isinstance(value, str) or value in not_paths:
+            continue  # absent, a keyword, or a wrong type the settings' own validation reports
+        path = (root / value).resolve()  # an absolute value stays itself
+        if path.is_relative_to(root):
+            resolved[section][name] = str(path)
+        else:
+            outside[setting] = path
+    return resolved, outside
+
+
+def _leaf_settings(table: dict[str, Any], prefix: str = "") -> list[str]:
+    leaves = []
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        leaves += _leaf_settings(value, f"{name}.") if isinstance(value, dict) else [name]
+    return leaves
+
+
+def _model_may_set(setting: str) -> bool:
+    parts = setting.split(".")
+    return any(".".join(parts[:length]) in MODEL_DIR_MAY_SET for length in range(1, len(parts) + 1))
 
 
 def config_table(model: type[BaseModel] = FlywheelConfig, prefix: str = "") -> list[str]:

@@ -1,8 +1,22 @@
 """The process configuration: sources in order of priority, and a model directory's own settings."""
 
+import ast
+import functools
+import tomllib
 from pathlib import Path
 
-from flywheel.config import MODEL_SETTINGS_FILE, load_config
+import pytest
+from pydantic import BaseModel
+
+from flywheel.config import (
+    MODEL_DIR_PATHS,
+    MODEL_SETTINGS_FILE,
+    REPO_ROOT,
+    FlywheelConfig,
+    ModelSettingsError,
+    load_config,
+    settings_a_model_may_not_set,
+)
 
 
 def test_flags_beat_environment_beat_config_file_beat_model_settings_beat_defaults(tmp_path: Path, monkeypatch):
@@ -29,3 +43,109 @@ def test_relative_paths_live_under_the_state_dir(tmp_path: Path):
     assert config.spool.directory == tmp_path / "spool"
     assert config.join_store.path == tmp_path / "trainer" / "join_store.sqlite3"
     assert config.trainer.checkpoint_dir == tmp_path / "trainer" / "checkpoint"
+
+
+# ------------------------------------------------------------------- what a model directory may set
+
+
+def model_dir_with(tmp_path: Path, settings: str) -> Path:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / MODEL_SETTINGS_FILE).write_text(settings)
+    return model_dir
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ('[server]\napi_keys_file = "keys.txt"\n', "server.api_keys_file"),
+        ('[server]\napi_keys = ["let-me-in"]\n', "server.api_keys"),
+        ('[server]\nfeedback_token_secret = "known-to-the-model-author"\n', "server.feedback_token_secret"),
+        ("[server]\nport = 50052\n", "server.port"),
+        ('[kafka]\nbootstrap_servers = "elsewhere:9092"\n', "kafka.bootstrap_servers"),
+        ('[trainer]\nconsumer_group = "someone-elses"\n', "trainer.consumer_group"),
+        ('registry_dir = "/tmp/registry"\n', "registry_dir"),
+        ("[gate]\nauto_rollback = false\n", "gate.auto_rollback"),
+    ],
+)
+def test_a_model_directory_may_not_set_keys_secrets_addresses_or_the_processes_paths(tmp_path, settings, refused):
+    model_dir = model_dir_with(tmp_path, settings + "[ppo]\nepochs = 2\n")
+    with pytest.raises(ModelSettingsError) as refusal:
+        load_config(model_dir=model_dir)
+    message = str(refusal.value)
+    assert f"may not set {refused}." in message  # the setting, and only it: ppo.epochs is allowed
+    assert str(model_dir / MODEL_SETTINGS_FILE) in message
+    assert "may set only its training and gate settings: ppo, reward_model," in message
+
+
+def test_every_refused_setting_is_named_at_once(tmp_path):
+    model_dir = model_dir_with(tmp_path, '[server]\nport = 1\napi_keys_file = "k"\n[gate]\nmetrics_port = 2\n')
+    with pytest.raises(ModelSettingsError, match=r"may not set server\.port, server\.api_keys_file, gate\.metrics_port\."):
+        load_config(model_dir=model_dir)
+
+
+@pytest.mark.parametrize("escape", ["../golden.jsonl", "/etc/golden.jsonl", "link-out/golden.jsonl"])
+def test_a_path_from_a_model_directory_must_stay_inside_it(tmp_path, escape):
+    model_dir = model_dir_with(tmp_path, f'[gate]\ngolden_file = "{escape}"\n')
+    (model_dir / "link-out").symlink_to(tmp_path)  # inside by name, outside once resolved
+    with pytest.raises(ModelSettingsError, match=r"gate\.golden_file leaves the model directory"):
+        load_config(model_dir=model_dir)
+
+
+def test_a_model_directorys_paths_are_relative_to_it(tmp_path):
+    model_dir = model_dir_with(
+        tmp_path, '[gate]\ngolden_file = "eval/golden.jsonl"\n[reward_model]\nmodel_path = "./reward"\n'
+    )
+    config = load_config(model_dir=model_dir)
+    assert config.gate.golden_file == str(model_dir.resolve() / "eval" / "golden.jsonl")
+    assert config.reward_model.model_path == str(model_dir.resolve() / "reward")
+
+    # Keywords are not paths; and the operator's own files may point anywhere.
+    (model_dir / MODEL_SETTINGS_FILE).write_text('[gate]\ngolden_file = "demo"\n')
+    assert load_config(model_dir=model_dir).gate.golden_file == "demo"
+    config_file = tmp_path / "operator.toml"
+    config_file.write_text('[gate]\ngolden_file = "/srv/golden.jsonl"\n')
+    assert load_config(config_file, model_dir=model_dir).gate.golden_file == "/srv/golden.jsonl"
+
+
+def test_a_model_directorys_training_and_gate_settings_apply(tmp_path):
+    model_dir = model_dir_with(
+        tmp_path,
+        "[reward_model]\nbatch_size = 4\n"
+        "[trainer]\nmin_labels_before_ppo = 7\ntorch_threads = 1\n"
+        "[gate]\nheldout_prompts = 5\nthresholds = { kl_budget = 2.5 }\n[gate.safety]\nbanned_phrases = [\"x\"]\n",
+    )
+    config = load_config(model_dir=model_dir)
+    assert (config.reward_model.batch_size, config.trainer.min_labels_before_ppo, config.trainer.torch_threads) == (4, 7, 1)
+    assert (config.gate.heldout_prompts, config.gate.thresholds.kl_budget, config.gate.safety.banned_phrases) == (5, 2.5, ["x"])
+
+
+def test_the_demo_models_settings_are_all_a_model_directory_may_set():
+    # Read from the source, not imported: init_model imports torch and transformers.
+    source = (REPO_ROOT / "flywheel" / "demo" / "init_model.py").read_text()
+    (demo_settings,) = [
+        ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and [ast.unparse(target) for target in node.targets] == ["DEMO_SETTINGS"]
+    ]
+    assert settings_a_model_may_not_set(tomllib.loads(demo_settings)) == []
+
+
+def test_every_path_a_model_directory_may_set_is_checked():
+    """A file-naming setting added to an allowed section must join MODEL_DIR_PATHS, or it could point anywhere."""
+
+    def settings(model: type[BaseModel], prefix: str) -> list[tuple[str, object]]:
+        found = []
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                found += settings(field.annotation, f"{prefix}{name}.")
+            else:
+                found.append((f"{prefix}{name}", field.annotation))
+        return found
+
+    allowed = [(name, annotation) for name, annotation in settings(FlywheelConfig, "") if settings_a_model_may_not_set(
+        functools.reduce(lambda table, key: {key: table}, reversed(name.split(".")), 0)
+    ) == []]
+    assert len(allowed) > 30
+    file_naming = {name for name, annotation in allowed if "Path" in str(annotation) or name.endswith(("_file", "_path", "_dir"))}
+    assert file_naming == set(MODEL_DIR_PATHS)
