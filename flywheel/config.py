@@ -24,25 +24,29 @@ MODEL_SETTINGS_FILE = "flywheel.toml"
 """A model directory may carry the training and gate settings that suit it (the demo model does): the
 lowest-priority file, limited to MODEL_DIR_MAY_SET."""
 
-MODEL_DIR_MAY_SET = (
-    "ppo",
-    "reward_model",
-    "trainer.min_labels_before_ppo",
-    "trainer.checkpoint_every_steps",
-    "trainer.restart_after_rejections",
-    "trainer.seed",
-    "trainer.torch_threads",
-    "gate.thresholds",
-    "gate.safety",
-    "gate.golden_file",
-    "gate.heldout_prompts",
-    "gate.max_new_tokens",
-    "gate.kl_samples_per_prompt",
-    "gate.torch_threads",
-)
-"""Everything a model directory's flywheel.toml may set; a section's name allows all of it. A model is
-downloaded, not vetted, so it gets no say over keys, secrets, addresses, ports, consumer groups or the
-process's own files: those belong to whoever runs it (config file, environment, flags)."""
+MODEL_DIR_MAY_SET = {
+    "ppo": (
+        "prompts_per_step", "responses_per_prompt", "max_new_tokens", "temperature", "epochs", "minibatch_size",
+        "clip_eps", "value_clip_eps", "gamma", "lam", "target_kl", "kl_horizon", "init_kl_coef",
+        "missing_eos_penalty", "policy_learning_rate", "critic_learning_rate", "max_grad_norm",
+        "candidate_every_steps",
+    ),
+    "reward_model": (
+        "model_path", "learning_rate", "batch_size", "pointwise_loss_weight", "heldout_fraction",
+        "update_every_labels", "max_grad_norm",
+    ),
+    "trainer": (
+        "min_labels_before_ppo", "checkpoint_every_steps", "restart_after_rejections", "seed", "torch_threads",
+    ),
+    "gate": (
+        "thresholds", "safety", "golden_file", "heldout_prompts", "max_new_tokens", "kl_samples_per_prompt",
+        "torch_threads",
+    ),
+}
+"""Everything a model directory's flywheel.toml may set, section by section (thresholds and safety whole).
+A model is downloaded, not vetted, so it gets no say over keys, secrets, addresses, ports, consumer groups,
+the process's own files or per-tenant limits: those belong to whoever runs it (config file, environment,
+flags). A setting added to a section stays off this list until someone decides a model may set it."""
 
 MODEL_DIR_PATHS = {"reward_model.model_path": ("",), "gate.golden_file": ("", "demo")}
 """Settings of MODEL_DIR_MAY_SET that name a file, with their values that are not paths. From a model
@@ -134,10 +138,11 @@ def read_model_settings(model_dir: Path) -> dict[str, Any]:
     if refused or outside:
         problems = [f"it may not set {', '.join(refused)}"] if refused else []
         problems += [f"{setting} leaves the model directory ({path})" for setting, path in outside.items()]
+        allowed = "; ".join(f"{section}: {', '.join(names)}" for section, names in MODEL_DIR_MAY_SET.items())
         raise ModelSettingsError(
             f"{settings_file}: {'; '.join(problems)}. A model directory may set only its training and gate "
-            f"settings: {', '.join(MODEL_DIR_MAY_SET)}, with paths inside the directory. Set anything else in "
-            "the config file, a FLYWHEEL_* environment variable or a flag."
+            f"settings ({allowed}), with paths inside the directory. Set anything else in the config file, a "
+            "FLYWHEEL_* environment variable or a flag."
         )
     return resolved
 
@@ -177,8 +182,8 @@ def _leaf_settings(table: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _model_may_set(setting: str) -> bool:
-    parts = setting.split(".")
-    return any(".".join(parts[:length]) in MODEL_DIR_MAY_SET for length in range(1, len(parts) + 1))
+    section, _, rest = setting.partition(".")
+    return rest.split(".")[0] in MODEL_DIR_MAY_SET.get(section, ())
 
 
 def config_table(model: type[BaseModel] = FlywheelConfig, prefix: str = "") -> list[str]:
