@@ -12,7 +12,9 @@ class TopicNames(BaseModel):
     generations: str = Field("flywheel.generations", description="GenerationLogged, keyed by response_id.")
     feedback: str = Field("flywheel.feedback", description="FeedbackGiven, keyed by response_id.")
     policy: str = Field("flywheel.policy", description="PolicyEvent, keyed by policy version.")
-    dead_letters: str = Field("flywheel.dead-letters", description="DeadLetter: messages consumers could not decode.")
+    dead_letters: str = Field(
+        "flywheel.dead-letters", description="DeadLetter: events Kafka refused for good, or consumers could not use."
+    )
 
     def all(self) -> list[str]:
         return [self.generations, self.feedback, self.policy, self.dead_letters]
@@ -58,6 +60,9 @@ class KafkaSettings(BaseModel):
     max_pending_events: int = Field(
         10_000, ge=1, description="Events a producer holds in memory before it drops new ones (reason queue_full)."
     )
+    max_message_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest record to send (aiokafka's max_request_size); a larger event is dead-lettered."
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> "KafkaSettings":
@@ -77,4 +82,7 @@ class SpoolSettings(BaseModel):
     max_bytes: int = Field(1 << 30, gt=0, description="Bytes on disk, at most; further events are dropped.")
     segment_bytes: int = Field(
         4 << 20, gt=0, description="A segment file is closed past this size; acknowledged ones are deleted."
+    )
+    quarantine_max_bytes: int = Field(
+        64 << 20, gt=0, description="Bytes of the quarantine file (events whose dead letter Kafka refused too), at most."
     )

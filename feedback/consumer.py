@@ -1,8 +1,9 @@
 """Events out of Kafka for the trainer: decoded batches, commits only on the caller's word.
 
 Records that are not events (undecodable value, unknown type, no event id) are sent to the
-dead-letter topic with the reason and skipped. Delivery is at least once: drop repeats by event
-id, with `EventDeduper` or a persistent equivalent.
+dead-letter topic with the reason and skipped; so are events the caller cannot use, through
+`EventConsumer.dead_letter`. Delivery is at least once: drop repeats by event id, with
+`EventDeduper` or a persistent equivalent.
 """
 
 import logging
@@ -13,14 +14,13 @@ from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from feedback.config import KafkaSettings
 from feedback.connection import connection_options, ensure_topics
-from feedback.envelope import EVENT_ID_HEADER, EVENT_TYPE_HEADER, Rejection, decode_event, event_types_by_topic
+from feedback.envelope import Rejection, decode_event, event_types_by_topic
 from feedback.metrics import EventMetrics
+from feedback.producer import dead_letter_headers, fit_dead_letter
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ class EventConsumer:
         if self._kafka.create_topics:
             await ensure_topics(self._kafka)
         self._dead_letters = AIOKafkaProducer(
-            **connection_options(self._kafka), acks="all", request_timeout_ms=self._kafka.request_timeout_ms
+            **connection_options(self._kafka),
+            acks="all",
+            request_timeout_ms=self._kafka.request_timeout_ms,
+            max_request_size=self._kafka.max_message_bytes,
         )
         await self._dead_letters.start()
         self._consumer = AIOKafkaConsumer(
@@ -92,7 +95,14 @@ class EventConsumer:
                 for record in partition_records:
                     decoded = decode_event(record.topic, record.headers, record.value, self._types_by_topic)
                     if isinstance(decoded, Rejection):
-                        await self._send_dead_letter(record, decoded)
+                        dead_letter = events_pb2.DeadLetter(
+                            source_topic=record.topic,
+                            partition=record.partition,
+                            offset=record.offset,
+                            key=record.key or b"",
+                            value=record.value or b"",
+                        )
+                        await self._send_dead_letter(dead_letter, decoded.reason, decoded.detail)
                     else:
                         key = (record.key or b"").decode(errors="replace")
                         events.append(ConsumedEvent(record.topic, partition.partition, record.offset, key, decoded))
@@ -102,6 +112,22 @@ class EventConsumer:
             raise
         next_offsets = {partition: batch[-1].offset + 1 for partition, batch in records.items()}
         return EventBatch(events, next_offsets)
+
+    async def dead_letter(self, consumed: ConsumedEvent, reason: str, detail: str) -> None:
+        """Send an event the caller cannot use to the dead-letter topic; commit its offset then as if it was used.
+
+        `reason` is a metric label (e.g. refused_by_trainer), `detail` says what is wrong with the
+        event. The dead letter holds the event as decoded, serialized again. Raises KafkaError when
+        Kafka does not take the dead letter.
+        """
+        dead_letter = events_pb2.DeadLetter(
+            source_topic=consumed.topic,
+            partition=consumed.partition,
+            offset=consumed.offset,
+            key=consumed.key.encode(),
+            value=consumed.event.SerializeToString(),
+        )
+        await self._send_dead_letter(dead_letter, reason, detail)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit, per partition, the offset of the next record to read: everything before it is used."""
@@ -123,30 +149,18 @@ class EventConsumer:
         await self._consumer.stop()
         await self._dead_letters.stop()
 
-    async def _send_dead_letter(self, record: ConsumerRecord, rejection: Rejection) -> None:
-        at = Timestamp()
-        at.GetCurrentTime()
-        dead_letter = events_pb2.DeadLetter(
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key or b"",
-            value=record.value or b"",
-            reason=f"{rejection.reason}: {rejection.detail}",
-            at=at,
-        )
+    async def _send_dead_letter(self, dead_letter: events_pb2.DeadLetter, reason: str, detail: str) -> None:
+        """Send `dead_letter` (its source position, key and value set) with why; its value is cut to fit if need be."""
+        dead_letter.reason = f"{reason}: {detail}"
+        dead_letter.at.GetCurrentTime()
         # The source position identifies a dead letter, so a re-read record gives the same id.
-        dead_letter_id = f"{record.topic}/{record.partition}/{record.offset}"
+        dead_letter_id = f"{dead_letter.source_topic}/{dead_letter.partition}/{dead_letter.offset}"
+        headers = dead_letter_headers(dead_letter_id)
+        dead_letter = fit_dead_letter(dead_letter, headers, self._kafka.max_message_bytes)
         await self._dead_letters.send_and_wait(
-            self._kafka.topics.dead_letters,
-            dead_letter.SerializeToString(),
-            key=record.key,
-            headers=[
-                (EVENT_ID_HEADER, dead_letter_id.encode()),
-                (EVENT_TYPE_HEADER, dead_letter.DESCRIPTOR.full_name.encode()),
-            ],
+            self._kafka.topics.dead_letters, dead_letter.SerializeToString(), key=dead_letter.key or None, headers=headers
         )
-        self._metrics.dead_letters.labels(record.topic, rejection.reason).inc()
+        self._metrics.dead_letters.labels(dead_letter.source_topic, reason).inc()
         log.warning("dead-lettered %s: %s", dead_letter_id, dead_letter.reason)
 
 

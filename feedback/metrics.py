@@ -11,6 +11,8 @@ class EventMetrics:
     events_spooled: Counter
     events_replayed: Counter
     events_dropped: Counter
+    events_dead_lettered: Counter
+    events_quarantined: Counter
     spool_bytes: Gauge
     producer_errors: Counter
     dead_letters: Counter
@@ -31,7 +33,18 @@ class EventMetrics:
                 registry=registry,
             ),
             events_dropped=Counter(
-                "flywheel_events_dropped", "Events lost: reason queue_full (memory) or spool_full (disk).",
+                "flywheel_events_dropped",
+                "Events lost: reason queue_full (memory), spool_full or quarantine_full (disk).",
+                ["topic", "reason"], registry=registry,
+            ),
+            events_dead_lettered=Counter(
+                "flywheel_events_dead_lettered",
+                "Published events Kafka refuses for good (reason, e.g. message_too_large), sent to the dead-letter topic.",
+                ["topic", "reason"], registry=registry,
+            ),
+            events_quarantined=Counter(
+                "flywheel_events_quarantined",
+                "Published events Kafka refuses for good, dead letter too, written to the spool's quarantine file.",
                 ["topic", "reason"], registry=registry,
             ),
             spool_bytes=Gauge("flywheel_spool_bytes", "Bytes of spool segment files on disk.", registry=registry),

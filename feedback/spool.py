@@ -9,6 +9,9 @@ CRC or runs past the end of the file, and opening the spool cuts it off. Acknowl
 are deleted; how far into the first segment records were acknowledged is kept in memory only,
 so after a restart that segment is read again from its start (consumers drop the repeats by
 event id).
+
+Beside the segments, `Quarantine` keeps what must not wait in the spool and has nowhere else to
+go: events Kafka refuses for good whose dead letter it refused too.
 """
 
 import fcntl
@@ -187,3 +190,42 @@ class Spool:
         self._writer = open(self._path(number), "ab")  # noqa: SIM115 (held for the spool's life)
         self._sizes[number] = 0
         fsync_path(self._directory)
+
+
+class Quarantine:
+    """An append-only file of lines, bounded by `max_bytes`; each line is fsync'd before `append` returns.
+
+    A crash mid-write leaves a last line without its newline; opening the file cuts it off.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self._path = path
+        self._max_bytes = max_bytes
+        existed = path.exists()
+        data = path.read_bytes() if existed else b""
+        self._size = data.rfind(b"\n") + 1
+        self._file = open(path, "ab")  # noqa: SIM115 (held for the quarantine's life)
+        if not existed:
+            fsync_path(path.parent)
+        if self._size < len(data):
+            log.warning("quarantine %s ends in a torn line; ignoring its last %d bytes", path, len(data) - self._size)
+            self._file.truncate(self._size)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def append(self, line: bytes) -> bool:
+        """Write one line (it must not contain a newline) and fsync; False when it would pass max_bytes."""
+        if b"\n" in line:
+            raise ValueError("a quarantine line must not contain a newline")
+        if self._size + len(line) + 1 > self._max_bytes:
+            return False
+        self._file.write(line + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._size += len(line) + 1
+        return True
+
+    def close(self) -> None:
+        self._file.close()
