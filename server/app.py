@@ -26,10 +26,10 @@ from server.admission import AdmissionController
 from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine
 from server.interceptors import FlywheelInterceptor
-from server.metrics import ServingMetrics
+from server.metrics import PolicyCheckMetrics, ServingMetrics
 from server.policy import EventLog, LivePolicy
 from server.service import FlywheelService, random_token_secret
-from server.swap import PolicySwapper
+from server.swap import NoServablePolicy, PolicyChecker, PolicySwapper, startup_policy
 from server.validation import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,23 @@ async def serve(
     spool: SpoolSettings,
     policies: PolicyRegistry,
 ) -> None:
-    """Run one server on the registry's live policy until SIGINT or SIGTERM, following swaps."""
+    """Run one server on the registry's live policy until SIGINT or SIGTERM, following swaps.
+
+    The live version is verified first, as a swap verifies it; a refused one is served by an earlier
+    version when `startup_policy` finds one, and otherwise the process exits naming the version and why.
+    """
     live = policies.live()
     if live is None:
         raise RuntimeError(f"the policy registry {policies.root} has no live policy; run `flywheel up` or publish one")
-    engine = PolicyEngine.start(engine_settings, str(policies.path(live.version)))
     registry = CollectorRegistry()
+    checker = PolicyChecker(
+        policies, PolicyCheckMetrics(registry), settings.policy_poll_seconds, settings.policy_refused_retry_max_seconds
+    )
+    try:
+        version, manifest = startup_policy(checker, live)
+    except NoServablePolicy as error:
+        raise SystemExit(f"flywheel serve: {error}") from None
+    engine = PolicyEngine.start(engine_settings, str(policies.path(version)))
     event_metrics = EventMetrics.register(registry)
     producer = None
     if settings.log_generations:
@@ -156,11 +167,11 @@ async def serve(
     server = await FlywheelServer.start(
         settings,
         engine,
-        policy_version=live.version,
-        policy_digest=policies.manifest(live.version).digest,
+        policy_version=version,
+        policy_digest=manifest.digest,
         events=producer, topics=kafka.topics, registry=registry
     )
-    swapper = PolicySwapper(engine, server.policy, server.admission, policies, server.metrics, producer, kafka.topics, server.server_id)
+    swapper = PolicySwapper(engine, server.policy, server.admission, checker, server.metrics, producer, kafka.topics, server.server_id)
     policy_events = EventConsumer(kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy])
     following = asyncio.create_task(_follow_policies(swapper, policy_events, settings.policy_poll_seconds))
     freeze_startup_heap()

@@ -46,6 +46,11 @@ class ServerSettings(BaseModel):
     policy_poll_seconds: float = Field(
         5.0, gt=0, description="How often the server also checks the registry's live pointer, besides policy events."
     )
+    policy_refused_retry_max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait before a refused policy version is verified again; the wait doubles from policy_poll_seconds.",
+    )
 
     def accepted_api_keys(self) -> set[str]:
         keys = {k.get_secret_value() for k in self.api_keys}

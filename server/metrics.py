@@ -54,3 +54,19 @@ class ServingMetrics:
             registry=registry,
         )
         self.policy_version = Gauge("flywheel_policy_version", "Version of the policy this server answers with.", registry=registry)
+
+
+class PolicyCheckMetrics:
+    """The check of policy versions against their manifests, at start-up and before each swap.
+
+    Apart from ServingMetrics because the start-up check runs before the server that owns those exists.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.refusals = Counter(
+            "flywheel_policy_refusals",
+            "Checks of a policy version against its manifest that failed, at start-up or before a swap, by version; "
+            "a refused version is checked again with exponential back-off.",
+            ["policy_version"],
+            registry=registry,
+        )

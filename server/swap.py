@@ -3,31 +3,161 @@
 The registry's live pointer is the truth; policy events on Kafka only say "look now", and a
 periodic look covers events lost with a restarted broker. A swap pauses admission and waits
 for running requests to finish before it reloads, so no request sees two sets of weights.
+A server loads no version, at start-up or in a swap, that `PolicyChecker.verify` refuses.
 """
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from feedback.config import TopicNames
 from feedback.consumer import EventConsumer
-from flywheel.registry import CorruptPolicy, PolicyRegistry
+from flywheel.registry import CorruptPolicy, LiveRecord, PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2
 from server.admission import AdmissionController
-from server.engine import PolicyEngine
-from server.metrics import ServingMetrics
+from server.metrics import PolicyCheckMetrics, ServingMetrics
 from server.policy import EventLog, LivePolicy
 
+if TYPE_CHECKING:  # the start-up check and its tests run without importing vLLM
+    from server.engine import PolicyEngine
+
 log = logging.getLogger(__name__)
+
+
+class PolicyRefused(Exception):
+    """This server will not load a policy version: its files do not match its manifest, or it is not in the registry."""
+
+    def __init__(self, version: int, reason: str):
+        super().__init__(reason)
+        self.version = version
+        self.reason = reason
+
+
+class NoServablePolicy(Exception):
+    """At start-up, the live version is refused and no earlier version may stand in for it."""
+
+
+def refusal_backoff_seconds(refusals: int, first_seconds: float, max_seconds: float) -> float:
+    """Seconds to wait before checking a version again after its `refusals`-th refusal in a row (1, 2, …).
+
+    Doubles from first_seconds and stops at max_seconds: 5, 10, 20, … 300 s with the defaults.
+    """
+    return min(max_seconds, first_seconds * 2.0 ** min(refusals - 1, 60))
+
+
+def fallback_versions(live_version: int, history: Sequence[LiveRecord]) -> list[int]:
+    """Versions a starting server may serve instead of a refused live one, the one to try first first.
+
+    Every version the live pointer has held, newest first, except the live one and any version a
+    rollback moved away from: a rollback judged it bad, so only the refused version's
+    predecessors that nobody judged bad stand in for it.
+    """
+    rolled_back = {record.previous_version for record in history if record.kind == "rollback"}
+    candidates: list[int] = []
+    for record in reversed(history):
+        if record.version != live_version and record.version not in rolled_back and record.version not in candidates:
+            candidates.append(record.version)
+    return candidates
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    refusals: int
+    """Refusals in a row, this one included."""
+    retry_at: float
+    """time.monotonic() from which the version is checked again."""
+
+
+class PolicyChecker:
+    """The check a policy version passes before this server loads it, at start-up and before every swap.
+
+    It re-hashes every file of the version against its manifest (`PolicyRegistry.verify`). A
+    refused version is counted and logged, and checked again only once a back-off has passed,
+    doubling from `first_retry_seconds` to `max_retry_seconds`: a registry's files do not change,
+    so re-hashing gigabytes at every look would only burn a core. A repaired version passes at
+    its next check; another live version is checked at once.
+    """
+
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        metrics: PolicyCheckMetrics,
+        first_retry_seconds: float,
+        max_retry_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.registry = registry
+        self._metrics = metrics
+        self._first_retry_seconds = first_retry_seconds
+        self._max_retry_seconds = max_retry_seconds
+        self._clock = clock
+        self._refusals: dict[int, Refusal] = {}
+
+    def due(self, version: int) -> bool:
+        """Whether `version` may be checked now: never refused, or its back-off has passed."""
+        refusal = self._refusals.get(version)
+        return refusal is None or self._clock() >= refusal.retry_at
+
+    def verify(self, version: int) -> PolicyManifest:
+        """The manifest of `version` when every file matches it; raises PolicyRefused. Blocks while hashing."""
+        try:
+            manifest = self.registry.verify(version)
+        except (CorruptPolicy, ValueError) as error:  # ValueError: no such version in the registry
+            previous = self._refusals.get(version)
+            refusals = previous.refusals + 1 if previous else 1
+            wait = refusal_backoff_seconds(refusals, self._first_retry_seconds, self._max_retry_seconds)
+            self._refusals[version] = Refusal(str(error), refusals, self._clock() + wait)
+            self._metrics.refusals.labels(policy_version=str(version)).inc()
+            log.error("refusing policy version %d (refusal %d in a row, next check in %.0f s): %s", version, refusals, wait, error)
+            raise PolicyRefused(version, str(error)) from error
+        if self._refusals.pop(version, None) is not None:
+            log.info("policy version %d matches its manifest again", version)
+        return manifest
+
+
+def startup_policy(checker: PolicyChecker, live: LiveRecord) -> tuple[int, PolicyManifest]:
+    """The version a starting server loads, and its manifest: the live one if the checker passes it.
+
+    Otherwise the first of `fallback_versions` that passes, so a restarted replica serves what the
+    running replicas, which refused the same version, still serve; the refusal stays counted for
+    the alert and the swapper keeps checking the live version. Raises NoServablePolicy naming the
+    version and why when none passes.
+    """
+    try:
+        return live.version, checker.verify(live.version)
+    except PolicyRefused as refused:
+        live_refused = refused
+    tried: list[str] = []
+    for version in fallback_versions(live.version, checker.registry.history()):
+        try:
+            manifest = checker.verify(version)
+        except PolicyRefused as refused:
+            tried.append(f"version {version}: {refused.reason}")
+            continue
+        log.error(
+            "serving policy version %d instead of the live version %d, which is refused: %s",
+            version, live.version, live_refused.reason,
+        )  # fmt: skip
+        return version, manifest
+    fallbacks = "; ".join(tried) if tried else "the live pointer held no other version no rollback moved away from"
+    raise NoServablePolicy(
+        f"refusing to serve live policy version {live.version}: {live_refused.reason}. "
+        f"No earlier version may stand in ({fallbacks}). Repair the version's files, or point the "
+        f"registry at a good version with `flywheel rollback --to N`."
+    )
 
 
 class PolicySwapper:
     def __init__(
         self,
-        engine: PolicyEngine,
+        engine: "PolicyEngine",
         policy: LivePolicy,
         admission: AdmissionController,
-        registry: PolicyRegistry,
+        checker: PolicyChecker,
         metrics: ServingMetrics,
         events: EventLog | None,
         topics: TopicNames,
@@ -36,32 +166,32 @@ class PolicySwapper:
         self._engine = engine
         self._policy = policy
         self._admission = admission
-        self._registry = registry
+        self._checker = checker
+        self._registry = checker.registry
         self._metrics = metrics
         self._events = events
         self._topics = topics
         self._server_id = server_id
-        self._refused: set[tuple[int, str]] = set()  # (version, digest) that failed verification
         self._lock = asyncio.Lock()
 
     async def sync(self) -> bool:
-        """Swap to the registry's live version if this server is on another one; return whether it swapped."""
+        """Swap to the registry's live version if this server is on another one; return whether it swapped.
+
+        A version the checker refused is left alone until its back-off has passed.
+        """
         async with self._lock:
             live = await asyncio.to_thread(self._registry.live)
-            if live is None or live.version == self._policy.current.version:
+            if live is None or live.version == self._policy.current.version or not self._checker.due(live.version):
                 return False
             return await self._swap_to(live.version)
 
     async def _swap_to(self, version: int) -> bool:
-        path = self._registry.path(version)
         try:
-            manifest = await asyncio.to_thread(self._registry.verify, version)
-        except CorruptPolicy as error:
-            if (version, str(error)) not in self._refused:
-                self._refused.add((version, str(error)))
-                self._metrics.policy_swaps.labels(outcome="digest_mismatch").inc()
-                log.error("refusing to load policy %d: %s", version, error)
+            manifest = await asyncio.to_thread(self._checker.verify, version)
+        except PolicyRefused:
+            self._metrics.policy_swaps.labels(outcome="digest_mismatch").inc()
             return False
+        path = self._registry.path(version)
         try:
             async with self._admission.paused():
                 paused_at = time.monotonic()

@@ -23,7 +23,8 @@ from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
-from server.swap import PolicySwapper
+from server.metrics import PolicyCheckMetrics
+from server.swap import PolicyChecker, PolicySwapper
 from tests import policy_variants
 from tests.kafka_fixtures import kafka_broker  # noqa: F401 (fixture)
 from trainer.checkpoint import TrainerState, save_checkpoint
@@ -164,7 +165,8 @@ def swapping(engine_loop, engine, model_path, variants, tmp_path_factory):
     registry.publish(variants["banned_phrase"], parent_version=1, training_step=1, metrics={})
     settings = ServerSettings(port=0, metrics_port=0, max_in_flight=4, max_queued=64)
     server = engine_loop.run(FlywheelServer.start(settings, engine, policy_version=1))
-    swapper = PolicySwapper(engine, server.policy, server.admission, registry, server.metrics, None, TopicNames(), "test")
+    checker = PolicyChecker(registry, PolicyCheckMetrics(server.registry), first_retry_seconds=60, max_retry_seconds=300)
+    swapper = PolicySwapper(engine, server.policy, server.admission, checker, server.metrics, None, TopicNames(), "test")
     yield registry, server, swapper
     registry.set_live(1, reason="restore the shared engine", kind="rollback")
     engine_loop.run(swapper.sync())
@@ -222,8 +224,11 @@ def test_a_corrupted_live_version_is_refused_and_the_server_keeps_serving(engine
     corrupted = registry.publish(model_path, parent_version=current, training_step=2, metrics={})
     flip_a_byte(registry.path(corrupted.version) / "model.safetensors")
     assert not swap_to(engine_loop, registry, swapper, corrupted.version)
+    assert not engine_loop.run(swapper.sync())  # within the back-off: not hashed again
     assert server.policy.current.version == current
     assert server.registry.get_sample_value("flywheel_policy_swaps_total", {"outcome": "digest_mismatch"}) == 1
+    refusals = {"policy_version": str(corrupted.version)}
+    assert server.registry.get_sample_value("flywheel_policy_refusals_total", refusals) == 1
     with grpc.insecure_channel(server.address) as channel:
         assert greedy(serving_pb2_grpc.FlywheelStub(channel), PROMPTS[0]).policy_version == current
     registry.set_live(current, reason="undo the corrupted pointer", kind="rollback")
