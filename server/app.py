@@ -30,6 +30,7 @@ from server.metrics import PolicyCheckMetrics, ServingMetrics
 from server.policy import EventLog, LivePolicy
 from server.service import FlywheelService, random_token_secret
 from server.swap import NoServablePolicy, PolicyChecker, PolicySwapper, startup_policy
+from server.tls import add_grpc_port
 from server.validation import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class FlywheelServer:
         else:
             token_secret = settings.feedback_token_secret.get_secret_value().encode()
         grpc_server = aio.server(interceptors=[FlywheelInterceptor(metrics, settings.accepted_api_keys())])
-        port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = add_grpc_port(grpc_server, settings)  # TLS when settings name a certificate
         server_id = settings.server_id or f"{settings.host}:{port}"
         service = FlywheelService(
             engine=engine,

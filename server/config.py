@@ -51,6 +51,13 @@ class ServerSettings(BaseModel):
         gt=0,
         description="Longest wait before a refused policy version is verified again; the wait doubles from policy_poll_seconds.",
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC port; unset means plaintext. Re-read when it changes."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS)."
+    )
 
     def accepted_api_keys(self) -> set[str]:
         keys = {k.get_secret_value() for k in self.api_keys}
