@@ -36,10 +36,13 @@ from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import QUARANTINE_FILE, EventProducer, dead_letter_headers, fit_dead_letter, permanent_refusal
 from feedback.spool import Quarantine
+from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from flywheel.v1.serving_pb2 import RATING_UP
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_kafka_events import HANG_GUARD_S, consume, generation, read_raw, sample
+from trainer.config import GateSettings, RewardModelSettings
+from trainer.gate import Gate, GateMetrics, unusable_reason
 
 MAX_MESSAGE_BYTES = 2048  # a GenerationLogged of the tests is about 300 bytes as a record
 OVERSIZED_TAG_BYTES = 4000
@@ -150,6 +153,25 @@ def test_the_quarantine_is_bounded_and_drops_a_torn_last_line(tmp_path):
     assert reopened.append(b'{"event_id": "c"}')
     reopened.close()
     assert path.read_bytes() == b'{"event_id": "a"}\n{"event_id": "c"}\n'
+
+
+def test_the_gate_refuses_a_vote_without_its_user_or_response_and_uses_the_rest(tmp_path):
+    good = events_pb2.FeedbackGiven(event_id="v1", response_id="r1", user_id="alice", policy_version=1, rating=RATING_UP)
+    no_user = events_pb2.FeedbackGiven(event_id="v2", response_id="r2", policy_version=1, rating=RATING_UP)
+    no_response = events_pb2.FeedbackGiven(event_id="v3", user_id="bob", policy_version=1, rating=RATING_UP)
+    assert unusable_reason(good) is None
+    assert unusable_reason(no_user) == "FeedbackGiven: user_id must be set"
+    assert unusable_reason(no_response) == "FeedbackGiven: response_id must be set"
+    assert unusable_reason(generation("r1")) is None
+
+    registry = PolicyRegistry(tmp_path / "registry")
+    gate = Gate(GateSettings(), RewardModelSettings(), tmp_path / "checkpoints", registry, GateMetrics(CollectorRegistry()))
+    batch = [ConsumedEvent("feedback", 0, offset, e.response_id, e) for offset, e in enumerate([no_user, good, no_response])]
+    refused = gate.take(batch)
+    assert [(consumed.offset, reason) for consumed, reason in refused] == [
+        (0, "FeedbackGiven: user_id must be set"), (2, "FeedbackGiven: response_id must be set"),
+    ]  # fmt: skip
+    assert gate.thumbs.counts(1) == (0, 1)  # (thumbs down, all thumbs): only the good vote stands
 
 
 # Through the broker.

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from feedback.config import KafkaSettings, SpoolSettings
+from feedback.connection import connection_options
 from feedback.consumer import EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
@@ -50,6 +52,7 @@ from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
+from tests.test_kafka_events import read_raw
 from tests.test_reward_model import wrong_answer
 from trainer.checkpoint import JOIN_STORE_FILE, LATEST, latest_checkpoint, load_state
 from trainer.join_store import JoinStore, PreferencePair
@@ -424,6 +427,56 @@ def test_a_trainer_whose_candidates_keep_failing_restarts_from_the_live_policy(m
         assert trainer.metrics.registry.get_sample_value("flywheel_trainer_policy_restarts_total") == 1
     finally:
         trainer.close()
+
+
+async def committed_offsets(kafka: KafkaSettings, group_id: str) -> dict[str, int]:
+    """Per topic, the offsets `group_id` committed, summed over its partitions: how many records it has used."""
+    reader = AIOKafkaConsumer(**connection_options(kafka), group_id=group_id, enable_auto_commit=False)
+    await reader.start()
+    try:
+        committed = {}
+        for topic in (kafka.topics.generations, kafka.topics.feedback):
+            partitions = [TopicPartition(topic, partition) for partition in range(kafka.partitions)]
+            committed[topic] = sum([await reader.committed(partition) or 0 for partition in partitions])
+        return committed
+    finally:
+        await reader.stop()
+
+
+def test_a_vote_the_join_store_refuses_is_dead_lettered_and_the_trainer_reads_on(model_path, kafka_settings, tmp_path):
+    """Before, the store's ValueError stopped the trainer before its commit: restarted, it read the vote again, forever."""
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    config = trainer_config(
+        tmp_path, kafka_settings, model_path,
+        reward_model={"update_every_labels": 10**9}, trainer={"min_labels_before_ppo": 10**9, "checkpoint_every_steps": 1000},
+    )  # fmt: skip
+    answer = events_pb2.GenerationLogged(
+        event_id=uuid.uuid4().hex, response_id="resp-1", rendered_prompt="2+2?", prompt_token_ids=[5], response_token_ids=[6]
+    )
+    no_user = DemoTraffic.feedback(answer, "", rating=serving_pb2.RATING_DOWN)
+    vote = DemoTraffic.feedback(answer, "alice", rating=serving_pb2.RATING_UP)
+    later_answer = events_pb2.GenerationLogged(event_id=uuid.uuid4().hex, response_id="resp-2", response_token_ids=[7])
+    events = [answer, no_user, vote, later_answer]
+
+    async def scenario():
+        trainer = await asyncio.to_thread(Trainer.open, config, TrainerMetrics(CollectorRegistry()))
+        try:
+            await publish(kafka_settings, tmp_path / "test-spool", events)
+            await run_until(trainer, config, lambda t: t.events_consumed >= len(events), "all four events")
+        finally:
+            trainer.close()
+        dead = await read_raw(kafka_settings, kafka_settings.topics.dead_letters, 1)
+        return dead, await committed_offsets(kafka_settings, config.trainer.consumer_group)
+
+    dead, committed = asyncio.run(scenario())
+
+    (letter,) = [events_pb2.DeadLetter.FromString(record.value) for record in dead]
+    assert letter.reason == "refused_by_trainer: FeedbackGiven: user_id must be set"
+    assert (letter.source_topic, letter.key) == (kafka_settings.topics.feedback, b"resp-1")
+    assert events_pb2.FeedbackGiven.FromString(letter.value) == no_user
+    # The answers and alice's vote after the refused one are in the store; the refused one is not.
+    assert seen_event_ids(config.join_store.path) == {answer.event_id, vote.event_id, later_answer.event_id}
+    assert committed == {kafka_settings.topics.generations: 2, kafka_settings.topics.feedback: 2}  # all four events
 
 
 # ---------------------------------------------------------------- `flywheel train` in a child process

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from feedback.config import KafkaSettings, SpoolSettings
-from feedback.consumer import EventConsumer
+from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
@@ -209,6 +210,18 @@ def policy_event(kind: int, version: int, parent_version: int | None, **fields) 
     return event
 
 
+def unusable_reason(event: Message) -> str | None:
+    """Why the gate cannot use an event, naming the empty fields; None when it can.
+
+    A vote stands once per response and voter: one without either would stand in for every such vote.
+    """
+    if isinstance(event, events_pb2.FeedbackGiven):
+        missing = [name for name in ("response_id", "user_id") if not getattr(event, name)]
+        if missing:
+            return f"FeedbackGiven: {', '.join(missing)} must be set"
+    return None
+
+
 def lineage_root(registry: PolicyRegistry, version: int) -> int:
     """The first ancestor of `version` (following parents): the policy training started from."""
     while (parent := registry.manifest(version).parent_version) is not None:
@@ -233,16 +246,21 @@ class Gate:
         self.heldout = HeldoutPrompts(settings.heldout_prompts, reward_model_settings.heldout_fraction)
         self.thumbs = ThumbsByVersion()
 
-    def take(self, events: list) -> None:
+    def take(self, events: list[ConsumedEvent]) -> list[tuple[ConsumedEvent, str]]:
+        """Use a batch of consumed events; returns those the gate cannot use, each with why: dead-letter them."""
+        refused = []
         for consumed in events:
             event = consumed.event
-            if isinstance(event, events_pb2.GenerationLogged):
+            if (reason := unusable_reason(event)) is not None:
+                refused.append((consumed, reason))
+            elif isinstance(event, events_pb2.GenerationLogged):
                 self.heldout.offer(event)
             elif isinstance(event, events_pb2.FeedbackGiven):
                 self.thumbs.add(event)
             elif isinstance(event, events_pb2.PolicyEvent) and event.kind == events_pb2.POLICY_EVENT_KIND_ROLLBACK:
                 if not event.event_id.startswith("automatic-"):
                     self.metrics.rollbacks.labels(trigger="operator").inc()
+        return refused
 
     def waiting_candidates(self) -> list[int]:
         """Versions with a parent and no verdict, oldest first."""
@@ -360,7 +378,7 @@ async def run_gate(
 
     Offsets are never committed: a restarted gate reads the topics again from the start to
     rebuild its held-out prompts and thumbs, and the registry's verdicts keep it from judging a
-    candidate twice.
+    candidate twice. An event it cannot use is dead-lettered with why, and it reads on.
     """
     producer = EventProducer(kafka, spool, event_metrics)
     consumer = EventConsumer(
@@ -372,7 +390,8 @@ async def run_gate(
         try:
             while not stopping.is_set():
                 batch = await consumer.poll(timeout_ms=int(gate.settings.poll_seconds * 1000))
-                gate.take(batch.events)
+                for consumed, reason in gate.take(batch.events):
+                    await consumer.dead_letter(consumed, "refused_by_gate", reason)
                 for decided in (await asyncio.to_thread(gate.decide_next), gate.rollback_due() if gate.settings.auto_rollback else None):
                     if decided is not None:
                         producer.publish(kafka.topics.policy, str(decided.policy_version), decided)

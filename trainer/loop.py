@@ -2,6 +2,7 @@
 
 One pass of the loop:
 1. read a batch of events and put answers and votes in the join store (idempotent by event id);
+   an event the store refuses (a required field empty) goes to the dead-letter topic instead;
 2. once enough new labels stand, update the reward model on them (and mark them used);
 3. once the reward model has learnt enough and new traffic arrived, take a PPO step on prompts
    from the logged traffic; every `candidate_every_steps` steps propose the policy to the gate;
@@ -28,7 +29,7 @@ from rich.live import Live
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feedback.config import KafkaSettings, SpoolSettings
-from feedback.consumer import EventConsumer
+from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.registry import PolicyRegistry
@@ -149,16 +150,25 @@ class Trainer:
 
     # ------------------------------------------------------------ the decisions
 
-    def take(self, events: list) -> None:
-        """Put a batch of consumed events into the join store; repeats are dropped there by event id."""
+    def take(self, events: list[ConsumedEvent]) -> list[tuple[ConsumedEvent, str]]:
+        """Put a batch of consumed events into the join store; repeats are dropped there by event id.
+
+        Returns the events the store refused, each with its reason: dead-letter them, or the
+        restarted trainer reads them again, and is refused again, forever.
+        """
         self.events_consumed += len(events)
+        refused = []
         for consumed in events:
             self.metrics.events_consumed.labels(topic=consumed.topic).inc()
             event = consumed.event
-            if isinstance(event, events_pb2.GenerationLogged):
-                self.join_store.add_generation(event)
-            elif isinstance(event, events_pb2.FeedbackGiven):
-                self.join_store.add_feedback(event)
+            try:
+                if isinstance(event, events_pb2.GenerationLogged):
+                    self.join_store.add_generation(event)
+                elif isinstance(event, events_pb2.FeedbackGiven):
+                    self.join_store.add_feedback(event)
+            except ValueError as refusal:  # the store checks the fields it joins on before it writes
+                refused.append((consumed, str(refusal)))
+        return refused
 
     def update_reward_model(self) -> dict[str, float] | None:
         """Train on the unused standing labels once there are enough of them; None when there are not."""
@@ -281,7 +291,8 @@ class Trainer:
         updates_since_checkpoint = 0
         while not stopping.is_set():
             batch = await consumer.poll(timeout_ms=500)
-            self.take(batch.events)
+            for consumed, reason in self.take(batch.events):
+                await consumer.dead_letter(consumed, "refused_by_trainer", reason)
             uncommitted.update(batch.next_offsets)
             if await asyncio.to_thread(self.update_reward_model) is not None:
                 updates_since_checkpoint += 1
