@@ -9,6 +9,7 @@ in the Python source, so the dashboards cannot drift from the code.
 """
 
 import ast
+import base64
 import functools
 import json
 import os
@@ -23,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from flywheel.config import REPO_ROOT, load_config
+from flywheel.config import REPO_ROOT, FlywheelConfig, load_config
 
 CHART = REPO_ROOT / "helm" / "flywheel"
 RULES = CHART / "rules" / "flywheel-alerts.yaml"
@@ -50,10 +51,33 @@ def gpu_values() -> dict:
     return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
 
 
+# TLS with client certificates, a NetworkPolicy, and Kafka over SASL_SSL with a CA, a client
+# certificate and a password from Secrets of Strimzi's shapes.
+LOCKED_DOWN = {
+    "tls": {"enabled": True, "secretName": "fw-grpc-tls", "clientCASecretName": "fw-grpc-clients"},
+    "networkPolicy": {
+        "enabled": True,
+        "grpcFrom": [{"namespaceSelector": {"matchLabels": {"flywheel/client": "true"}}}],
+        "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
+    },
+    "config": {"kafka": {
+        "bootstrap_servers": "kafka-bootstrap.kafka:9093",
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": "flywheel",
+    }},
+    "kafkaAuth": {
+        "caSecret": {"name": "kafka-cluster-ca-cert", "key": "ca.crt"},
+        "clientCertSecret": {"name": "flywheel-user", "certKey": "user.crt", "keyKey": "user.key"},
+        "saslPasswordSecret": {"name": "flywheel-user", "key": "password"},
+    },
+}
+
 VALUE_SETS = {
     "defaults": {},
     "gpu": gpu_values(),
     "all-optional-objects": ALL_OPTIONAL_OBJECTS,
+    "locked-down": LOCKED_DOWN,
 }
 
 
@@ -88,6 +112,32 @@ def container(deployment: dict) -> dict:
 
 def rendered_config(values: dict) -> str:
     return find(render(values), "ConfigMap", "fw-flywheel-config")["data"]["config.toml"]
+
+
+def env_of(deployment: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container(deployment)["env"]}
+
+
+def volume_files(deployment: dict, mount_path: str) -> dict[str, tuple[str, str]]:
+    """File name under `mount_path` -> (Secret, key) it comes from, for a projected volume of Secrets."""
+    (mount,) = [m for m in container(deployment)["volumeMounts"] if m["mountPath"] == mount_path]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    return {
+        item["path"]: (source["secret"]["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+
+
+def config_in_pod(objects: list[dict], deployment: dict, tmp_path: Path, monkeypatch) -> FlywheelConfig:
+    """The config the pod's process would load: its config file, and its environment (Secrets as placeholders)."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(find(objects, "ConfigMap", "fw-flywheel-config")["data"]["config.toml"])
+    placeholders = {"FLYWHEEL_SERVER__API_KEYS": "[]"}
+    for name, variable in env_of(deployment).items():
+        if name.startswith("FLYWHEEL_"):
+            monkeypatch.setenv(name, variable.get("value", placeholders.get(name, "from-a-secret")))
+    return load_config(config_file)
 
 
 def without_nulls(table: dict) -> dict:
@@ -278,6 +328,127 @@ def test_secrets_reach_the_servers_environment():
     assert not [o for o in existing if o["kind"] == "Secret"]
     env = {e["name"]: e for e in container(find(existing, "Deployment", "fw-flywheel-server"))["env"]}
     assert env["FLYWHEEL_SERVER__FEEDBACK_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+
+
+def test_feedback_token_secret_is_the_same_on_every_render():
+    """helm template and Argo CD render without a cluster, so `lookup` cannot keep the key: the value (or
+    existingSecret) must, and nothing that reaches a pod may change from one render to the next."""
+    given = {"secrets": {"feedbackTokenSecret": "k" * 48}}
+    assert render(given) == list(_render.__wrapped__(json.dumps(given, sort_keys=True)))
+    secret = find(render(given), "Secret", "fw-flywheel-secrets")
+    assert secret["data"]["feedback-token-secret"] == base64.b64encode(b"k" * 48).decode()
+
+    existing = {"secrets": {"existingSecret": "mine"}}
+    assert render(existing) == list(_render.__wrapped__(json.dumps(existing, sort_keys=True)))
+
+    # With neither, each offline render generates a key (the README says to give one there); the pods'
+    # templates must not change with it, or every Argo CD sync would restart them all.
+    first, second = render({}), list(_render.__wrapped__(json.dumps({})))
+    key = lambda objects: find(objects, "Secret", "fw-flywheel-secrets")["data"]["feedback-token-secret"]
+    assert key(first) != key(second)
+    assert [o for o in first if o["kind"] != "Secret"] == [o for o in second if o["kind"] != "Secret"]
+
+
+def test_tls_mounts_the_certificate_secret_and_the_server_serves_it(tmp_path, monkeypatch):
+    objects = render(LOCKED_DOWN)
+    server = find(objects, "Deployment", "fw-flywheel-server")
+    settings = config_in_pod(objects, server, tmp_path, monkeypatch).server
+    files = volume_files(server, "/etc/flywheel-tls")
+    assert files == {
+        "tls.crt": ("fw-grpc-tls", "tls.crt"), "tls.key": ("fw-grpc-tls", "tls.key"),
+        "client-ca.crt": ("fw-grpc-clients", "ca.crt"),
+    }
+    assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == (
+        Path("/etc/flywheel-tls/tls.crt"), Path("/etc/flywheel-tls/tls.key"), Path("/etc/flywheel-tls/client-ca.crt")
+    )
+    # The kubelet's gRPC probes speak no TLS: with TLS on they only connect.
+    main = container(server)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["tcpSocket"] == {"port": 50051} and "grpc" not in main[probe], probe
+
+    plain = find(render({}), "Deployment", "fw-flywheel-server")
+    assert not {name for name in env_of(plain) if "TLS" in name}
+    assert "/etc/flywheel-tls" not in {m["mountPath"] for m in container(plain)["volumeMounts"]}
+    assert container(plain)["readinessProbe"]["grpc"]["service"] == "flywheel.v1.Flywheel"
+
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match="secretName"):
+            chart.validate_schema({"tls": {"enabled": True}})
+        with pytest.raises(helm.HelmValuesError, match="tls_cert_file"):
+            chart.validate_schema({"config": {"server": {"tls_cert_file": "/x"}}})
+
+
+def test_kafka_sasl_and_tls_reach_every_pod_from_their_secrets(tmp_path, monkeypatch):
+    objects = render(LOCKED_DOWN)
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    assert len(deployments) == 3
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        password = env_of(deployment)["FLYWHEEL_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        # Not optional once SASL is on: a missing password stops the pod before the process starts.
+        assert password == {"name": "flywheel-user", "key": "password", "optional": False}, name
+        assert volume_files(deployment, "/etc/flywheel-kafka-tls") == {
+            "ca.crt": ("kafka-cluster-ca-cert", "ca.crt"),
+            "client.crt": ("flywheel-user", "user.crt"),
+            "client.key": ("flywheel-user", "user.key"),
+        }, name
+        kafka = config_in_pod(objects, deployment, tmp_path, monkeypatch).kafka
+        assert (kafka.security_protocol, kafka.sasl_mechanism, kafka.sasl_username) == ("SASL_SSL", "SCRAM-SHA-512", "flywheel")
+        assert kafka.sasl_password.get_secret_value() == "from-a-secret"
+        assert (kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile) == (
+            Path("/etc/flywheel-kafka-tls/ca.crt"), Path("/etc/flywheel-kafka-tls/client.crt"),
+            Path("/etc/flywheel-kafka-tls/client.key"),
+        ), name
+
+    # The chart's own Secret when no Secret of yours is named; optional while Kafka asks no password.
+    plain = env_of(find(render({}), "Deployment", "fw-flywheel-gate"))
+    assert plain["FLYWHEEL_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fw-flywheel-secrets", "key": "kafka-sasl-password", "optional": True,
+    }
+    assert not {name for name in plain if name.startswith("FLYWHEEL_KAFKA__SSL_")}
+
+    sasl = {"kafka": {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u"}}
+    with pytest.raises(helm.HelmRenderError, match="needs a SASL password: kafkaAuth.saslPasswordSecret.name"):
+        render({"config": sasl})
+    with pytest.raises(helm.HelmRenderError, match="needs config.kafka.sasl_mechanism and config.kafka.sasl_username"):
+        render({"config": {"kafka": {"security_protocol": "SASL_SSL"}}, "secrets": {"kafkaSaslPassword": "pw"}})
+    with pytest.raises(helm.HelmRenderError, match="set config.kafka.security_protocol to SSL or SASL_SSL"):
+        render({"kafkaAuth": {"caSecret": {"name": "kafka-cluster-ca-cert"}}})
+
+
+def test_network_policy_opens_grpc_to_clients_metrics_to_prometheus_and_kafka():
+    assert not [o for o in render({}) if o["kind"] == "NetworkPolicy"]  # off by default
+    objects = render(LOCKED_DOWN)
+    policy = find(objects, "NetworkPolicy", "fw-flywheel")["spec"]
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    for deployment in deployments:
+        assert policy["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+
+    grpc_rule, metrics_rule = policy["ingress"]
+    assert grpc_rule == {"ports": [{"port": "grpc", "protocol": "TCP"}], "from": LOCKED_DOWN["networkPolicy"]["grpcFrom"]}
+    # Named ports: only the servers name one grpc; every pod names its metrics port.
+    named = {d["metadata"]["name"]: {p["name"] for p in container(d)["ports"]} for d in deployments}
+    assert {name for name, ports in named.items() if "grpc" in ports} == {"fw-flywheel-server"}
+    assert all("metrics" in ports for ports in named.values())
+    assert metrics_rule == {
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}],
+    }
+
+    dns, kafka = policy["egress"]
+    assert sorted(p["protocol"] for p in dns["ports"]) == ["TCP", "UDP"] and {p["port"] for p in dns["ports"]} == {53}
+    assert kafka == {"ports": [{"port": 9093, "protocol": "TCP"}], "to": LOCKED_DOWN["networkPolicy"]["kafka"]["to"]}
+
+    def kafka_ports(values: dict) -> list[int]:
+        (policy,) = [o for o in render({"networkPolicy": {"enabled": True}} | values) if o["kind"] == "NetworkPolicy"]
+        return [p["port"] for p in policy["spec"]["egress"][1]["ports"]]
+
+    assert kafka_ports({"config": {"kafka": {"bootstrap_servers": "a:9092, b:9094,c:9092"}}}) == [9092, 9094]
+    explicit = {"networkPolicy": {"enabled": True, "kafka": {"ports": [19092, 19093]}}}
+    assert kafka_ports(explicit) == [19092, 19093]
+    with pytest.raises(helm.HelmRenderError, match="networkPolicy.kafka.ports"):
+        kafka_ports({"config": {"kafka": {"bootstrap_servers": "kafka-bootstrap"}}})
 
 
 def test_optional_objects_match_the_chart_files():

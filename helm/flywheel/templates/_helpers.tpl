@@ -136,8 +136,10 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Environment every process gets: scratch space under /tmp, the Kafka password if any. */}}
+{{/* Environment every process gets: scratch space under /tmp, Kafka's password and TLS files. */}}
 {{- define "flywheel.env" -}}
+{{- $kafka := .Values.kafkaAuth }}
+{{- $passwordSecret := $kafka.saslPasswordSecret -}}
 - name: HOME
   value: /tmp
 - name: XDG_CACHE_HOME
@@ -145,12 +147,71 @@ imagePullSecrets:
 - name: FLYWHEEL_KAFKA__SASL_PASSWORD
   valueFrom:
     secretKeyRef:
+      {{- if $passwordSecret.name }}
+      name: {{ $passwordSecret.name }}
+      key: {{ $passwordSecret.key }}
+      {{- else }}
       name: {{ include "flywheel.secretName" . }}
       key: kafka-sasl-password
-      optional: true
+      {{- end }}
+      {{- /* Where SASL is on, a missing password stops the pod before the process starts. */}}
+      optional: {{ not (include "flywheel.kafkaSasl" .) }}
+{{- if $kafka.caSecret.name }}
+- name: FLYWHEEL_KAFKA__SSL_CAFILE
+  value: {{ include "flywheel.kafkaTlsDir" . }}/ca.crt
+{{- end }}
+{{- if $kafka.clientCertSecret.name }}
+- name: FLYWHEEL_KAFKA__SSL_CERTFILE
+  value: {{ include "flywheel.kafkaTlsDir" . }}/client.crt
+- name: FLYWHEEL_KAFKA__SSL_KEYFILE
+  value: {{ include "flywheel.kafkaTlsDir" . }}/client.key
+{{- end }}
 {{- end }}
 
-{{/* Volumes every pod has (with their mounts below): config, /tmp, /dev/shm. */}}
+{{/* "true" when config.kafka.security_protocol is SASL_PLAINTEXT or SASL_SSL, else "". */}}
+{{- define "flywheel.kafkaSasl" -}}
+{{- if hasPrefix "SASL_" (dig "kafka" "security_protocol" "PLAINTEXT" .Values.config) }}true{{ end }}
+{{- end }}
+
+{{- define "flywheel.kafkaTlsDir" -}}
+/etc/flywheel-kafka-tls
+{{- end }}
+
+{{- define "flywheel.serverTlsDir" -}}
+/etc/flywheel-tls
+{{- end }}
+
+{{/*
+Values that render but could not run: stop the render with what to set instead. Kafka's settings
+are checked here rather than in the schema because they span config and kafkaAuth.
+*/}}
+{{- define "flywheel.checks" -}}
+{{- $kafkaConfig := .Values.config.kafka | default dict }}
+{{- $protocol := $kafkaConfig.security_protocol | default "PLAINTEXT" }}
+{{- if include "flywheel.kafkaSasl" . }}
+{{- if not (and $kafkaConfig.sasl_mechanism $kafkaConfig.sasl_username) }}
+{{- fail (printf "config.kafka.security_protocol %s needs config.kafka.sasl_mechanism and config.kafka.sasl_username" $protocol) }}
+{{- end }}
+{{- if not (or .Values.secrets.kafkaSaslPassword .Values.kafkaAuth.saslPasswordSecret.name .Values.secrets.existingSecret) }}
+{{- fail (printf "config.kafka.security_protocol %s needs a SASL password: kafkaAuth.saslPasswordSecret.name (a Secret you manage), secrets.kafkaSaslPassword, or the key kafka-sasl-password in secrets.existingSecret" $protocol) }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.kafkaAuth.caSecret.name .Values.kafkaAuth.clientCertSecret.name) (not (hasSuffix "SSL" $protocol)) }}
+{{- fail (printf "kafkaAuth.caSecret and kafkaAuth.clientCertSecret are for TLS: set config.kafka.security_protocol to SSL or SASL_SSL (it is %s)" $protocol) }}
+{{- end }}
+{{- end }}
+
+{{/* The TCP ports of config.kafka.bootstrap_servers ("host:port,host:port"), one per line. */}}
+{{- define "flywheel.kafkaBootstrapPorts" -}}
+{{- $ports := list }}
+{{- range splitList "," (dig "kafka" "bootstrap_servers" "" .Values.config) }}
+{{- $port := regexFind "[0-9]+$" (trim .) }}
+{{- if $port }}{{ $ports = append $ports $port }}{{ end }}
+{{- end }}
+{{- $ports | uniq | join "\n" }}
+{{- end }}
+
+{{/* Volumes every pod has (with their mounts below): config, /tmp, /dev/shm, the registry, and Kafka's TLS files when given. */}}
 {{- define "flywheel.volumes" -}}
 - name: config
   configMap:
@@ -165,6 +226,30 @@ imagePullSecrets:
 - name: registry
   persistentVolumeClaim:
     claimName: {{ include "flywheel.claimName" . }}
+{{- with .Values.kafkaAuth }}
+{{- if or .caSecret.name .clientCertSecret.name }}
+# Kafka's CA and client certificate, from their Secrets, under fixed names (see flywheel.env).
+- name: kafka-tls
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- with .caSecret.name }}
+      - secret:
+          name: {{ . }}
+          items:
+            - {key: {{ $.Values.kafkaAuth.caSecret.key }}, path: ca.crt}
+      {{- end }}
+      {{- with .clientCertSecret }}
+      {{- if .name }}
+      - secret:
+          name: {{ .name }}
+          items:
+            - {key: {{ .certKey }}, path: client.crt}
+            - {key: {{ .keyKey }}, path: client.key}
+      {{- end }}
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Call with (dict "root" $ "readOnly" BOOL): the registry is read-only on the servers. */}}
@@ -179,6 +264,11 @@ imagePullSecrets:
 - name: registry
   mountPath: {{ .root.Values.config.state_dir }}
   readOnly: {{ .readOnly }}
+{{- if or .root.Values.kafkaAuth.caSecret.name .root.Values.kafkaAuth.clientCertSecret.name }}
+- name: kafka-tls
+  mountPath: {{ include "flywheel.kafkaTlsDir" .root }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "flywheel.resources" -}}
@@ -191,11 +281,15 @@ imagePullSecrets:
 {{- toYaml $resources }}
 {{- end }}
 
-{{/* Checksums so pods restart when their config or secrets change. */}}
+{{/*
+Checksums so pods restart when their config or secrets change. The secrets' is of the values, not
+of the rendered Secret: a feedback-token key generated where `lookup` sees no cluster (helm
+template, Argo CD) differs on every render, and must not restart every pod each time.
+*/}}
 {{- define "flywheel.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
 {{- if not .Values.secrets.existingSecret }}
-checksum/secrets: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+checksum/secrets: {{ toJson .Values.secrets | sha256sum }}
 {{- end }}
 {{- end }}
 
@@ -275,4 +369,16 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
 {{- include "flywheel.metricsService" . }}
+{{- end }}
+
+{{/* A server probe: gRPC health, or with TLS a TCP connect. Call with (dict "tls" BOOL "port" PORT "service" NAME). */}}
+{{- define "flywheel.serverProbe" -}}
+{{- if .tls -}}
+tcpSocket:
+  port: {{ .port }}
+{{- else -}}
+grpc:
+  port: {{ .port }}
+  service: {{ .service | quote }}
+{{- end }}
 {{- end }}
