@@ -274,15 +274,10 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
     """(a) vLLM's AsyncLLM on this event loop, through the same seam the Flywheel server uses."""
     from server.app import freeze_startup_heap
     from server.engine import PolicyEngine
-    from server.validation import RequestLimits, validate_sampling
+    from server.validation import validate_sampling
 
     server_defaults = ServerSettings()
-    limits = RequestLimits(
-        default_max_tokens=server_defaults.default_max_tokens,
-        max_tokens_limit=server_defaults.max_tokens_limit,
-        max_message_chars=server_defaults.max_message_chars,
-        max_stop_strings=server_defaults.max_stop_strings,
-    )
+    limits = server_defaults.limits
     sampling = validate_sampling(sampling_message(workload), limits)
     this_process = psutil.Process()
     children_before = {child.pid for child in this_process.children(recursive=True)}

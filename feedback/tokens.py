@@ -8,7 +8,9 @@ import hashlib
 import hmac
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from feedback.identity import DEFAULT_PRINCIPAL
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class FeedbackClaims:
     user_id: str
     expires_at: int
     """Unix time in seconds after which the token is refused."""
+    principal: str = DEFAULT_PRINCIPAL
+    """The tenant whose key asked; tokens issued before principals existed name none, so the default."""
 
 
 class InvalidFeedbackToken(Exception):
@@ -50,7 +54,12 @@ def verify_feedback_token(secret: bytes, token: str, *, now: float | None = None
         raise InvalidFeedbackToken("feedback_token is malformed") from error
     if not hmac.compare_digest(signature, _signature(secret, payload)):
         raise InvalidFeedbackToken("feedback_token signature does not match")
-    claims = FeedbackClaims(**json.loads(payload))
+    try:
+        claims = FeedbackClaims(**json.loads(payload))
+        if any(not isinstance(getattr(claims, f.name), f.type) for f in fields(FeedbackClaims)):
+            raise TypeError("a claim has the wrong type")
+    except (ValueError, TypeError) as error:
+        raise InvalidFeedbackToken("feedback_token is malformed") from error
     if (time.time() if now is None else now) > claims.expires_at:
         raise InvalidFeedbackToken("feedback_token has expired")
     return claims

@@ -215,6 +215,16 @@ def _init_model(args: argparse.Namespace) -> None:
     print(report)
 
 
+def _new_key(args: argparse.Namespace) -> None:
+    from feedback.identity import PRINCIPAL_NAME, new_api_key
+
+    if not PRINCIPAL_NAME.match(args.principal):
+        sys.exit(f"flywheel key new: {args.principal!r} is not a principal name: 1-63 letters, digits, '.', '_' or '-'")
+    key, entry = new_api_key(args.principal)
+    print(f"API key for {entry.principal} (shown once; give it to the tenant):\n  {key}")
+    print(f"Line for server.api_keys_file:\n  {entry.principal} {entry.sha256}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     simulate.add_argument("--api-key", default=None, help="x-api-key metadata, when the server wants one")
     simulate.set_defaults(handler=_simulate)
+
+    key = commands.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
+    new_key = key.add_parser("new", help="make a random API key for a principal; only its sha256 is stored")
+    new_key.add_argument("principal", help="the tenant the key belongs to (letters, digits, . _ -)")
+    new_key.set_defaults(handler=_new_key)
 
     init = commands.add_parser("init-model", help="build the small demo model, offline")
     init.add_argument("out_dir", type=Path)

@@ -31,7 +31,6 @@ from server.policy import EventLog, LivePolicy
 from server.service import FlywheelService, random_token_secret
 from server.swap import NoServablePolicy, PolicyChecker, PolicySwapper, startup_policy
 from server.tls import add_grpc_port
-from server.validation import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +82,22 @@ class FlywheelServer:
             token_secret = random_token_secret()
         else:
             token_secret = settings.feedback_token_secret.get_secret_value().encode()
-        grpc_server = aio.server(interceptors=[FlywheelInterceptor(metrics, settings.accepted_api_keys())])
+        grpc_server = aio.server(
+            interceptors=[FlywheelInterceptor(metrics, settings.principals_by_key_digest())],
+            # A larger request is refused (RESOURCE_EXHAUSTED) before it is parsed.
+            options=[("grpc.max_receive_message_length", settings.limits.max_request_bytes)],
+        )
         port = add_grpc_port(grpc_server, settings)  # TLS when settings name a certificate
         server_id = settings.server_id or f"{settings.host}:{port}"
         service = FlywheelService(
             engine=engine,
             policy=policy,
             admission=admission,
-            limits=RequestLimits(
-                default_max_tokens=settings.default_max_tokens,
-                max_tokens_limit=settings.max_tokens_limit,
-                max_message_chars=settings.max_message_chars,
-                max_stop_strings=settings.max_stop_strings,
-            ),
+            limits=settings.limits,
             metrics=metrics,
             feedback_token_secret=token_secret,
             feedback_token_ttl_seconds=settings.feedback_token_ttl_seconds,
-            intake=FeedbackIntake(token_secret, settings.feedback),
+            intake=FeedbackIntake(token_secret, settings.feedback, max_user_id_chars=settings.limits.max_user_id_chars),
             events=events,
             topics=topics or TopicNames(),
             server_id=server_id,

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
+from feedback.identity import ApiKey, principals_by_digest, read_api_keys_file
 from feedback.intake import IntakeLimits
+from server.validation import RequestLimits
 
 
 class EngineSettings(BaseModel):
@@ -30,13 +32,15 @@ class ServerSettings(BaseModel):
     server_id: str = Field("", description="Name of this replica in logs and events; empty means host:port.")
     max_in_flight: int = Field(32, ge=1, description="Requests running in the engine at once.")
     max_queued: int = Field(64, ge=0, description="Requests waiting for an engine slot; beyond it RESOURCE_EXHAUSTED.")
-    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    max_message_chars: int = Field(16384, ge=1, description="Largest prompt or chat message, in characters.")
-    max_stop_strings: int = Field(8, ge=0, description="Most stop strings a request may give.")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     grace_period_seconds: float = Field(30.0, ge=0, description="How long in-flight requests may finish at shutdown.")
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted API keys; none means no auth.")
-    api_keys_file: Path | None = Field(None, description="File with one accepted API key per line.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="Accepted API keys, as {principal, sha256}; none (and no api_keys_file) means no auth, one principal.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of accepted API keys, one `PRINCIPAL SHA256HEX` per line (`flywheel key new` makes one)."
+    )
     feedback_token_secret: SecretStr | None = Field(
         None, description="HMAC key for feedback tokens; must be shared by all replicas. Unset: a random per-process key."
     )
@@ -59,9 +63,9 @@ class ServerSettings(BaseModel):
         None, description="PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS)."
     )
 
-    def accepted_api_keys(self) -> set[str]:
-        keys = {k.get_secret_value() for k in self.api_keys}
+    def principals_by_key_digest(self) -> dict[str, str]:
+        """sha256 of each accepted key -> its principal; empty means no auth."""
+        keys = list(self.api_keys)
         if self.api_keys_file is not None:
-            lines = self.api_keys_file.read_text().splitlines()
-            keys |= {line.strip() for line in lines if line.strip() and not line.startswith("#")}
-        return keys
+            keys += read_api_keys_file(self.api_keys_file)
+        return principals_by_digest(keys)

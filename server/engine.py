@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from flywheel.prompts import PromptRenderer, RenderedPrompt
 from server.config import EngineSettings
-from server.validation import Sampling
+from server.validation import InvalidRequest, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class PolicyEngine:
         self.model_path = model_path
         self.renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path))
         self.max_model_len: int = llm.model_config.max_model_len
+        self.kv_block_tokens: int = llm.vllm_config.cache_config.block_size
+        """Tokens per KV-cache block: the prefix cache keeps whole blocks only."""
+        self.prefix_caching: bool = bool(llm.vllm_config.cache_config.enable_prefix_caching)
 
     @classmethod
     def start(cls, settings: EngineSettings, model_path: str) -> "PolicyEngine":
@@ -62,6 +66,23 @@ class PolicyEngine:
         )
         return cls(AsyncLLM.from_engine_args(args), model_path)
 
+    def sampling_params(self, sampling: Sampling, *, whole: bool = False) -> SamplingParams:
+        """The engine's parameters for `sampling`; raises InvalidRequest naming the field the engine refuses."""
+        try:
+            return SamplingParams(
+                max_tokens=sampling.max_tokens,
+                min_tokens=sampling.min_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+                stop=list(sampling.stop),
+                logprobs=0,
+                output_kind=RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError) as refused:
+            raise refused_by_engine(refused) from None
+
     def render_chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
         return self.renderer.chat(messages)
 
@@ -76,40 +97,56 @@ class PolicyEngine:
         `whole` yields the finished answer as one delta instead of one per engine step: a unary
         answer needs no per-token messages between the engine's output loop and the caller.
         """
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            min_tokens=sampling.min_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            seed=sampling.seed,
-            stop=list(sampling.stop),
-            logprobs=0,
-            output_kind=RequestOutputKind.FINAL_ONLY if whole else RequestOutputKind.DELTA,
-        )
+        params = self.sampling_params(sampling, whole=whole)
         engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
-        async for output in self._llm.generate(engine_prompt, params, request_id):
-            completion = output.outputs[0]
-            logprobs = [
-                step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
-            ]
-            # The engine core stamps its outputs with time.monotonic(), one clock for every process
-            # (0.0 where it kept no stamp).
-            first_token_at = (output.metrics.first_token_ts or None) if whole and output.metrics else None
-            yield GenerationDelta(
-                text=completion.text,
-                token_ids=list(completion.token_ids),
-                behavior_logprobs=logprobs,
-                finish_reason=completion.finish_reason if output.finished else None,
-                first_token_at=first_token_at,
-            )
+        try:
+            async for output in self._llm.generate(engine_prompt, params, request_id):
+                completion = output.outputs[0]
+                logprobs = [
+                    step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
+                ]
+                # The engine core stamps its outputs with time.monotonic(), one clock for every process
+                # (0.0 where it kept no stamp).
+                first_token_at = (output.metrics.first_token_ts or None) if whole and output.metrics else None
+                yield GenerationDelta(
+                    text=completion.text,
+                    token_ids=list(completion.token_ids),
+                    behavior_logprobs=logprobs,
+                    finish_reason=completion.finish_reason if output.finished else None,
+                    first_token_at=first_token_at,
+                )
+        except VLLMClientError as refused:  # the engine checks each request against the model before queuing it
+            raise refused_by_engine(refused) from None
 
     def unfinished_requests(self) -> int:
         return self._llm.output_processor.get_num_unfinished_requests()
 
     async def reload_weights(self, weights_dir: str) -> None:
-        """Load new weights into the running engine, in place."""
+        """Load new weights into the running engine, in place, and drop everything the old weights computed.
+
+        Call with no request running (the swap drains admission first). The prefix cache keeps KV
+        blocks across requests: left in place, a prompt sharing a cached prefix would be answered
+        partly by the previous policy. The encoder cache holds multimodal embeddings, also computed
+        by the weights. vLLM's multimodal processor caches hold preprocessed inputs, which the
+        weights do not touch, so they stay.
+        """
         await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+        # reset_running_requests: a request aborted by its caller may not have left the engine yet;
+        # preempting it frees its blocks, so the reset cannot be refused for blocks in use.
+        pass  # TEMP-NO-RESET await self._llm.reset_prefix_cache(reset_running_requests=True)
+        pass  # TEMP-NO-RESET await self._llm.reset_encoder_cache()
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+SAMPLING_FIELDS = {"max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+
+
+def refused_by_engine(refused: Exception) -> InvalidRequest:
+    """vLLM's refusal of a request as an InvalidRequest on the field it names (its parameter, or its message's first word)."""
+    message = str(refused.args[0]) if refused.args else type(refused).__name__
+    parameter = getattr(refused, "parameter", None) or message.split(" ", 1)[0]
+    field = f"sampling.{parameter}" if parameter in SAMPLING_FIELDS else "request"
+    return InvalidRequest(field, f"the engine refuses it: {message}")
+

@@ -1,14 +1,25 @@
-"""Cross-cutting RPC concerns: API-key auth and per-RPC status metrics."""
+"""Cross-cutting RPC concerns: API-key auth (who the principal is), per-RPC status metrics, and the
+promise that no RPC answers UNKNOWN: an unexpected error is logged and answered INTERNAL."""
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import grpc
 from grpc import aio
 
+from feedback.identity import DEFAULT_PRINCIPAL, key_digest
+from flywheel.logs import request_id_var
 from server.metrics import ServingMetrics
 
+log = logging.getLogger(__name__)
+
 FLYWHEEL_SERVICE_PREFIX = "/flywheel.v1.Flywheel/"
+UNAUTHENTICATED_MESSAGE = "missing or unknown API key (x-api-key or authorization: Bearer metadata)"
+
+principal_var: ContextVar[str] = ContextVar("principal", default=DEFAULT_PRINCIPAL)
+"""The principal of the RPC being served, set by FlywheelInterceptor before the handler runs."""
 
 
 def api_key_from_metadata(metadata: tuple[tuple[str, str | bytes], ...]) -> str | None:
@@ -34,12 +45,28 @@ def _status_of(context: aio.ServicerContext, error: BaseException | None) -> grp
     return grpc.StatusCode.UNKNOWN
 
 
-class FlywheelInterceptor(aio.ServerInterceptor):
-    """Wraps every Flywheel RPC (not health or reflection) with auth and status accounting."""
+def principal_of(metadata: tuple[tuple[str, str | bytes], ...], principals_by_digest: dict[str, str]) -> str | None:
+    """The principal whose key the call carries; DEFAULT_PRINCIPAL when no keys are configured; None when refused."""
+    if not principals_by_digest:
+        return DEFAULT_PRINCIPAL
+    key = api_key_from_metadata(metadata)
+    return None if key is None else principals_by_digest.get(key_digest(key))
 
-    def __init__(self, metrics: ServingMetrics, api_keys: set[str]):
+
+async def _abort_unexpected(context: aio.ServicerContext, rpc: str, error: Exception) -> None:
+    log.error("%s failed unexpectedly", rpc, exc_info=error)
+    request_id = request_id_var.get()
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "internal error; the server logged it" + (f" (request id {request_id})" if request_id else "")
+    )
+
+
+class FlywheelInterceptor(aio.ServerInterceptor):
+    """Wraps every Flywheel RPC (not health or reflection) with auth, status accounting and the INTERNAL fallback."""
+
+    def __init__(self, metrics: ServingMetrics, principals_by_digest: dict[str, str]):
         self._metrics = metrics
-        self._api_keys = api_keys
+        self._principals_by_digest = principals_by_digest
 
     async def intercept_service(
         self,
@@ -51,15 +78,15 @@ class FlywheelInterceptor(aio.ServerInterceptor):
         if handler is None or not method.startswith(FLYWHEEL_SERVICE_PREFIX):
             return handler
         rpc = method.removeprefix(FLYWHEEL_SERVICE_PREFIX)
-        authorized = not self._api_keys or api_key_from_metadata(handler_call_details.invocation_metadata) in self._api_keys
+        principal = principal_of(handler_call_details.invocation_metadata, self._principals_by_digest)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary, authorized),
+                self._unary(rpc, handler.unary_unary, principal),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_stream_rpc_method_handler(
-            self._streaming(rpc, handler.unary_stream, authorized),
+            self._streaming(rpc, handler.unary_stream, principal),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -67,13 +94,19 @@ class FlywheelInterceptor(aio.ServerInterceptor):
     def _count(self, rpc: str, context: aio.ServicerContext, error: BaseException | None) -> None:
         self._metrics.requests.labels(rpc=rpc, code=_status_of(context, error).name).inc()
 
-    def _unary(self, rpc, behavior, authorized):
+    def _unary(self, rpc, behavior, principal):
         async def call(request, context):
             error = None
             try:
-                if not authorized:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (x-api-key metadata)")
-                return await behavior(request, context)
+                if principal is None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+                principal_var.set(principal)
+                try:
+                    return await behavior(request, context)
+                except (aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as unexpected:
+                    await _abort_unexpected(context, rpc, unexpected)
             except BaseException as raised:
                 error = raised
                 raise
@@ -82,14 +115,20 @@ class FlywheelInterceptor(aio.ServerInterceptor):
 
         return call
 
-    def _streaming(self, rpc, behavior, authorized):
+    def _streaming(self, rpc, behavior, principal):
         async def call(request, context):
             error = None
             try:
-                if not authorized:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key (x-api-key metadata)")
-                async for message in behavior(request, context):
-                    yield message
+                if principal is None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+                principal_var.set(principal)
+                try:
+                    async for message in behavior(request, context):
+                        yield message
+                except (aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as unexpected:
+                    await _abort_unexpected(context, rpc, unexpected)
             except BaseException as raised:
                 error = raised
                 raise

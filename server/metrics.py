@@ -40,7 +40,7 @@ class ServingMetrics:
         )
         self.feedback_rejected = Counter(
             "flywheel_feedback_rejected",
-            "Refused feedback by reason (invalid, forbidden, unknown_response, duplicate, rate_limited).",
+            "Refused feedback by reason (invalid, forbidden, unknown_response, rate_limited).",
             ["reason"],
             registry=registry,
         )

@@ -1,5 +1,6 @@
 """The Flywheel gRPC service: validate, translate, delegate to the engine."""
 
+import asyncio
 import logging
 import secrets
 import time
@@ -14,11 +15,13 @@ from grpc import aio
 from feedback.config import TopicNames
 from feedback.intake import FeedbackIntake, FeedbackRefused, Refusal
 from feedback.tokens import FeedbackClaims, issue_feedback_token
+from flywheel.errors import status_message
 from flywheel.logs import request_id_var
 from flywheel.prompts import RenderedPrompt
 from flywheel.v1 import events_pb2, serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController, Overloaded
 from server.engine import GenerationDelta, PolicyEngine
+from server.interceptors import principal_var
 from server.metrics import ServingMetrics
 from server.policy import EventLog, LivePolicy
 from server.validation import (
@@ -27,6 +30,7 @@ from server.validation import (
     Sampling,
     fit_to_context,
     validate_chat,
+    validate_envelope,
     validate_prompt,
     validate_sampling,
 )
@@ -41,6 +45,20 @@ FINISH_REASONS = {
 
 
 RATING_LABELS = {serving_pb2.RATING_UP: "up", serving_pb2.RATING_DOWN: "down"}
+
+INLINE_RENDER_CHARS = 4096
+"""Requests with at most this much text are rendered on the event loop: a thread hop costs more than
+their tokenizing (tens of microseconds). Longer ones go to a worker thread, so no request's
+templating and tokenizing holds up the others' answers."""
+
+
+@dataclass(frozen=True)
+class ValidatedInput:
+    """A request's prompt or chat messages, checked against the limits but not yet rendered."""
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    chars: int
 
 
 @dataclass
@@ -130,13 +148,13 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         )
 
     async def SubmitFeedback(self, request, context):
-        try:
-            event, replaced = self._intake.accept(request)
-        except FeedbackRefused as refused:
-            self._metrics.feedback_rejected.labels(reason=refused.refusal.name.lower()).inc()
-            await context.abort(getattr(grpc.StatusCode, refused.refusal.value), str(refused))
         if self._events is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this server does not log feedback (log_generations is off)")
+        try:
+            event, replaced = self._intake.accept(request, principal_var.get())
+        except FeedbackRefused as refused:
+            self._metrics.feedback_rejected.labels(reason=refused.refusal.name.lower()).inc()
+            await context.abort(getattr(grpc.StatusCode, refused.refusal.value), status_message(str(refused)))
         self._events.publish(self._topics.feedback, event.response_id, event)
         rating = "preference" if event.preferred_over_response_id else RATING_LABELS[event.rating]
         self._metrics.feedback.labels(rating=rating, policy_version=str(event.policy_version)).inc()
@@ -150,20 +168,25 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         answer = Answer(response_id=f"resp-{uuid.uuid4().hex}", arrived_at=time.monotonic())
         answer.requested_at.GetCurrentTime()
         request_id_var.set(answer.response_id)
+        principal = principal_var.get()
         try:
-            prompt, sampling = self._prepare(request)
+            validated, sampling = self._validate(request)
         except InvalidRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(error)))
         try:
             async with self._admission.slot():
                 answer.admitted_at = time.monotonic()
                 self._metrics.queue_seconds.observe(answer.admitted_at - answer.arrived_at)
+                prompt = await self._render(validated)
+                sampling = fit_to_context(sampling, len(prompt.token_ids), self._engine.max_model_len, self._limits)
                 policy = self._policy.current
                 async for delta in self._engine.stream(answer.response_id, prompt, sampling, whole=whole):
                     answer.add(delta)
                     yield delta.text
         except Overloaded as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_message(str(error)))
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(error)))
         answer.finished_at = time.monotonic()
         self._observe(answer, rpc, prompt_tokens=len(prompt.token_ids))
         log.info(
@@ -178,7 +201,7 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             },
         )
         if self._events is not None:
-            logged = generation_logged(request, prompt, sampling, answer, policy.version, self._server_id)
+            logged = generation_logged(request, prompt, sampling, answer, policy.version, self._server_id, principal)
             self._events.publish(self._topics.generations, answer.response_id, logged)
         yield serving_pb2.GenerateResponse(
             response_id=answer.response_id,
@@ -188,20 +211,34 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             prompt_tokens=len(prompt.token_ids),
             completion_tokens=len(answer.token_ids),
             policy_version=policy.version,
-            feedback_token=self._feedback_token(answer.response_id, policy.version, request.user_id),
+            feedback_token=self._feedback_token(answer.response_id, policy.version, request.user_id, principal),
             timings=answer.timings(),
         )
 
-    def _prepare(self, request: serving_pb2.GenerateRequest) -> tuple[RenderedPrompt, Sampling]:
+    def _validate(self, request: serving_pb2.GenerateRequest) -> tuple[ValidatedInput, Sampling]:
+        """Every bound checked, for the price of reading lengths; nothing rendered or tokenized yet."""
+        validate_envelope(request, self._limits)
         sampling = validate_sampling(request.sampling, self._limits)
+        self._engine.sampling_params(sampling)  # what only the engine can judge, before the request queues
         match request.WhichOneof("input"):
             case "prompt":
-                prompt = self._engine.render_prompt(validate_prompt(request.prompt, self._limits))
+                prompt = validate_prompt(request.prompt, self._limits)
+                return ValidatedInput(prompt, None, len(prompt)), sampling
             case "chat":
-                prompt = self._engine.render_chat(validate_chat(request.chat, self._limits))
+                messages = validate_chat(request.chat, self._limits)
+                return ValidatedInput(None, messages, sum(len(m["content"]) for m in messages)), sampling
             case _:
                 raise InvalidRequest("input", "set either prompt or chat")
-        return prompt, fit_to_context(sampling, len(prompt.token_ids), self._engine.max_model_len, self._limits)
+
+    async def _render(self, validated: ValidatedInput) -> RenderedPrompt:
+        """Template and tokenize: on the event loop when short, else in a worker thread."""
+        if validated.prompt is not None:
+            render, argument = self._engine.render_prompt, validated.prompt
+        else:
+            render, argument = self._engine.render_chat, validated.messages
+        if validated.chars <= INLINE_RENDER_CHARS:
+            return render(argument)
+        return await asyncio.to_thread(render, argument)
 
     def _observe(self, answer: Answer, rpc: str, prompt_tokens: int) -> None:
         timings = answer.timings()
@@ -210,11 +247,12 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         self._metrics.prompt_tokens.inc(prompt_tokens)
         self._metrics.completion_tokens.inc(len(answer.token_ids))
 
-    def _feedback_token(self, response_id: str, policy_version: int, user_id: str) -> str:
+    def _feedback_token(self, response_id: str, policy_version: int, user_id: str, principal: str) -> str:
         claims = FeedbackClaims(
             response_id=response_id,
             policy_version=policy_version,
             user_id=user_id,
+            principal=principal,
             expires_at=int(time.time()) + self._token_ttl,
         )
         return issue_feedback_token(self._token_secret, claims)
@@ -227,6 +265,7 @@ def generation_logged(
     answer: Answer,
     policy_version: int,
     server_id: str,
+    principal: str,
 ) -> events_pb2.GenerationLogged:
     """The Kafka record of one finished answer, with the sampling parameters as the engine applied them."""
     event = events_pb2.GenerationLogged(
@@ -252,6 +291,7 @@ def generation_logged(
         tags=dict(request.tags),
         requested_at=answer.requested_at,
         server_id=server_id,
+        principal=principal,
     )
     if sampling.seed is not None:
         event.sampling.seed = sampling.seed

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from feedback.identity import ApiKey, key_digest
 from feedback.tokens import verify_feedback_token
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
@@ -132,7 +133,7 @@ def test_stream_chunks_add_up_to_the_summary(stub):
         ({"prompt": "hi", "sampling": pb.SamplingParams(top_p=0)}, "sampling.top_p"),
         ({"prompt": "hi", "sampling": pb.SamplingParams(top_p=1.5)}, "sampling.top_p"),
         ({"prompt": "hi", "sampling": pb.SamplingParams(top_k=-1)}, "sampling.top_k"),
-        ({"prompt": "hi", "sampling": pb.SamplingParams(stop=[""])}, "sampling.stop"),
+        ({"prompt": "hi", "sampling": pb.SamplingParams(stop=[""])}, "sampling.stop[0]"),
         ({"prompt": "hi", "sampling": pb.SamplingParams(max_tokens=4, min_tokens=5)}, "sampling.min_tokens"),
     ],
 )
@@ -200,7 +201,7 @@ def test_expired_deadline_aborts_inside_the_engine(stub, engine):
 
 
 def test_api_keys(start_server):
-    server = start_server(api_keys=["key-1"])
+    server = start_server(api_keys=[ApiKey(principal="acme", sha256=key_digest("key-1"))])
     with grpc.insecure_channel(server.address) as channel:
         stub = serving_pb2_grpc.FlywheelStub(channel)
         request = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2))
