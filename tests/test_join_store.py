@@ -1,4 +1,5 @@
-"""The join of answers and votes: either order, duplicates, latest vote wins, TTL, persistence."""
+"""The join of answers and votes: either order, duplicates, latest vote wins, one label per vote, bounded
+pairs, TTL, persistence."""
 
 import random
 import sqlite3
@@ -6,7 +7,7 @@ import sqlite3
 import pytest
 
 from flywheel.v1 import events_pb2, serving_pb2
-from trainer.join_store import JoinStore, is_heldout_prompt
+from trainer.join_store import JoinStore, PairBounds, is_heldout_prompt
 
 UP, DOWN = serving_pb2.RATING_UP, serving_pb2.RATING_DOWN
 TTL = 100.0
@@ -43,14 +44,21 @@ def generation(response_id: str, prompt: str = "What is 1+1?", answer: tuple[int
 
 
 def vote(
-    response_id: str, rating=UP, given_at: int = 1, event_id: str | None = None, user_id: str = "ada", preferred_over: str = ""
+    response_id: str,
+    rating=UP,
+    given_at: int = 1,
+    event_id: str | None = None,
+    user_id: str = "ada",
+    preferred_over: str = "",
+    principal: str = "",
 ) -> events_pb2.FeedbackGiven:
     event = events_pb2.FeedbackGiven(
-        event_id=event_id or f"vote-{response_id}-{rating}-{given_at}",
+        event_id=event_id or f"vote-{response_id}-{principal}-{user_id}-{rating}-{given_at}",
         response_id=response_id,
         user_id=user_id,
         rating=rating,
         preferred_over_response_id=preferred_over,
+        principal=principal,
     )
     event.given_at.FromSeconds(given_at)
     return event
@@ -106,15 +114,35 @@ def test_votes_of_different_users_stand_side_by_side(store):
     assert sorted(example.thumbs_up for example in store.labelled_examples()) == [False, True]
 
 
-def test_a_changed_vote_is_a_new_label_after_the_old_one_was_used(store):
+def test_a_vote_trains_once_however_often_it_is_changed_or_repeated(store):
     store.add_generation(generation("r1"))
     store.add_feedback(vote("r1", UP, given_at=1))
     taken = store.labelled_examples()
     store.add_feedback(vote("r1", DOWN, given_at=2))
     store.mark_used(taken)
+    for given_at, rating in enumerate([UP, DOWN, UP, UP], start=3):  # flips, and a repeat through another replica
+        assert store.add_feedback(vote("r1", rating, given_at=given_at, event_id=f"again-{given_at}"))
+        assert store.labelled_examples() == []
+    assert store.labelled_examples("heldout", heldout_fraction=1.0)[0].thumbs_up, "the standing vote is still the latest"
+
+
+def test_a_vote_becomes_a_label_once_settled_with_the_value_standing_then(tmp_path, clock):
+    store = JoinStore(tmp_path / "join.sqlite3", TTL, clock, vote_settle_seconds=30)
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, given_at=1))
+    clock.now += 20
+    store.add_feedback(vote("r1", DOWN, given_at=2))
+    assert labels(store) == {}
+    clock.now += 10
     assert labels(store) == {"r1": False}
-    store.mark_used(store.labelled_examples())
-    assert store.labelled_examples() == []
+    store.close()
+
+
+def test_the_same_user_id_under_two_principals_is_two_voters(store):
+    store.add_generation(generation("r1"))
+    store.add_feedback(vote("r1", UP, principal="acme"))
+    store.add_feedback(vote("r1", DOWN, principal="mallory"))
+    assert sorted((e.principal, e.thumbs_up) for e in store.labelled_examples()) == [("acme", True), ("mallory", False)]
 
 
 def test_preference_pairs_are_explicit_or_up_against_down_on_the_same_prompt(store):
@@ -131,6 +159,7 @@ def test_preference_pairs_are_explicit_or_up_against_down_on_the_same_prompt(sto
 
     pairs = store.preference_pairs()
     assert pair_ids(pairs) == {("a", "b"), ("a", "c"), ("y", "x")}
+    assert {pair.principal for pair in pairs} == {"default"}
     store.mark_used(pairs=pairs[:1])
     assert pair_ids(store.preference_pairs()) == pair_ids(pairs[1:])
     assert labels(store) == {"a": True, "b": False, "c": False, "x": True}
@@ -195,3 +224,56 @@ def test_events_without_their_ids_are_refused_naming_the_field(store):
         store.add_feedback(events_pb2.FeedbackGiven(event_id="e", response_id="r"))
     with pytest.raises(ValueError, match="event_id"):
         store.add_generation(events_pb2.GenerationLogged(response_id="r"))
+
+
+def test_up_and_down_votes_pair_only_within_one_principal(store):
+    store.add_generation(generation("a", "q1"))
+    store.add_generation(generation("b", "q1"))
+    store.add_feedback(vote("a", UP, principal="acme"))
+    store.add_feedback(vote("b", DOWN, principal="mallory"))
+    assert store.preference_pairs() == []
+    store.add_feedback(vote("b", DOWN, principal="acme"))
+    assert [(p.chosen.response_id, p.rejected.response_id, p.principal) for p in store.preference_pairs()] == [
+        ("a", "b", "acme")
+    ]
+
+
+def test_one_flooded_prompt_yields_a_bounded_number_of_pairs_over_the_store_life(tmp_path, clock):
+    store = JoinStore(tmp_path / "join.sqlite3", TTL, clock, pair_bounds=PairBounds(per_answer=2, per_prompt=5))
+    for n in range(60):
+        store.add_generation(generation(f"r{n}", "q1"))
+        store.add_feedback(vote(f"r{n}", UP if n % 2 else DOWN, user_id=f"user-{n}"))
+    first = store.preference_pairs()
+    assert 0 < len(first) <= 5, "30 up and 30 down answers would make 900 pairs"
+    chosen = [pair.chosen.response_id for pair in first]
+    rejected = [pair.rejected.response_id for pair in first]
+    assert max(chosen.count(r) for r in chosen) <= 2 and max(rejected.count(r) for r in rejected) <= 2
+    store.mark_used(pairs=first)
+    for n in range(60, 80):
+        store.add_generation(generation(f"r{n}", "q1"))
+        store.add_feedback(vote(f"r{n}", UP if n % 2 else DOWN, user_id=f"user-{n}"))
+    later = store.preference_pairs()
+    assert len(first) + len(later) <= 5, "the bound holds over the store's life, used pairs included"
+    store.close()
+
+
+def test_a_store_from_before_principals_is_migrated(tmp_path, clock):
+    path = tmp_path / "join.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            """
+            CREATE TABLE seen_events (arrival INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE);
+            CREATE TABLE generations (response_id TEXT PRIMARY KEY, prompt_text TEXT NOT NULL,
+                prompt_token_ids TEXT NOT NULL, response_token_ids TEXT NOT NULL, received_at REAL NOT NULL);
+            CREATE TABLE votes (response_id TEXT NOT NULL, user_id TEXT NOT NULL, event_id TEXT NOT NULL,
+                rating INTEGER NOT NULL, preferred_over_response_id TEXT NOT NULL, given_at_ns INTEGER NOT NULL,
+                arrival INTEGER NOT NULL, received_at REAL NOT NULL, used_as_label INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (response_id, user_id));
+            CREATE INDEX votes_by_preferred_over ON votes (preferred_over_response_id);
+            INSERT INTO generations VALUES ('r1', 'q', '[1]', '[2]', 1.0);
+            INSERT INTO votes VALUES ('r1', 'ada', 'e1', 1, '', 1, 1, 1.0, 0);
+            """
+        )
+    store = JoinStore(path, TTL, clock)
+    assert [(e.principal, e.user_id, e.thumbs_up) for e in store.labelled_examples()] == [("default", "ada", True)]
+    store.close()

@@ -27,6 +27,13 @@ class RewardModelSettings(BaseModel):
         64, ge=1, description="Update the reward model after this many new standing votes have been joined."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
+    max_principal_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Most of one update's labels one principal (API key tenant) may supply; an equal share when fewer "
+        "than 1/this principals have labels waiting. The rest wait for a later update.",
+    )
 
 
 class PPOSettings(BaseModel):
@@ -72,6 +79,16 @@ class JoinStoreSettings(BaseModel):
         description="An answer without feedback, or feedback without its answer, is dropped after this long; "
         "matches the feedback token's lifetime, after which no vote can arrive.",
     )
+    vote_settle_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A vote becomes a training label this long after it first arrives, with the value it has then; "
+        "later changes never train again.",
+    )
+    max_pairs_per_answer: int = Field(
+        4, ge=1, description="Preference pairs one answer yields as the chosen one, and as the rejected one, ever."
+    )
+    max_pairs_per_prompt: int = Field(16, ge=1, description="Preference pairs one prompt yields, ever.")
 
 
 class TrainerSettings(BaseModel):
@@ -117,6 +134,13 @@ class GateSettings(BaseModel):
     max_new_tokens: int = Field(32, ge=1, description="Longest answer generated during evaluation, in tokens.")
     kl_samples_per_prompt: int = Field(2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate.")
     auto_rollback: bool = Field(True, description="Roll back a live version whose thumbs are significantly worse.")
+    max_principal_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Most of the rollback's votes on a version, and of the held-out prompts, one principal may supply; "
+        "an equal share when fewer than 1/this principals take part.",
+    )
     torch_threads: int = Field(
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
     )

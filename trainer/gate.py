@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
+from feedback.identity import DEFAULT_PRINCIPAL, capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
@@ -53,6 +54,8 @@ class EvalPrompt:
     text: str
     expected: str | None = None
     must_not_contain: tuple[str, ...] = ()
+    principal: str = DEFAULT_PRINCIPAL
+    """Whose traffic the prompt came from (golden prompts: the operator's)."""
 
     @property
     def is_golden(self) -> bool:
@@ -82,42 +85,69 @@ def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalProm
 
 
 class HeldoutPrompts:
-    """The most recent distinct held-out prompts seen in logged traffic."""
+    """The most recent distinct held-out prompts seen in logged traffic, no principal holding more than its share.
 
-    def __init__(self, capacity: int, heldout_fraction: float):
-        self._prompts: deque[EvalPrompt] = deque(maxlen=capacity)
+    Each principal's own most recent prompts are kept apart, so one flooding its own cannot push
+    another's out; `current` picks the newest within each principal's share.
+    """
+
+    def __init__(self, capacity: int, heldout_fraction: float, max_principal_share: float = 1.0):
+        self._capacity = capacity
         self._heldout_fraction = heldout_fraction
+        self._max_principal_share = max_principal_share
+        self._by_principal: dict[str, deque[tuple[int, EvalPrompt]]] = {}
+        self._offered = 0
 
     def offer(self, event: events_pb2.GenerationLogged) -> None:
         if not event.prompt_token_ids or not is_heldout_prompt(event.rendered_prompt, self._heldout_fraction):
             return
-        if any(prompt.text == event.rendered_prompt for prompt in self._prompts):
+        principal = event.principal or DEFAULT_PRINCIPAL
+        prompts = self._by_principal.setdefault(principal, deque(maxlen=self._capacity))
+        if any(prompt.text == event.rendered_prompt for _, prompt in prompts):
             return
-        self._prompts.append(EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt))
+        self._offered += 1
+        prompts.append((self._offered, EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt, principal=principal)))
 
     def current(self) -> list[EvalPrompt]:
-        return list(self._prompts)
+        newest_first = sorted((entry for prompts in self._by_principal.values() for entry in prompts), reverse=True)
+        chosen = capped_per_principal(
+            [prompt for _, prompt in newest_first], lambda prompt: prompt.principal, self._max_principal_share, self._capacity
+        )
+        distinct: dict[str, EvalPrompt] = {}
+        for prompt in reversed(chosen):
+            distinct.setdefault(prompt.text, prompt)
+        return list(distinct.values())
 
 
 class ThumbsByVersion:
-    """Each policy version's standing thumbs: one per (response, user), the latest given wins."""
+    """Each policy version's standing thumbs: one per voter (principal, user) and response, the latest given wins."""
 
-    def __init__(self) -> None:
-        self._votes: dict[tuple[str, str], tuple[int, int, bool]] = {}  # -> (given_at ns, version, down)
+    def __init__(self, max_principal_share: float = 1.0) -> None:
+        self._max_principal_share = max_principal_share
+        # (response, principal, user) -> (given_at ns, version, down)
+        self._votes: dict[tuple[str, str, str], tuple[int, int, bool]] = {}
 
     def add(self, event: events_pb2.FeedbackGiven) -> None:
         if event.rating not in (serving_pb2.RATING_UP, serving_pb2.RATING_DOWN):
             return
-        key = (event.response_id, event.user_id)
+        key = (event.response_id, event.principal or DEFAULT_PRINCIPAL, event.user_id)
         given_at = event.given_at.ToNanoseconds()
         if key in self._votes and self._votes[key][0] > given_at:
             return
         self._votes[key] = (given_at, event.policy_version, event.rating == serving_pb2.RATING_DOWN)
 
     def counts(self, version: int) -> tuple[int, int]:
-        """(thumbs down, all thumbs) on answers written by `version`."""
-        downs = [down for _, v, down in self._votes.values() if v == version]
-        return sum(downs), len(downs)
+        """(thumbs down, all thumbs) on answers written by `version`, no principal supplying more than its share.
+
+        Each principal's earliest votes count.
+        """
+        votes = sorted(
+            (given_at, principal, down)
+            for (_, principal, _), (given_at, v, down) in self._votes.items()
+            if v == version
+        )
+        counted = capped_per_principal(votes, lambda vote: vote[1], self._max_principal_share)
+        return sum(down for _, _, down in counted), len(counted)
 
 
 class GateEvaluator:
@@ -243,8 +273,10 @@ class Gate:
         self.checkpoint_dir = checkpoint_dir
         self.registry = registry
         self.metrics = metrics
-        self.heldout = HeldoutPrompts(settings.heldout_prompts, reward_model_settings.heldout_fraction)
-        self.thumbs = ThumbsByVersion()
+        self.heldout = HeldoutPrompts(
+            settings.heldout_prompts, reward_model_settings.heldout_fraction, settings.max_principal_share
+        )
+        self.thumbs = ThumbsByVersion(settings.max_principal_share)
 
     def take(self, events: list[ConsumedEvent]) -> list[tuple[ConsumedEvent, str]]:
         """Use a batch of consumed events; returns those the gate cannot use, each with why: dead-letter them."""

@@ -4,14 +4,19 @@ Events arrive from Kafka at least once and in any order across topics, so the st
 idempotent and order-free:
 - every event is applied at most once, by event_id;
 - a vote may arrive before or after the answer it is about; they join on response_id;
-- each (response_id, user_id) keeps one standing vote: the latest by given_at, and on a tie the
-  later to arrive (within a response's Kafka partition, the higher offset);
+- each voter (principal, user_id) keeps one standing vote per response: the latest by given_at,
+  and on a tie the later to arrive (within a response's Kafka partition, the higher offset);
 - an answer nobody voted on, or a vote whose answer never came, is dropped after a TTL.
 
-The reward model takes each standing thumb and each preference pair once: `mark_used` records
-what was trained on. A changed vote is a new label and is taken again. Prompts are split
-between training and held-out evaluation by a stable hash of their text, so both answers of
-a pair always fall on the same side.
+The reward model takes each vote once, whatever replica it came through and however often it
+was changed or repeated: a vote becomes a label `vote_settle_seconds` after it first arrived,
+with the value standing then, and `mark_used` records that it was trained on; a change after
+that is kept (the gate's rollback reads it) but never trains again. Preference pairs, explicit
+or an up-voted against a down-voted answer to the same prompt by voters of one principal, are
+each taken once, and bounded per answer and per prompt over the store's life, so flooding one
+prompt with votes yields a few pairs, not their product. Prompts are split between training
+and held-out evaluation by a stable hash of their text, so both answers of a pair always fall
+on the same side.
 """
 
 import hashlib
@@ -25,9 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from feedback.identity import DEFAULT_PRINCIPAL
 from flywheel.v1 import events_pb2, serving_pb2
 
 Split = Literal["train", "heldout"]
+
+SCHEMA_VERSION = 2  # 2: votes are keyed by (response, principal, user) and never made unused again
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen_events (
@@ -44,6 +52,7 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE INDEX IF NOT EXISTS generations_by_prompt ON generations (prompt_text);
 CREATE TABLE IF NOT EXISTS votes (
     response_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
     user_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
     rating INTEGER NOT NULL,
@@ -51,8 +60,9 @@ CREATE TABLE IF NOT EXISTS votes (
     given_at_ns INTEGER NOT NULL,
     arrival INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    first_received_at REAL NOT NULL,
     used_as_label INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (response_id, user_id)
+    PRIMARY KEY (response_id, principal, user_id)
 );
 CREATE INDEX IF NOT EXISTS votes_by_preferred_over ON votes (preferred_over_response_id);
 CREATE TABLE IF NOT EXISTS used_pairs (
@@ -62,50 +72,83 @@ CREATE TABLE IF NOT EXISTS used_pairs (
 ) WITHOUT ROWID;
 """
 
-# Replaces the standing vote only when the new one is later by (given_at, arrival); a
-# replaced vote is a new label, so it is no longer marked used.
+# Stores written before principals (schema 1) keyed votes by (response, user): their voters become
+# the default principal's.
+MIGRATE_FROM_1 = """
+ALTER TABLE votes RENAME TO votes_v1;
+DROP INDEX IF EXISTS votes_by_preferred_over;
+{schema}
+INSERT INTO votes (response_id, principal, user_id, event_id, rating, preferred_over_response_id, given_at_ns,
+                   arrival, received_at, first_received_at, used_as_label)
+SELECT response_id, '{principal}', user_id, event_id, rating, preferred_over_response_id, given_at_ns,
+       arrival, received_at, received_at, used_as_label FROM votes_v1;
+DROP TABLE votes_v1;
+"""
+
+# Replaces the standing vote only when the new one is later by (given_at, arrival). Whether the
+# vote was trained on, and when it first arrived, stay: one vote, one label.
 UPSERT_VOTE = """
-INSERT INTO votes (response_id, user_id, event_id, rating, preferred_over_response_id, given_at_ns, arrival, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (response_id, user_id) DO UPDATE SET
+INSERT INTO votes (response_id, principal, user_id, event_id, rating, preferred_over_response_id, given_at_ns, arrival,
+                   received_at, first_received_at)
+VALUES (:response_id, :principal, :user_id, :event_id, :rating, :preferred_over, :given_at_ns, :arrival, :now, :now)
+ON CONFLICT (response_id, principal, user_id) DO UPDATE SET
     event_id = excluded.event_id, rating = excluded.rating,
     preferred_over_response_id = excluded.preferred_over_response_id,
-    given_at_ns = excluded.given_at_ns, arrival = excluded.arrival,
-    received_at = excluded.received_at, used_as_label = 0
+    given_at_ns = excluded.given_at_ns, arrival = excluded.arrival, received_at = excluded.received_at
 WHERE (excluded.given_at_ns, excluded.arrival) > (votes.given_at_ns, votes.arrival)
 """
 
 SELECT_THUMBS = """
-SELECT v.response_id, g.prompt_token_ids, g.response_token_ids, v.rating, v.event_id
+SELECT v.response_id, g.prompt_token_ids, g.response_token_ids, v.rating, v.principal, v.user_id
 FROM votes v JOIN generations g ON g.response_id = v.response_id
 WHERE v.rating IN (:up, :down)
   AND heldout_prompt(g.prompt_text, :heldout_fraction) = :heldout
-  AND (:heldout OR NOT v.used_as_label)
+  AND (:heldout OR (NOT v.used_as_label AND v.first_received_at <= :settled_before))
 ORDER BY v.arrival
 LIMIT :limit
 """
 
-# Pairs are explicit preferences, and an up-voted and a down-voted answer to the same prompt.
+# Pairs are explicit preferences, and an up-voted and a down-voted answer to the same prompt by
+# voters of one principal. Each pair is ranked by when its later vote arrived; an answer keeps its
+# first :per_answer pairs as the chosen one and as the rejected one, a prompt its first
+# :per_prompt, used pairs included, so the bounds hold over the store's life.
 SELECT_PAIRS = """
-WITH candidates (chosen_id, rejected_id) AS (
-    SELECT response_id, preferred_over_response_id FROM votes WHERE preferred_over_response_id != ''
-    UNION
-    SELECT up.response_id, down.response_id
+WITH formed (chosen_id, rejected_id, prompt_text, formed_at, principal) AS (
+    SELECT v.response_id, v.preferred_over_response_id, c.prompt_text, v.arrival, v.principal
+    FROM votes v JOIN generations c ON c.response_id = v.response_id
+    WHERE v.preferred_over_response_id != '' AND v.first_received_at <= :settled_before
+    UNION ALL
+    SELECT up.response_id, down.response_id, c.prompt_text, max(up.arrival, down.arrival), up.principal
     FROM votes up
     JOIN generations c ON c.response_id = up.response_id
     JOIN generations r ON r.prompt_text = c.prompt_text AND r.response_id != c.response_id
-    JOIN votes down ON down.response_id = r.response_id
+    JOIN votes down ON down.response_id = r.response_id AND down.principal = up.principal
     WHERE up.rating = :up AND down.rating = :down
+      AND up.first_received_at <= :settled_before AND down.first_received_at <= :settled_before
+),
+distinct_pairs AS (
+    SELECT chosen_id, rejected_id, min(prompt_text) AS prompt_text, min(formed_at) AS formed_at, min(principal) AS principal
+    FROM formed GROUP BY chosen_id, rejected_id
+),
+ranked_per_answer AS (
+    SELECT *, row_number() OVER (PARTITION BY chosen_id ORDER BY formed_at, rejected_id) AS chosen_rank,
+              row_number() OVER (PARTITION BY rejected_id ORDER BY formed_at, chosen_id) AS rejected_rank
+    FROM distinct_pairs
+),
+ranked_per_prompt AS (
+    SELECT *, row_number() OVER (PARTITION BY prompt_text ORDER BY formed_at, chosen_id, rejected_id) AS prompt_rank
+    FROM ranked_per_answer WHERE chosen_rank <= :per_answer AND rejected_rank <= :per_answer
 )
 SELECT p.chosen_id, c.prompt_token_ids, c.response_token_ids,
-       p.rejected_id, r.prompt_token_ids, r.response_token_ids
-FROM candidates p
+       p.rejected_id, r.prompt_token_ids, r.response_token_ids, p.principal
+FROM ranked_per_prompt p
 JOIN generations c ON c.response_id = p.chosen_id
 JOIN generations r ON r.response_id = p.rejected_id
-WHERE heldout_prompt(c.prompt_text, :heldout_fraction) = :heldout
+WHERE p.prompt_rank <= :per_prompt
+  AND heldout_prompt(p.prompt_text, :heldout_fraction) = :heldout
   AND (:heldout OR NOT EXISTS (
       SELECT 1 FROM used_pairs u WHERE u.chosen_response_id = p.chosen_id AND u.rejected_response_id = p.rejected_id))
-ORDER BY c.received_at, r.received_at
+ORDER BY p.formed_at, p.chosen_id, p.rejected_id
 LIMIT :limit
 """
 
@@ -138,8 +181,8 @@ class LabelledExample:
 
     answer: LoggedAnswer
     thumbs_up: bool
-    vote_event_id: str
-    """The vote that gave the label; marking it used leaves a later vote on the answer unused."""
+    principal: str
+    user_id: str
 
 
 @dataclass(frozen=True)
@@ -148,6 +191,16 @@ class PreferencePair:
 
     chosen: LoggedAnswer
     rejected: LoggedAnswer
+    principal: str
+    """Whose voters formed the pair."""
+
+
+@dataclass(frozen=True)
+class PairBounds:
+    """How many preference pairs one answer (as chosen, and as rejected) and one prompt yield, ever."""
+
+    per_answer: int = 4
+    per_prompt: int = 16
 
 
 def is_heldout_prompt(prompt_text: str, heldout_fraction: float) -> bool:
@@ -175,16 +228,37 @@ def _answer(response_id: str, prompt_token_ids: str, response_token_ids: str) ->
 class JoinStore:
     """The join of answers and votes in one SQLite file. Use from one thread at a time (any thread)."""
 
-    def __init__(self, path: Path, ttl_seconds: float, clock: Callable[[], float] = time.time):
-        """Open (or create) the store at `path`; `clock` gives wall-clock seconds, for the TTL."""
+    def __init__(
+        self,
+        path: Path,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.time,
+        vote_settle_seconds: float = 0.0,
+        pair_bounds: PairBounds = PairBounds(),
+    ):
+        """Open (or create) the store at `path`; `clock` gives wall-clock seconds, for the TTL and the settling."""
         self.ttl_seconds = ttl_seconds
         self._clock = clock
+        self._vote_settle_seconds = vote_settle_seconds
+        self._pair_bounds = pair_bounds
         path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly by `_transaction`.
         self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._connection.execute("PRAGMA journal_mode = WAL")
         self._connection.create_function("heldout_prompt", 2, is_heldout_prompt, deterministic=True)
-        self._connection.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+        self._create_or_migrate()
+
+    def _create_or_migrate(self) -> None:
+        with self._transaction() as connection:
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            has_votes = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'votes'").fetchone()
+            if has_votes and version < 2:
+                for statement in MIGRATE_FROM_1.format(schema=SCHEMA, principal=DEFAULT_PRINCIPAL).split(";"):
+                    connection.execute(statement)
+            else:
+                for statement in SCHEMA.split(";"):
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -226,16 +300,17 @@ class JoinStore:
                 return False
             cursor = connection.execute(
                 UPSERT_VOTE,
-                (
-                    event.response_id,
-                    event.user_id,
-                    event.event_id,
-                    event.rating,
-                    event.preferred_over_response_id,
-                    event.given_at.ToNanoseconds(),
-                    arrival,
-                    self._clock(),
-                ),
+                {
+                    "response_id": event.response_id,
+                    "principal": event.principal or DEFAULT_PRINCIPAL,
+                    "user_id": event.user_id,
+                    "event_id": event.event_id,
+                    "rating": event.rating,
+                    "preferred_over": event.preferred_over_response_id,
+                    "given_at_ns": event.given_at.ToNanoseconds(),
+                    "arrival": arrival,
+                    "now": self._clock(),
+                },
             )
             return cursor.rowcount == 1
 
@@ -246,6 +321,9 @@ class JoinStore:
             "heldout": split == "heldout",
             "heldout_fraction": heldout_fraction,
             "limit": -1 if limit is None else limit,
+            "settled_before": self._clock() - self._vote_settle_seconds,
+            "per_answer": self._pair_bounds.per_answer,
+            "per_prompt": self._pair_bounds.per_prompt,
         }
         return self._connection.execute(sql, parameters).fetchall()
 
@@ -254,31 +332,32 @@ class JoinStore:
     ) -> list[LabelledExample]:
         """Standing thumbs joined with their answers, oldest vote first.
 
-        The train split gives only thumbs not yet marked used; the held-out split gives all of
-        its thumbs every time (evaluation does not use them up).
+        The train split gives only settled votes not yet marked used; the held-out split gives all
+        of its thumbs every time (evaluation does not use them up).
         """
         rows = self._query(SELECT_THUMBS, split, heldout_fraction, limit)
         return [
-            LabelledExample(_answer(response_id, prompt, response), rating == serving_pb2.RATING_UP, event_id)
-            for response_id, prompt, response, rating, event_id in rows
+            LabelledExample(_answer(response_id, prompt, response), rating == serving_pb2.RATING_UP, principal, user_id)
+            for response_id, prompt, response, rating, principal, user_id in rows
         ]
 
     def preference_pairs(
         self, split: Split = "train", heldout_fraction: float = 0.0, limit: int | None = None
     ) -> list[PreferencePair]:
-        """Explicit preferences, and up- against down-voted answers to the same prompt text.
+        """Explicit preferences, and up- against down-voted answers to the same prompt text by one principal's voters.
 
-        Each (chosen, rejected) pair appears once; the train split leaves out pairs marked used.
+        Each (chosen, rejected) pair appears once, within the pair bounds; the train split leaves
+        out pairs marked used.
         """
         rows = self._query(SELECT_PAIRS, split, heldout_fraction, limit)
-        return [PreferencePair(_answer(*row[:3]), _answer(*row[3:])) for row in rows]
+        return [PreferencePair(_answer(*row[:3]), _answer(*row[3:6]), row[6]) for row in rows]
 
     def mark_used(self, examples: Sequence[LabelledExample] = (), pairs: Sequence[PreferencePair] = ()) -> None:
         """Record that the reward model trained on these, so no later query returns them again."""
         with self._transaction() as connection:
             connection.executemany(
-                "UPDATE votes SET used_as_label = 1 WHERE event_id = ?",
-                [(example.vote_event_id,) for example in examples],
+                "UPDATE votes SET used_as_label = 1 WHERE response_id = ? AND principal = ? AND user_id = ?",
+                [(example.answer.response_id, example.principal, example.user_id) for example in examples],
             )
             connection.executemany(
                 "INSERT OR IGNORE INTO used_pairs VALUES (?, ?)",

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
+from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.registry import PolicyRegistry
@@ -45,7 +46,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
-from trainer.join_store import JoinStore
+from trainer.join_store import JoinStore, LabelledExample, PairBounds, PreferencePair
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
 from trainer.progress import live_display, progress_table
@@ -145,7 +146,12 @@ class Trainer:
         ppo = PPOTrainer(models, tokenizer, config.ppo)
         if checkpoint is not None:
             restore_optimizers(checkpoint, ppo, state)
-        join_store = JoinStore(config.join_store.path, config.join_store.ttl_seconds)
+        join_store = JoinStore(
+            config.join_store.path,
+            config.join_store.ttl_seconds,
+            vote_settle_seconds=config.join_store.vote_settle_seconds,
+            pair_bounds=PairBounds(config.join_store.max_pairs_per_answer, config.join_store.max_pairs_per_prompt),
+        )
         return cls(config, state, ppo, reward_model, join_store, registry, metrics)
 
     # ------------------------------------------------------------ the decisions
@@ -173,8 +179,7 @@ class Trainer:
     def update_reward_model(self) -> dict[str, float] | None:
         """Train on the unused standing labels once there are enough of them; None when there are not."""
         settings = self.config.reward_model
-        examples = self.join_store.labelled_examples("train", settings.heldout_fraction)
-        pairs = self.join_store.preference_pairs("train", settings.heldout_fraction)
+        examples, pairs = labels_for_update(self.join_store, settings)
         if len(examples) + len(pairs) < settings.update_every_labels:
             return None
         stats = self.reward_model.update(pairs, examples)
@@ -319,6 +324,24 @@ class Trainer:
         await asyncio.to_thread(self.checkpoint)
         if uncommitted:  # nothing was read since the last commit (PPO steps on earlier traffic): aiokafka refuses {}
             await consumer.commit(uncommitted)
+
+
+def labels_for_update(
+    join_store: JoinStore, settings: RewardModelSettings
+) -> tuple[list[LabelledExample], list[PreferencePair]]:
+    """The unused settled training labels, thumbs then pairs, no principal supplying more than its share.
+
+    Labels past a principal's share stay unused and wait for a later update.
+    """
+    waiting = [
+        *join_store.labelled_examples("train", settings.heldout_fraction),
+        *join_store.preference_pairs("train", settings.heldout_fraction),
+    ]
+    labels = capped_per_principal(waiting, lambda label: label.principal, settings.max_principal_share)
+    return (
+        [label for label in labels if isinstance(label, LabelledExample)],
+        [label for label in labels if isinstance(label, PreferencePair)],
+    )
 
 
 def rejections_in_a_row(verdicts: list[dict | None]) -> int:
