@@ -33,6 +33,7 @@ HANG_GUARD_S = 600  # only to fail instead of hanging; nothing here is a timing 
 # logged answers, and every PPO step a candidate for the gate.
 SMALL_LOOP = {
     "FLYWHEEL_REWARD_MODEL__UPDATE_EVERY_LABELS": "16",
+    "FLYWHEEL_JOIN_STORE__VOTE_SETTLE_SECONDS": "0",
     "FLYWHEEL_TRAINER__MIN_LABELS_BEFORE_PPO": "16",
     "FLYWHEEL_PPO__PROMPTS_PER_STEP": "4",
     "FLYWHEEL_PPO__MAX_NEW_TOKENS": "16",

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from flywheel.config import REPO_ROOT, FlywheelConfig, load_config
+from server.config import ServerSettings
 
 CHART = REPO_ROOT / "helm" / "flywheel"
 RULES = CHART / "rules" / "flywheel-alerts.yaml"
@@ -306,9 +307,11 @@ def test_gpu_values_ask_for_a_gpu_and_the_cuda_image():
 
 
 def test_secrets_reach_the_servers_environment():
-    objects = render({"secrets": {"feedbackTokenSecret": "k" * 32, "apiKeys": ["alpha", "beta"], "kafkaSaslPassword": "pw"}})
+    api_keys = [{"principal": "acme", "sha256": "a" * 64}, {"principal": "globex", "sha256": "b" * 64}]
+    objects = render({"secrets": {"feedbackTokenSecret": "k" * 32, "apiKeys": api_keys, "kafkaSaslPassword": "pw"}})
     secret = find(objects, "Secret", "fw-flywheel-secrets")
-    assert secret["data"]["api-keys"] == "WyJhbHBoYSIsImJldGEiXQ=="  # base64 of ["alpha","beta"]
+    keys = ServerSettings.model_validate({"api_keys": json.loads(base64.b64decode(secret["data"]["api-keys"]))})
+    assert keys.principals_by_key_digest() == {"a" * 64: "acme", "b" * 64: "globex"}, "the server reads what the chart writes"
     assert {"feedback-token-secret", "api-keys", "kafka-sasl-password"} == set(secret["data"])
     env = {e["name"]: e for e in container(find(objects, "Deployment", "fw-flywheel-server"))["env"]}
     secret_refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}

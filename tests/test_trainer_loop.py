@@ -199,6 +199,8 @@ def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sec
             "state_dir": str(tmp_path),
             "kafka": without_nulls(kafka.model_dump(mode="json")),
             "reward_model": {"heldout_fraction": HELDOUT_FRACTION} | sections.pop("reward_model", {}),
+            # Votes train as soon as they arrive: these tests send each vote once and never change it.
+            "join_store": {"vote_settle_seconds": 0} | sections.pop("join_store", {}),
             **sections,
         },
         model_dir=model_path,
