@@ -133,8 +133,8 @@ class PolicyEngine:
         await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
         # reset_running_requests: a request aborted by its caller may not have left the engine yet;
         # preempting it frees its blocks, so the reset cannot be refused for blocks in use.
-        pass  # TEMP-NO-RESET await self._llm.reset_prefix_cache(reset_running_requests=True)
-        pass  # TEMP-NO-RESET await self._llm.reset_encoder_cache()
+        await self._llm.reset_prefix_cache(reset_running_requests=True)
+        await self._llm.reset_encoder_cache()
 
     def shutdown(self) -> None:
         self._llm.shutdown()
