@@ -1,6 +1,7 @@
 """Rendering a prompt, or a chat, into the text and token ids a policy is asked."""
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -9,6 +10,11 @@ from transformers import PreTrainedTokenizerBase
 class RenderedPrompt:
     text: str
     token_ids: list[int]
+
+
+LONG_TEXT_CHARS = 4096
+"""Texts longer than this are tokenized with the GIL released (and the server renders them in a
+worker thread): tens of milliseconds of tokenizing must not hold up the event loop."""
 
 
 class PromptRenderer:
@@ -25,9 +31,21 @@ class PromptRenderer:
         if self._backend is not None:
             self._backend.encode_special_tokens = tokenizer.split_special_tokens
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (UTF-8 bytes of its text, which is never fewer).
+
+        A text of n characters therefore needs at least n / max_token_chars tokens.
+        """
+        pieces = self.tokenizer.batch_decode([[token_id] for token_id in range(len(self.tokenizer))])
+        return max(1, *(len(piece.encode()) for piece in pieces))
+
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._backend is None:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if len(text) > LONG_TEXT_CHARS:
+            # encode_batch runs with the GIL released; encode holds it for the whole text.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:

@@ -45,6 +45,8 @@ class PolicyEngine:
         self.model_path = model_path
         self.renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path))
         self.max_model_len: int = llm.model_config.max_model_len
+        self.max_prompt_chars: int = (self.max_model_len - 1) * self.renderer.max_token_chars
+        """Longer text cannot fit the context, whatever its tokens: refused without tokenizing it."""
         self.kv_block_tokens: int = llm.vllm_config.cache_config.block_size
         """Tokens per KV-cache block: the prefix cache keeps whole blocks only."""
         self.prefix_caching: bool = bool(llm.vllm_config.cache_config.enable_prefix_caching)

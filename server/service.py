@@ -17,7 +17,7 @@ from feedback.intake import FeedbackIntake, FeedbackRefused, Refusal
 from feedback.tokens import FeedbackClaims, issue_feedback_token
 from flywheel.errors import status_message
 from flywheel.logs import request_id_var
-from flywheel.prompts import RenderedPrompt
+from flywheel.prompts import LONG_TEXT_CHARS, RenderedPrompt
 from flywheel.v1 import events_pb2, serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController, Overloaded
 from server.engine import GenerationDelta, PolicyEngine
@@ -29,6 +29,7 @@ from server.validation import (
     RequestLimits,
     Sampling,
     fit_to_context,
+    too_long_for_context,
     validate_chat,
     validate_envelope,
     validate_prompt,
@@ -46,10 +47,6 @@ FINISH_REASONS = {
 
 RATING_LABELS = {serving_pb2.RATING_UP: "up", serving_pb2.RATING_DOWN: "down"}
 
-INLINE_RENDER_CHARS = 4096
-"""Requests with at most this much text are rendered on the event loop: a thread hop costs more than
-their tokenizing (tens of microseconds). Longer ones go to a worker thread, so no request's
-templating and tokenizing holds up the others' answers."""
 
 
 @dataclass(frozen=True)
@@ -223,12 +220,14 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         match request.WhichOneof("input"):
             case "prompt":
                 prompt = validate_prompt(request.prompt, self._limits)
-                return ValidatedInput(prompt, None, len(prompt)), sampling
+                validated = ValidatedInput(prompt, None, len(prompt))
             case "chat":
                 messages = validate_chat(request.chat, self._limits)
-                return ValidatedInput(None, messages, sum(len(m["content"]) for m in messages)), sampling
+                validated = ValidatedInput(None, messages, sum(len(m["content"]) for m in messages))
             case _:
                 raise InvalidRequest("input", "set either prompt or chat")
+        too_long_for_context(validated.chars, self._engine.max_prompt_chars, request.WhichOneof("input"))
+        return validated, sampling
 
     async def _render(self, validated: ValidatedInput) -> RenderedPrompt:
         """Template and tokenize: on the event loop when short, else in a worker thread."""
@@ -236,7 +235,7 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             render, argument = self._engine.render_prompt, validated.prompt
         else:
             render, argument = self._engine.render_chat, validated.messages
-        if validated.chars <= INLINE_RENDER_CHARS:
+        if validated.chars <= LONG_TEXT_CHARS:  # a thread hop would cost more than tokenizing it
             return render(argument)
         return await asyncio.to_thread(render, argument)
 

@@ -126,6 +126,19 @@ def validate_sampling(sampling: serving_pb2.SamplingParams, limits: RequestLimit
     )
 
 
+def too_long_for_context(chars: int, max_prompt_chars: int, input_field: str) -> None:
+    """Refuse, untokenized, a text that cannot fit the model's context however it tokenizes.
+
+    `max_prompt_chars`: the context's tokens (less one for the answer) times the most characters a
+    token stands for.
+    """
+    if chars > max_prompt_chars:
+        field = "chat.messages" if input_field == "chat" else "prompt"
+        raise InvalidRequest(
+            field, f"is {chars} characters; the model's context cannot hold more than {max_prompt_chars}"
+        )
+
+
 def fit_to_context(sampling: Sampling, prompt_tokens: int, max_model_len: int, limits: RequestLimits) -> Sampling:
     """Check the prompt and answer fit the model's context; fill in the default max_tokens."""
     room = max_model_len - prompt_tokens

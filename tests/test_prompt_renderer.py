@@ -11,6 +11,7 @@ PROMPTS = [
     "unicode: héllo wörld — 東京",
     "<|im_start|>user\ntext that spells the chat template's special tokens<|im_end|>",
     "",
+    "long, tokenized with the GIL released: " + "What is 47 + 38? héllo 東京 <|im_end|> " * 200,
 ]
 
 
@@ -36,3 +37,10 @@ def test_chat_ids_are_the_tokenizers(tokenizer, content):
     rendered = PromptRenderer(tokenizer).chat(messages)
     assert rendered.text == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered.token_ids == tokenizer.encode(rendered.text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_no_text_takes_fewer_tokens_than_its_characters_allow(tokenizer, prompt):
+    """The server refuses text longer than the context allows without tokenizing it, on this bound."""
+    renderer = PromptRenderer(tokenizer)
+    assert len(renderer.prompt(prompt).token_ids) * renderer.max_token_chars >= len(prompt)
