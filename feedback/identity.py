@@ -107,3 +107,20 @@ def capped_per_principal(
             kept[principal] += 1
             selection.append(item)
     return selection
+
+
+def capped_shares(counts: dict[str, int], max_share: float) -> dict[str, float]:
+    """Each principal's share of draws: proportional to its count, but at most max_share (or an
+    equal share when fewer than 1 / max_share principals have any), the rest spread proportionally
+    over the others. The shares sum to 1."""
+    active = {principal: count for principal, count in counts.items() if count > 0}
+    cap = max(max_share, 1 / len(active))
+    shares: dict[str, float] = {}
+    while True:
+        free_mass = 1 - cap * len(shares)
+        free = {principal: count for principal, count in active.items() if principal not in shares}
+        total = sum(free.values())
+        over = [principal for principal, count in free.items() if count / total * free_mass > cap]
+        if not over:
+            return shares | {principal: count / total * free_mass for principal, count in free.items()}
+        shares |= {principal: cap for principal in over}

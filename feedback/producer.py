@@ -193,22 +193,29 @@ class EventProducer:
         self._metrics.spool_bytes.set_function(lambda: self._spool.size_bytes)
         self._healthy = await self._reach_kafka()
         self._sender = asyncio.create_task(self._run(), name="event-producer")
+        self._sender.add_done_callback(_log_sender_failure)
 
-    def publish(self, topic: str, key: str, event: Message) -> None:
-        """Queue one event for `topic` and return at once.
+    def publish(self, topic: str, key: str, event: Message) -> bool:
+        """Queue one event for `topic` and return at once: whether it was taken.
 
-        Raises ValueError when the event has no event_id, RuntimeError after `stop`. When more than
-        max_pending_events wait in memory the event is dropped and counted (reason queue_full).
+        Raises ValueError when the event has no event_id, RuntimeError after `stop`. An event is not
+        taken, and is counted (events_dropped), when more than max_pending_events wait in memory
+        (queue_full) or when the sending task has died (sender_failed; it logged why); the caller
+        decides what an untaken event means (SubmitFeedback refuses the vote).
         """
         if self._stopping.is_set() or self._sender is None:
             raise RuntimeError("EventProducer is not running; call start() first, and publish nothing after stop()")
         outgoing = OutgoingEvent.of(topic, key, event)
+        if self._sender.done():
+            self._metrics.events_dropped.labels(topic, "sender_failed").inc()
+            return False
         if len(self._pending) >= self._kafka.max_pending_events:
             self._metrics.events_dropped.labels(topic, "queue_full").inc()
-            return
+            return False
         self._pending.append(outgoing)
         self._drained.clear()
         self._wakeup.set()
+        return True
 
     async def flush(self) -> None:
         """Wait until every published event, and everything spooled, is in Kafka (or set aside: dead-lettered, quarantined).
@@ -412,6 +419,11 @@ def _delivery_error(delivery: asyncio.Future) -> BaseException | None:
     if not delivery.done():
         return TimeoutError("no acknowledgement in time")
     return delivery.exception()
+
+
+def _log_sender_failure(sender: asyncio.Task) -> None:
+    if not sender.cancelled() and sender.exception() is not None:
+        log.error("the event producer stopped sending; new events are refused", exc_info=sender.exception())
 
 
 def _retrieve_exception(delivery: asyncio.Future) -> None:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import uuid
 from dataclasses import dataclass
@@ -70,7 +71,13 @@ class FlywheelServer:
         """
         registry = registry or CollectorRegistry()
         metrics = ServingMetrics(registry)
-        admission = AdmissionController(settings.max_in_flight, settings.max_queued)
+        principals_by_digest = settings.principals_by_key_digest()
+        places = settings.max_in_flight + settings.max_queued
+        admission = AdmissionController(
+            settings.max_in_flight,
+            settings.max_queued,
+            max(1, math.floor(settings.max_principal_share * places)) if principals_by_digest else None,
+        )
         metrics.in_flight.set_function(lambda: admission.in_flight)
         metrics.queued.set_function(lambda: admission.queued)
         digest = policy_digest or await asyncio.to_thread(weights_digest, engine.model_path)
@@ -83,7 +90,7 @@ class FlywheelServer:
         else:
             token_secret = settings.feedback_token_secret.get_secret_value().encode()
         grpc_server = aio.server(
-            interceptors=[FlywheelInterceptor(metrics, settings.principals_by_key_digest())],
+            interceptors=[FlywheelInterceptor(metrics, principals_by_digest)],
             # A larger request is refused (RESOURCE_EXHAUSTED) before it is parsed.
             options=[("grpc.max_receive_message_length", settings.limits.max_request_bytes)],
         )

@@ -32,6 +32,13 @@ class ServerSettings(BaseModel):
     server_id: str = Field("", description="Name of this replica in logs and events; empty means host:port.")
     max_in_flight: int = Field(32, ge=1, description="Requests running in the engine at once.")
     max_queued: int = Field(64, ge=0, description="Requests waiting for an engine slot; beyond it RESOURCE_EXHAUSTED.")
+    max_principal_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With API keys: most of the running and waiting places (max_in_flight + max_queued) one "
+        "principal may hold.",
+    )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     grace_period_seconds: float = Field(30.0, ge=0, description="How long in-flight requests may finish at shutdown.")
     api_keys: list[ApiKey] = Field(

@@ -152,7 +152,11 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         except FeedbackRefused as refused:
             self._metrics.feedback_rejected.labels(reason=refused.refusal.name.lower()).inc()
             await context.abort(getattr(grpc.StatusCode, refused.refusal.value), status_message(str(refused)))
-        self._events.publish(self._topics.feedback, event.response_id, event)
+        if not self._events.publish(self._topics.feedback, event.response_id, event):
+            self._metrics.feedback_rejected.labels(reason="event_log_full").inc()
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server cannot log feedback right now (its event queue is full); retry later"
+            )
         rating = "preference" if event.preferred_over_response_id else RATING_LABELS[event.rating]
         self._metrics.feedback.labels(rating=rating, policy_version=str(event.policy_version)).inc()
         log.info("feedback", extra={"response_id": event.response_id, "rating": rating, "replaced": replaced})
@@ -171,7 +175,7 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(error)))
         try:
-            async with self._admission.slot():
+            async with self._admission.slot(principal):
                 answer.admitted_at = time.monotonic()
                 self._metrics.queue_seconds.observe(answer.admitted_at - answer.arrived_at)
                 prompt = await self._render(validated)

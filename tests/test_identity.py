@@ -5,6 +5,7 @@ import pytest
 from feedback.identity import (
     ApiKey,
     capped_per_principal,
+    capped_shares,
     key_digest,
     new_api_key,
     principals_by_digest,
@@ -90,3 +91,11 @@ def test_held_out_prompts_of_a_flooding_principal_do_not_push_out_the_others():
     texts = [prompt.text for prompt in heldout.current()]
     assert sorted(t for t in texts if t.startswith("acme")) == ["acme 0", "acme 1", "acme 2"]
     assert sum(t.startswith("spam") for t in texts) == 3
+
+
+def test_draw_shares_are_capped_and_the_rest_spread_by_traffic():
+    shares = capped_shares({"mallory": 1000, "acme": 30, "globex": 10}, max_share=0.5)
+    assert shares["mallory"] == 0.5
+    assert shares["acme"] == pytest.approx(0.375) and shares["globex"] == pytest.approx(0.125)
+    assert capped_shares({"default": 5}, max_share=0.2) == {"default": 1.0}
+    assert sum(capped_shares({"a": 9, "b": 1, "c": 0}, max_share=0.1).values()) == pytest.approx(1.0)

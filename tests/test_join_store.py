@@ -277,3 +277,47 @@ def test_a_store_from_before_principals_is_migrated(tmp_path, clock):
     store = JoinStore(path, TTL, clock)
     assert [(e.principal, e.user_id, e.thumbs_up) for e in store.labelled_examples()] == [("default", "ada", True)]
     store.close()
+
+
+def test_an_explicit_preference_trains_once_however_often_its_voter_changes_it(store):
+    for response_id in "abcd":
+        store.add_generation(generation(response_id, "q1"))
+    store.add_feedback(vote("a", serving_pb2.RATING_UNSPECIFIED, given_at=1, preferred_over="b"))
+    store.mark_used(pairs=store.preference_pairs())
+    for given_at, other in enumerate("cdbc", start=2):
+        store.add_feedback(vote("a", serving_pb2.RATING_UNSPECIFIED, given_at=given_at, preferred_over=other))
+        assert store.preference_pairs() == []
+
+
+def test_flipped_votes_cannot_push_used_pairs_out_of_the_bounds(tmp_path, clock):
+    store = JoinStore(tmp_path / "join.sqlite3", TTL, clock, pair_bounds=PairBounds(per_answer=1, per_prompt=2))
+    for response_id in "abcd":
+        store.add_generation(generation(response_id, "q1"))
+    trained = []
+    for round_number, (ups, downs) in enumerate([("ab", "cd"), ("cd", "ab"), ("ac", "bd")]):
+        for response_id in ups + downs:
+            store.add_feedback(vote(response_id, UP if response_id in ups else DOWN, given_at=round_number + 1))
+        pairs = store.preference_pairs()
+        store.mark_used(pairs=pairs)
+        trained += pairs
+    assert len(trained) <= 2, "a prompt yields two pairs over the store's life, whatever the votes became"
+
+
+def test_an_explicit_preference_across_the_held_out_split_is_not_trained_on(store):
+    train_prompt = next(f"q{n}" for n in range(100) if not is_heldout_prompt(f"q{n}", 0.5))
+    heldout_prompt = next(f"q{n}" for n in range(100) if is_heldout_prompt(f"q{n}", 0.5))
+    store.add_generation(generation("a", train_prompt))
+    store.add_generation(generation("b", heldout_prompt))
+    store.add_feedback(vote("a", serving_pb2.RATING_UNSPECIFIED, preferred_over="b"))
+    assert store.preference_pairs("train", heldout_fraction=0.5) == []
+
+
+def test_rollout_prompts_draw_a_flooding_principal_at_most_its_share(store):
+    for n in range(200):
+        event = generation(f"m{n}", prompt="spam")
+        event.principal = "mallory"
+        store.add_generation(event)
+    store.add_generation(generation("a1", prompt="real question"))
+    prompts = store.prompts_for_rollouts(400, random.Random(0), max_principal_share=0.5)
+    spam = sum(prompt == [4, 5, 6] for prompt in prompts)
+    assert 150 < spam < 250, "about half of the draws, not 200 of every 201"

@@ -277,3 +277,22 @@ def test_an_event_whose_dead_letter_is_refused_too_is_quarantined_and_the_rest_g
     assert "the dead letter was refused too: [Error 10] MessageSizeTooLargeError" in quarantined["reason"]
     assert sample(registry, "flywheel_events_quarantined_total", topic=topic, reason="message_too_large") == 1
     assert sample(registry, "flywheel_events_dead_lettered_total", topic=topic, reason="message_too_large") == 0
+
+
+def test_an_event_the_producer_cannot_hold_is_reported_not_taken(kafka_settings, tmp_path):
+    """SubmitFeedback refuses a vote the producer did not take, instead of answering with an id it will never log."""
+
+    async def scenario() -> tuple[list[bool], float]:
+        registry = CollectorRegistry()
+        settings = kafka_settings.model_copy(update={"max_pending_events": 1})
+        producer = EventProducer(settings, SpoolSettings(directory=tmp_path), EventMetrics.register(registry))
+        await producer.start()
+        try:
+            taken = [producer.publish(kafka_settings.topics.generations, "r", generation(f"r{n}")) for n in range(2)]
+        finally:
+            await producer.stop()
+        labels = {"topic": kafka_settings.topics.generations, "reason": "queue_full"}
+        return taken, registry.get_sample_value("flywheel_events_dropped_total", labels)
+
+    taken, dropped = asyncio.run(scenario())
+    assert taken == [True, False] and dropped == 1

@@ -137,8 +137,8 @@ def test_one_key_speaking_as_a_thousand_users_stays_within_its_share(engine_loop
     events = read_all(kafka_settings, 1000 + 3 + tenant_votes)
     store = JoinStore(tmp_path / "join.sqlite3", ttl_seconds=1e9)
     into_store(store, events)
-    examples, pairs = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=SHARE))
-    by_principal = [label.principal for label in [*examples, *pairs]]
+    labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=SHARE))
+    by_principal = [label.principal for label in [*labels.examples, *labels.pairs]]
     assert by_principal.count("mallory") <= SHARE * len(by_principal)
     assert {p for p in by_principal if p != "mallory"} == set(TENANTS)
     store.close()
@@ -168,9 +168,10 @@ def test_flipped_and_repeated_votes_across_replicas_and_a_restart_train_once_wit
 
             store = JoinStore(store_path, ttl_seconds=1e9)
             into_store(store, read_all(kafka_settings, 4))
-            examples, pairs = labels_for_update(store, settings)
-            assert [(e.answer.response_id, e.thumbs_up) for e in examples] == [(answer.response_id, True)] and not pairs
-            store.mark_used(examples, pairs)
+            labels = labels_for_update(store, settings)
+            assert [(e.answer.response_id, e.thumbs_up) for e in labels.examples] == [(answer.response_id, True)]
+            assert not labels.pairs
+            store.mark_used(labels.examples, labels.pairs)
             store.close()  # the trainer stops after its checkpoint
 
             after = [(second, pb.RATING_DOWN), (first, pb.RATING_UP), (second, pb.RATING_UP)]
@@ -180,7 +181,7 @@ def test_flipped_and_repeated_votes_across_replicas_and_a_restart_train_once_wit
 
     restarted = JoinStore(store_path, ttl_seconds=1e9)
     into_store(restarted, read_all(kafka_settings, 7))  # everything again, as after a crash before the commit
-    assert labels_for_update(restarted, settings) == ([], []), "the vote was trained on once"
+    assert labels_for_update(restarted, settings).waiting == 0, "the vote was trained on once"
     restarted.close()
 
 
@@ -195,8 +196,24 @@ def test_a_vote_changed_within_the_settle_time_trains_with_its_latest_value(tmp_
         event.given_at.FromSeconds(n + 1)
         store.add_feedback(event)
         clock[0] += settle_seconds / 3
-    assert labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)) == ([], [])
+    assert labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).waiting == 0
     clock[0] += settle_seconds
-    (example,), _ = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0))
+    (example,) = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples
     assert not example.thumbs_up
+    store.close()
+
+
+def test_a_principal_with_one_label_waiting_does_not_stall_the_updates(tmp_path):
+    store = JoinStore(tmp_path / "join.sqlite3", 1e9)
+    for n in range(101):
+        principal = "big" if n < 100 else "small"
+        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
+        store.add_feedback(events_pb2.FeedbackGiven(
+            event_id=f"v{n}", response_id=f"r{n}", user_id="u", rating=pb.RATING_UP, principal=principal
+        ))  # fmt: skip
+    labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=0.5))
+    assert [e.principal for e in labels.examples] == ["big", "small"], "half each, while both have labels waiting"
+    assert labels.waiting == 101, "an update is due on what waits, so the small principal cannot hold it back"
+    store.mark_used(labels.examples)
+    assert len(labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples) == 99
     store.close()

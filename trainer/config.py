@@ -31,8 +31,8 @@ class RewardModelSettings(BaseModel):
         0.5,
         gt=0,
         le=1,
-        description="Most of one update's labels one principal (API key tenant) may supply; an equal share when fewer "
-        "than 1/this principals have labels waiting. The rest wait for a later update.",
+        description="Most of one update's labels, and of PPO's prompts, one principal (API key tenant) may supply; "
+        "an equal share when fewer than 1/this principals take part. Labels beyond it wait for a later update.",
     )
 
 

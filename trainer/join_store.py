@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from feedback.identity import DEFAULT_PRINCIPAL
+from feedback.identity import DEFAULT_PRINCIPAL, capped_shares
 from flywheel.v1 import events_pb2, serving_pb2
 
 Split = Literal["train", "heldout"]
@@ -47,9 +47,11 @@ CREATE TABLE IF NOT EXISTS generations (
     prompt_text TEXT NOT NULL,
     prompt_token_ids TEXT NOT NULL,
     response_token_ids TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    principal TEXT NOT NULL DEFAULT '{principal}'
 );
 CREATE INDEX IF NOT EXISTS generations_by_prompt ON generations (prompt_text);
+CREATE INDEX IF NOT EXISTS generations_by_principal ON generations (principal);
 CREATE TABLE IF NOT EXISTS votes (
     response_id TEXT NOT NULL,
     principal TEXT NOT NULL,
@@ -62,6 +64,7 @@ CREATE TABLE IF NOT EXISTS votes (
     received_at REAL NOT NULL,
     first_received_at REAL NOT NULL,
     used_as_label INTEGER NOT NULL DEFAULT 0,
+    used_as_pair INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (response_id, principal, user_id)
 );
 CREATE INDEX IF NOT EXISTS votes_by_preferred_over ON votes (preferred_over_response_id);
@@ -75,6 +78,7 @@ CREATE TABLE IF NOT EXISTS used_pairs (
 # Stores written before principals (schema 1) keyed votes by (response, user): their voters become
 # the default principal's.
 MIGRATE_FROM_1 = """
+ALTER TABLE generations ADD COLUMN principal TEXT NOT NULL DEFAULT '{principal}';
 ALTER TABLE votes RENAME TO votes_v1;
 DROP INDEX IF EXISTS votes_by_preferred_over;
 {schema}
@@ -109,25 +113,35 @@ LIMIT :limit
 """
 
 # Pairs are explicit preferences, and an up-voted and a down-voted answer to the same prompt by
-# voters of one principal. Each pair is ranked by when its later vote arrived; an answer keeps its
-# first :per_answer pairs as the chosen one and as the rejected one, a prompt its first
-# :per_prompt, used pairs included, so the bounds hold over the store's life.
+# voters of one principal; both answers' prompts fall on the same side of the held-out split.
+# Only the first :per_prompt up and down votes of a principal on a prompt pair up (by arrival),
+# so one flooded prompt costs at most :per_prompt squared rows, not the product of its votes.
+# Each pair is ranked by when its later vote arrived, after the pairs already used (whatever
+# their votes became since): an answer keeps its first :per_answer pairs as the chosen one and
+# as the rejected one, a prompt its first :per_prompt, so the bounds hold over the store's life.
+# An explicit preference trains once per voter, however often its voter changes it.
 SELECT_PAIRS = """
-WITH formed (chosen_id, rejected_id, prompt_text, formed_at, principal) AS (
+WITH thumbs AS (
+    SELECT v.response_id, v.principal, v.rating, v.arrival, g.prompt_text,
+           row_number() OVER (PARTITION BY g.prompt_text, v.principal, v.rating ORDER BY v.arrival) AS vote_rank
+    FROM votes v JOIN generations g ON g.response_id = v.response_id
+    WHERE v.rating IN (:up, :down) AND v.first_received_at <= :settled_before
+),
+formed (chosen_id, rejected_id, prompt_text, formed_at, principal) AS (
+    SELECT u.chosen_response_id, u.rejected_response_id, c.prompt_text, -1, ''
+    FROM used_pairs u JOIN generations c ON c.response_id = u.chosen_response_id
+    UNION ALL
     SELECT v.response_id, v.preferred_over_response_id, c.prompt_text, v.arrival, v.principal
     FROM votes v JOIN generations c ON c.response_id = v.response_id
-    WHERE v.preferred_over_response_id != '' AND v.first_received_at <= :settled_before
+    WHERE v.preferred_over_response_id != '' AND NOT v.used_as_pair AND v.first_received_at <= :settled_before
     UNION ALL
-    SELECT up.response_id, down.response_id, c.prompt_text, max(up.arrival, down.arrival), up.principal
-    FROM votes up
-    JOIN generations c ON c.response_id = up.response_id
-    JOIN generations r ON r.prompt_text = c.prompt_text AND r.response_id != c.response_id
-    JOIN votes down ON down.response_id = r.response_id AND down.principal = up.principal
-    WHERE up.rating = :up AND down.rating = :down
-      AND up.first_received_at <= :settled_before AND down.first_received_at <= :settled_before
+    SELECT up.response_id, down.response_id, up.prompt_text, max(up.arrival, down.arrival), up.principal
+    FROM thumbs up
+    JOIN thumbs down ON down.prompt_text = up.prompt_text AND down.principal = up.principal
+    WHERE up.rating = :up AND down.rating = :down AND up.vote_rank <= :per_prompt AND down.vote_rank <= :per_prompt
 ),
 distinct_pairs AS (
-    SELECT chosen_id, rejected_id, min(prompt_text) AS prompt_text, min(formed_at) AS formed_at, min(principal) AS principal
+    SELECT chosen_id, rejected_id, min(prompt_text) AS prompt_text, min(formed_at) AS formed_at, max(principal) AS principal
     FROM formed GROUP BY chosen_id, rejected_id
 ),
 ranked_per_answer AS (
@@ -144,8 +158,9 @@ SELECT p.chosen_id, c.prompt_token_ids, c.response_token_ids,
 FROM ranked_per_prompt p
 JOIN generations c ON c.response_id = p.chosen_id
 JOIN generations r ON r.response_id = p.rejected_id
-WHERE p.prompt_rank <= :per_prompt
-  AND heldout_prompt(p.prompt_text, :heldout_fraction) = :heldout
+WHERE p.prompt_rank <= :per_prompt AND p.formed_at >= 0
+  AND heldout_prompt(c.prompt_text, :heldout_fraction) = :heldout
+  AND heldout_prompt(r.prompt_text, :heldout_fraction) = :heldout
   AND (:heldout OR NOT EXISTS (
       SELECT 1 FROM used_pairs u WHERE u.chosen_response_id = p.chosen_id AND u.rejected_response_id = p.rejected_id))
 ORDER BY p.formed_at, p.chosen_id, p.rejected_id
@@ -256,7 +271,7 @@ class JoinStore:
                 for statement in MIGRATE_FROM_1.format(schema=SCHEMA, principal=DEFAULT_PRINCIPAL).split(";"):
                     connection.execute(statement)
             else:
-                for statement in SCHEMA.split(";"):
+                for statement in SCHEMA.format(principal=DEFAULT_PRINCIPAL).split(";"):
                     connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -277,13 +292,14 @@ class JoinStore:
             if _first_sighting(connection, event.event_id) is None:
                 return False
             cursor = connection.execute(
-                "INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     event.response_id,
                     event.rendered_prompt,
                     json.dumps(list(event.prompt_token_ids)),
                     json.dumps(list(event.response_token_ids)),
                     self._clock(),
+                    event.principal or DEFAULT_PRINCIPAL,
                 ),
             )
             return cursor.rowcount == 1
@@ -363,21 +379,31 @@ class JoinStore:
                 "INSERT OR IGNORE INTO used_pairs VALUES (?, ?)",
                 [(pair.chosen.response_id, pair.rejected.response_id) for pair in pairs],
             )
+            connection.executemany(
+                "UPDATE votes SET used_as_pair = 1 WHERE response_id = ? AND preferred_over_response_id = ?",
+                [(pair.chosen.response_id, pair.rejected.response_id) for pair in pairs],
+            )
 
-    def prompts_for_rollouts(self, n: int, rng: random.Random) -> list[list[int]]:
+    def prompts_for_rollouts(self, n: int, rng: random.Random, max_principal_share: float = 1.0) -> list[list[int]]:
         """`n` prompts drawn from logged traffic (with replacement, as often as users asked them).
 
+        Each principal's traffic is drawn at most `max_principal_share` of the time (an equal share
+        when fewer principals have traffic); within a principal, as often as its users asked.
         Returns token id lists; empty when nothing has been logged yet.
         """
-        rowids = [rowid for (rowid,) in self._connection.execute("SELECT rowid FROM generations")]
-        if not rowids:
+        counts = dict(self._connection.execute("SELECT principal, count(*) FROM generations GROUP BY principal"))
+        if not counts:
             return []
-        chosen = rng.choices(rowids, k=n)
-        distinct = sorted(set(chosen))
-        placeholders = ",".join("?" * len(distinct))
-        sql = f"SELECT rowid, prompt_token_ids FROM generations WHERE rowid IN ({placeholders})"
-        prompts = dict(self._connection.execute(sql, distinct))
-        return [json.loads(prompts[rowid]) for rowid in chosen]
+        shares = capped_shares(counts, max_principal_share)
+        principals = sorted(shares)
+        prompts = []
+        for principal in rng.choices(principals, weights=[shares[p] for p in principals], k=n):
+            (prompt,) = self._connection.execute(
+                "SELECT prompt_token_ids FROM generations WHERE principal = ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                (principal, rng.randrange(counts[principal])),
+            ).fetchone()
+            prompts.append(json.loads(prompt))
+        return prompts
 
     def generation_count(self) -> int:
         """Logged answers in the store."""

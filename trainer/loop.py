@@ -179,9 +179,11 @@ class Trainer:
     def update_reward_model(self) -> dict[str, float] | None:
         """Train on the unused standing labels once there are enough of them; None when there are not."""
         settings = self.config.reward_model
-        examples, pairs = labels_for_update(self.join_store, settings)
-        if len(examples) + len(pairs) < settings.update_every_labels:
+        labels = labels_for_update(self.join_store, settings)
+        # Counted before the share cap: labels one principal holds back must not stall the others'.
+        if labels.waiting < settings.update_every_labels or not labels.examples + labels.pairs:
             return None
+        examples, pairs = labels.examples, labels.pairs
         stats = self.reward_model.update(pairs, examples)
         self.join_store.mark_used(examples, pairs)
         self.state.reward_model_updates += 1
@@ -211,7 +213,9 @@ class Trainer:
         """One PPO step on prompts drawn from logged traffic."""
         started = time.perf_counter()
         rng = random.Random(self.config.trainer.seed * 1_000_003 + self.state.ppo_steps)
-        prompts = self.join_store.prompts_for_rollouts(self.config.ppo.prompts_per_step, rng)
+        prompts = self.join_store.prompts_for_rollouts(
+            self.config.ppo.prompts_per_step, rng, self.config.reward_model.max_principal_share
+        )
         stats = self.ppo.ppo_step(self.ppo.rollout(prompts), self.reward_model.model)
         self.state.ppo_steps += 1
         self.state.generations_at_last_step += self.config.ppo.prompts_per_step
@@ -326,9 +330,15 @@ class Trainer:
             await consumer.commit(uncommitted)
 
 
-def labels_for_update(
-    join_store: JoinStore, settings: RewardModelSettings
-) -> tuple[list[LabelledExample], list[PreferencePair]]:
+@dataclass(frozen=True)
+class LabelsForUpdate:
+    examples: list[LabelledExample]
+    pairs: list[PreferencePair]
+    waiting: int
+    """Unused settled labels before the share cap: whether an update is due."""
+
+
+def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> LabelsForUpdate:
     """The unused settled training labels, thumbs then pairs, no principal supplying more than its share.
 
     Labels past a principal's share stay unused and wait for a later update.
@@ -338,7 +348,7 @@ def labels_for_update(
         *join_store.preference_pairs("train", settings.heldout_fraction),
     ]
     labels = capped_per_principal(waiting, lambda label: label.principal, settings.max_principal_share)
-    return (
+    return LabelsForUpdate(
         [label for label in labels if isinstance(label, LabelledExample)],
         [label for label in labels if isinstance(label, PreferencePair)],
     )
@@ -348,6 +358,7 @@ def rejections_in_a_row(verdicts: list[dict | None]) -> int:
     """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
     (None: not judged yet). Candidates superseded before they were judged do not count either way."""
     judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != ["superseded"]]
+        len(waiting),
     count = 0
     for verdict in reversed(judged):
         if verdict["approved"]:
