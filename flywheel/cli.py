@@ -148,16 +148,25 @@ def _broker(args: argparse.Namespace) -> None:
 
 
 def _rollback(args: argparse.Namespace) -> None:
-    from flywheel.registry import PolicyRegistry
+    from flywheel.registry import PolicyRegistry, PolicyRemoved
     from trainer.gate import publish_rollback
 
     config = _config_from(args)
     registry = PolicyRegistry(config.registry_dir)
     if args.to not in registry.versions():
-        sys.exit(f"flywheel rollback: no policy version {args.to} in {config.registry_dir}; versions: {registry.versions()}")
-    event = publish_rollback(registry, args.to, args.reason)
+        sys.exit(
+            f"flywheel rollback: no policy version {args.to} in {config.registry_dir}; "
+            f"versions with weights: {registry.versions_with_weights()}"
+        )
+    try:
+        event = publish_rollback(registry, args.to, args.reason)
+    except PolicyRemoved as removed:
+        sys.exit(f"flywheel rollback: {removed}")
     asyncio.run(_announce(config, event))
-    print(f"policy {args.to} is live again; servers swap to it within server.policy_poll_seconds")
+    print(
+        f"policy {args.to} is live again, overriding live version {event.parent_version}; "
+        "servers swap to it within server.policy_poll_seconds"
+    )
 
 
 async def _announce(config: FlywheelConfig, event) -> None:

@@ -6,6 +6,8 @@ live pointer, verify a version, load it). Its layout:
 
     v000001/               one complete version: the model's files and manifest.json
     v000001.verdict.json   the gate's verdict on it, outside the version so its digest stays put
+    v000001.manifest.json  the manifest of a version whose weights retention removed
+    v000001.claim          flock target of the gate judging the version (removed once it has a verdict)
     live.json              the version servers should run (the live pointer)
     history.jsonl          every move of the live pointer, one JSON object a line
     .lock                  flock target that serializes writers
@@ -13,6 +15,15 @@ live pointer, verify a version, load it). Its layout:
 
 Every write is crash-safe: files are written and fsync'd under a `.tmp-` name, then renamed into
 place, then the directory is fsync'd, so a reader sees either the old state or the new one.
+
+Every move of the live pointer happens under the writers' lock. A mover acting on what it saw
+(the gate approving a candidate judged against the live version, the automatic rollback) names
+the version it expects live and is refused with LiveMoved when another move came first; only an
+operator's rollback is forced, and its record says so.
+
+Every version keeps its manifest and verdict for good; `retain` removes the weights of versions
+outside the retention windows (RegistryRetention), renaming each directory away under the lock
+before deleting it, so a reader finds a version whole or gone (PolicyRemoved), never half-deleted.
 """
 
 import fcntl
@@ -24,9 +35,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +54,7 @@ MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600.0
 _VERSION_DIR = re.compile(r"v(\d{6,})")
+_REMOVED_MANIFEST = re.compile(r"v(\d{6,})\.manifest\.json")
 _CHUNK_BYTES = 1 << 20
 
 LiveKind = Literal["approved", "rollback", "initial"]
@@ -83,10 +97,143 @@ class LiveRecord(BaseModel):
     reason: str = Field(description="Free text for the operator: the gate's summary, the rollback's test result.")
     at: AwareDatetime = Field(description="When the pointer moved, UTC.")
     previous_version: int | None = Field(description="The version live before this move; None for the first.")
+    forced: bool = Field(
+        False,
+        description="An operator's move (`flywheel rollback`), made whatever was live: it overrode previous_version "
+        "and any move racing it. Other moves happen only while the version they expect is live.",
+    )
+
+
+class Withheld(StrEnum):
+    """Why a candidate is not live for a reason other than failing one of its checks."""
+
+    SUPERSEDED = "superseded"
+    """A newer candidate was waiting: this one was never judged."""
+    LIVE_MOVED = "live_moved"
+    """It passed its checks, but the live pointer moved off the version it was judged against
+    before it could go live (an operator's rollback, the automatic rollback, another approval)."""
+
+
+class PolicyVerdict(BaseModel):
+    """The gate's verdict on a version, stored beside it as v000001.verdict.json."""
+
+    version: int = Field(ge=1, description="The version judged.")
+    approved: bool = Field(description="True when the gate made it live.")
+    checks: list[dict[str, Any]] = Field(description="Each check of the gate: name, value, threshold, passed, detail.")
+    at: AwareDatetime = Field(description="When the verdict was recorded, UTC.")
+    judged_against: int | None = Field(None, description="The live version it was judged against; None if never judged.")
+    withheld: Withheld | None = Field(None, description="Why it is not live though no check failed; None otherwise.")
+    withheld_detail: str = Field("", description="What happened, for the operator, when withheld is set.")
 
 
 class CorruptPolicy(Exception):
     """A version's files do not match its manifest: never load it."""
+
+
+class PolicyRemoved(ValueError):
+    """Retention removed a version's weights: it can no longer be loaded or made live (its manifest stays)."""
+
+
+class LiveMoved(Exception):
+    """The live pointer no longer names the version a mover expected: another move came first, and this one was not made."""
+
+    def __init__(self, wanted: int, expected: int | None, live: LiveRecord | None):
+        self.wanted = wanted
+        self.expected = expected
+        self.live = live
+        now = "no version" if live is None else f"version {live.version} ({live.kind}{', forced' if live.forced else ''}: {live.reason})"
+        super().__init__(
+            f"live policy is {now}, not version {expected} as expected, so version {wanted} was not made live; "
+            f"judge it again against the live version, or make it live by hand with `flywheel rollback --to {wanted}`"
+        )
+
+
+class RegistryRetention(BaseModel):
+    """Which versions keep their weights; every version keeps its manifest and verdict."""
+
+    keep_approved: int = Field(
+        3, ge=1, description="Newest approved versions that keep their weights (rollback targets), besides the live one."
+    )
+    keep_rejected: int = Field(
+        3, ge=0, description="Newest versions the gate did not approve that keep their weights, to inspect why."
+    )
+    recently_live_seconds: float = Field(
+        86400.0,
+        ge=0,
+        description="A version the live pointer named within this many seconds keeps its weights: a server may still "
+        "be loading or serving it.",
+    )
+
+
+@dataclass(frozen=True)
+class VersionStanding:
+    """What retention needs to know of one version."""
+
+    version: int
+    parent_version: int | None
+    approved: bool | None
+    """The gate's verdict: True approved, False not approved, None still waiting for the gate."""
+
+
+def versions_to_keep(
+    standings: Sequence[VersionStanding],
+    live: LiveRecord | None,
+    history: Sequence[LiveRecord],
+    retention: RegistryRetention,
+    now: datetime,
+    pinned: Collection[int] = (),
+) -> set[int]:
+    """The versions whose weights stay: each rule below, then the parent and lineage root of each.
+
+    - live, and the version live before it (where the automatic rollback goes);
+    - every version the live pointer named within `recently_live_seconds` (a server may be loading it);
+    - candidates waiting for the gate, and the newest `keep_approved` approved and `keep_rejected`
+      not approved versions;
+    - `pinned` (the trainer's reference policy, say).
+    Parents are kept one level deep, so the chain of approvals does not keep everything; lineage
+    roots are kept because the gate measures a candidate's KL against its root.
+    """
+    by_version = {standing.version: standing for standing in standings}
+    approved = sorted(s.version for s in standings if s.approved)
+    rejected = sorted(s.version for s in standings if s.approved is False)
+    kept = set(pinned) | {s.version for s in standings if s.approved is None}
+    kept |= set(approved[-retention.keep_approved :])
+    kept |= set(rejected[-retention.keep_rejected :]) if retention.keep_rejected else set()
+    if live is not None:
+        kept |= {live.version, live.previous_version}
+    cutoff = now - timedelta(seconds=retention.recently_live_seconds)
+    for record in history:
+        if record.at >= cutoff:  # it, and the version it replaced, were live within the window
+            kept |= {record.version, record.previous_version}
+    kept.discard(None)
+    for version in list(kept):
+        kept |= _parent_and_root(version, by_version)
+    return {version for version in kept if version in by_version}
+
+
+def _parent_and_root(version: int, by_version: Mapping[int, VersionStanding]) -> set[int]:
+    """The parent of `version` and the first ancestor without a parent (empty for an unknown version)."""
+    found: set[int] = set()
+    parent = by_version[version].parent_version if version in by_version else None
+    if parent is not None:
+        found.add(parent)
+    seen = {version}
+    while parent is not None and parent in by_version and parent not in seen:
+        seen.add(parent)
+        version, parent = parent, by_version[parent].parent_version
+    if version in by_version and by_version[version].parent_version is None:
+        found.add(version)
+    return found
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """What one `retain` pass did."""
+
+    kept: list[int]
+    """Versions with weights after the pass."""
+    removed: list[int]
+    """Versions whose weights it removed."""
 
 
 # ---------------------------------------------------------------- file helpers
@@ -205,32 +352,60 @@ class PolicyRegistry:
         return manifest
 
     def versions(self) -> list[int]:
-        """Complete versions, ascending."""
+        """Every published version, ascending, whether retention kept its weights or not."""
+        return sorted(set(self.versions_with_weights()) | set(self._removed_versions()))
+
+    def versions_with_weights(self) -> list[int]:
+        """Complete versions whose weights are on disk, ascending: those a server can load."""
         return sorted(v for v, path in self._version_dirs() if (path / MANIFEST_NAME).is_file())
 
     def latest(self) -> int | None:
-        """The highest complete version, or None for an empty registry."""
+        """The highest published version, or None for an empty registry."""
         versions = self.versions()
         return versions[-1] if versions else None
 
     def path(self, version: int) -> Path:
-        """The directory of a complete version: what a server hands to its engine."""
+        """The directory of a version with its weights: what a server hands to its engine.
+
+        Raises PolicyRemoved when retention removed its weights, ValueError when there is no such version.
+        """
+        if (self._version_dir(version) / MANIFEST_NAME).is_file():
+            return self._version_dir(version)
+        if self._removed_manifest_path(version).is_file():
+            raise PolicyRemoved(
+                f"policy version {version}: its weights were removed by the registry's retention (gate.retention.*), "
+                f"so it cannot be loaded or made live; versions with weights: {self.versions_with_weights()}"
+            )
         self._require(version)
-        return self._version_dir(version)
+        raise ValueError(f"policy version {version} is incomplete in {self.root}")  # only its number is taken
 
     def manifest(self, version: int) -> PolicyManifest:
-        """The manifest of a complete version, as written; `verify` checks it against the files."""
-        return PolicyManifest.model_validate_json((self.path(version) / MANIFEST_NAME).read_bytes())
+        """The manifest of a published version, as written (kept when retention removed the weights)."""
+        for path in (self._version_dir(version) / MANIFEST_NAME, self._removed_manifest_path(version)):
+            try:
+                return PolicyManifest.model_validate_json(path.read_bytes())
+            except FileNotFoundError:
+                continue  # retention may move it between the two reads: the second then finds it
+        self._require(version)
+        raise ValueError(f"policy version {version} has no manifest in {self.root}")
 
     def verify(self, version: int) -> PolicyManifest:
         """Re-hash every file of a version against its manifest; return the manifest when all match.
 
         Raises CorruptPolicy naming the version and the first file, in name order, that is
-        missing, extra or different, or saying the manifest's digest does not match its files.
+        missing, extra or different, or saying the manifest's digest does not match its files;
+        PolicyRemoved when retention removed the version, before or while it was read.
         """
+        try:
+            return self._verify(version)
+        except FileNotFoundError as error:
+            self.path(version)  # raises PolicyRemoved when retention took it meanwhile
+            raise CorruptPolicy(f"policy version {version}: a file vanished while it was read: {error}") from error
+
+    def _verify(self, version: int) -> PolicyManifest:
         directory = self.path(version)
         try:
-            manifest = self.manifest(version)
+            manifest = PolicyManifest.model_validate_json((directory / MANIFEST_NAME).read_bytes())
         except ValueError as error:
             raise CorruptPolicy(f"policy version {version}: unreadable {MANIFEST_NAME}: {error}") from error
         if manifest.version != version or files_digest(manifest.files) != manifest.digest:
@@ -252,30 +427,73 @@ class PolicyRegistry:
 
     # -------------------------------------------------------- live pointer
 
-    def set_live(self, version: int, *, reason: str, kind: LiveKind) -> LiveRecord:
-        """Point the servers at `version`: rewrite live.json, then log the move to history.jsonl.
+    def move_live(self, version: int, *, expected: int | None, reason: str, kind: LiveKind) -> LiveRecord:
+        """Point the servers at `version` if `expected` is still live (None: no version live yet): a compare-and-set.
 
-        live.json is the truth servers follow; history.jsonl is its log. Both happen under the
-        writers' lock so previous_version is always the version this move replaced.
+        Raises LiveMoved, moving nothing, when another move came first; PolicyRemoved or ValueError
+        when `version` cannot be served. Atomic across processes sharing the root (the writers' lock).
         """
-        self._require(version)
         with self._lock():
-            current = self.live()
-            record = LiveRecord(
-                version=version,
-                kind=kind,
-                reason=reason,
-                at=_utc_now(),
-                previous_version=current.version if current else None,
+            self._expect_live(expected, version)
+            return self._move_live_locked(version, reason=reason, kind=kind, forced=False)
+
+    def set_live(self, version: int, *, reason: str, kind: LiveKind) -> LiveRecord:
+        """Point the servers at `version` whatever is live now: an operator's forced move (`flywheel rollback`).
+
+        It still takes the writers' lock, so it lands between other moves, never inside one; its
+        record says it was forced and which version it overrode (previous_version). A mover acting
+        on what it saw uses `move_live` or `approve`, which then refuse to undo this move.
+        """
+        with self._lock():
+            return self._move_live_locked(version, reason=reason, kind=kind, forced=True)
+
+    def approve(self, version: int, *, judged_against: int, checks: list[dict[str, Any]], reason: str) -> LiveRecord:
+        """Record the gate's approval of `version` and make it live, both only if `judged_against` is still live.
+
+        Raises LiveMoved, writing nothing, when the pointer moved while the candidate was judged.
+        """
+        with self._lock():
+            self._expect_live(judged_against, version)
+            self._require_weights(version)
+            verdict = PolicyVerdict(
+                version=version, approved=True, checks=checks, at=_utc_now(), judged_against=judged_against
             )
-            line = record.model_dump_json()
-            write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
-            _append_line(self._history_path, line)
-        log.info("live policy %s → %d (%s): %s", record.previous_version, version, kind, reason)
+            write_atomically(self._verdict_path(version), verdict.model_dump_json(indent=2).encode(), TEMP_PREFIX)
+            return self._move_live_locked(version, reason=reason, kind="approved", forced=False)
+
+    def _expect_live(self, expected: int | None, wanted: int) -> None:
+        """Raise LiveMoved unless `expected` is live (None: nothing is). Call under the writers' lock."""
+        live = self.live()
+        if (None if live is None else live.version) != expected:
+            raise LiveMoved(wanted, expected, live)
+
+    def _move_live_locked(self, version: int, *, reason: str, kind: LiveKind, forced: bool) -> LiveRecord:
+        """Rewrite live.json, then log the move to history.jsonl. Call under the writers' lock.
+
+        live.json is the truth servers follow; history.jsonl is its log. Under the lock
+        previous_version is always the version this move replaced, and retention cannot remove
+        `version` between the check here and the move.
+        """
+        self._require_weights(version)
+        current = self.live()
+        record = LiveRecord(
+            version=version,
+            kind=kind,
+            reason=reason,
+            at=_utc_now(),
+            previous_version=current.version if current else None,
+            forced=forced,
+        )
+        line = record.model_dump_json()
+        write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
+        _append_line(self._history_path, line)
+        log.info(
+            "live policy %s → %d (%s%s): %s", record.previous_version, version, kind, ", forced" if forced else "", reason
+        )
         return record
 
     def live(self) -> LiveRecord | None:
-        """The current live pointer, or None before the first set_live."""
+        """The current live pointer, or None before the first move."""
         try:
             return LiveRecord.model_validate_json(self._live_path.read_bytes())
         except FileNotFoundError:
@@ -294,20 +512,114 @@ class PolicyRegistry:
         complete = text[: text.rfind("\n") + 1]
         return [LiveRecord.model_validate_json(line) for line in complete.splitlines() if line]
 
-    # -------------------------------------------------------- gate verdicts
+    # -------------------------------------------------------- gate verdicts and claims
 
-    def record_verdict(self, version: int, approved: bool, checks: list[dict[str, Any]]) -> None:
-        """Store the gate's verdict on a version beside it (the version's own files stay untouched)."""
+    def record_verdict(
+        self,
+        version: int,
+        approved: bool,
+        checks: list[dict[str, Any]],
+        *,
+        judged_against: int | None = None,
+        withheld: Withheld | None = None,
+        withheld_detail: str = "",
+    ) -> None:
+        """Store the gate's verdict on a version beside it (the version's own files stay untouched).
+
+        An approval that moves the live pointer goes through `approve` instead, which checks live first.
+        """
         self._require(version)
-        verdict = {"version": version, "approved": approved, "checks": checks, "at": _utc_now().isoformat()}
-        write_atomically(self._verdict_path(version), json.dumps(verdict, indent=2).encode(), TEMP_PREFIX)
+        verdict = PolicyVerdict(
+            version=version,
+            approved=approved,
+            checks=checks,
+            at=_utc_now(),
+            judged_against=judged_against,
+            withheld=withheld,
+            withheld_detail=withheld_detail,
+        )
+        write_atomically(self._verdict_path(version), verdict.model_dump_json(indent=2).encode(), TEMP_PREFIX)
 
     def verdict(self, version: int) -> dict[str, Any] | None:
-        """The gate's verdict on a version: {version, approved, checks, at}, or None if not judged yet."""
+        """The gate's verdict on a version, PolicyVerdict's fields as JSON values, or None if not judged yet."""
         try:
             return json.loads(self._verdict_path(version).read_bytes())
         except FileNotFoundError:
             return None
+
+    @contextmanager
+    def claim(self, version: int) -> Iterator[bool]:
+        """Hold the right to judge `version` for the block; yields False when another gate holds it.
+
+        An flock on v000001.claim: the kernel (or, on NFSv4, the server's lease) lets go when its
+        holder dies, so a crashed gate blocks nobody. Leaving the block once the version has a
+        verdict, the holder removes the file: a gate that opened it before then still sees the
+        verdict once it gets the claim, and one that comes later makes a new file and sees it too.
+        """
+        path = self._claim_path(version)
+        with path.open("a") as claim_file:
+            try:
+                fcntl.flock(claim_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                if self.verdict(version) is not None:
+                    path.unlink(missing_ok=True)
+                fcntl.flock(claim_file, fcntl.LOCK_UN)
+
+    # -------------------------------------------------------- retention
+
+    def retain(
+        self, retention: RegistryRetention, *, pinned: Collection[int] = (), now: datetime | None = None
+    ) -> RetentionReport:
+        """Remove the weights of every version `versions_to_keep` does not keep; manifests and verdicts stay.
+
+        Under the writers' lock (so no move, approval or publish interleaves) each removed version's
+        manifest is copied beside it, then its directory is renamed away; servers then see it gone
+        (PolicyRemoved), never half-deleted, and a file a loader already opened stays readable.
+        The renamed directories are deleted after the lock is released.
+        """
+        with self._lock():
+            standings = [self._standing(version) for version in self.versions()]
+            kept = versions_to_keep(standings, self.live(), self.history(), retention, now or _utc_now(), pinned)
+            removed = [version for version in self.versions_with_weights() if version not in kept]
+            doomed = [self._retire(version) for version in removed]
+            if doomed:
+                fsync_path(self.root)
+            kept_with_weights = self.versions_with_weights()
+        for directory in doomed:
+            shutil.rmtree(directory, ignore_errors=True)
+        if removed:
+            log.info("retention removed the weights of policy versions %s; kept %s", removed, kept_with_weights)
+        return RetentionReport(kept=kept_with_weights, removed=removed)
+
+    def size_bytes(self) -> int:
+        """Bytes of every file under the root: weights, manifests, verdicts, logs and writes in progress."""
+        total = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(directory, name)).st_size
+                except FileNotFoundError:
+                    continue  # removed while walked
+        return total
+
+    def _standing(self, version: int) -> VersionStanding:
+        verdict = self.verdict(version)
+        return VersionStanding(
+            version, self.manifest(version).parent_version, None if verdict is None else bool(verdict["approved"])
+        )
+
+    def _retire(self, version: int) -> Path:
+        """Keep the manifest of `version` beside it, then rename its directory away; returns the new name."""
+        directory = self._version_dir(version)
+        write_atomically(self._removed_manifest_path(version), (directory / MANIFEST_NAME).read_bytes(), TEMP_PREFIX)
+        doomed = self.root / f"{TEMP_PREFIX}removed-{directory.name}-{os.urandom(4).hex()}"
+        os.rename(directory, doomed)
+        return doomed
 
     # -------------------------------------------------------- internals
 
@@ -325,18 +637,34 @@ class PolicyRegistry:
     def _verdict_path(self, version: int) -> Path:
         return self.root / f"v{version:06d}.verdict.json"
 
+    def _removed_manifest_path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}.manifest.json"
+
+    def _claim_path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}.claim"
+
     def _version_dirs(self) -> Iterator[tuple[int, Path]]:
         for path in self.root.iterdir():
             if (match := _VERSION_DIR.fullmatch(path.name)) and path.is_dir():
                 yield int(match.group(1)), path
 
+    def _removed_versions(self) -> Iterator[int]:
+        for path in self.root.iterdir():
+            if match := _REMOVED_MANIFEST.fullmatch(path.name):
+                yield int(match.group(1))
+
     def _highest_version_number(self) -> int:
-        """The highest version number in use, complete or not (0 for none): never reused."""
-        return max((v for v, _ in self._version_dirs()), default=0)
+        """The highest version number in use, complete, removed or not (0 for none): never reused."""
+        return max([*(v for v, _ in self._version_dirs()), *self._removed_versions()], default=0)
 
     def _require(self, version: int) -> None:
+        """Raise ValueError unless `version` was published (its weights may since have been removed)."""
         if version not in self.versions():
             raise ValueError(f"policy version {version} does not exist in {self.root} (latest is {self.latest()})")
+
+    def _require_weights(self, version: int) -> None:
+        """Raise PolicyRemoved or ValueError unless `version` can be served."""
+        self.path(version)
 
     def seed(self, model_dir: Path) -> LiveRecord:
         """The live record; an empty registry first gets `model_dir` as version 1, live.
@@ -347,7 +675,7 @@ class PolicyRegistry:
             live = self.live()
             if live is None:
                 manifest = self.publish(model_dir, parent_version=None, training_step=0, metrics={})
-                live = self.set_live(manifest.version, reason=f"seeded from {model_dir}", kind="initial")
+                live = self.move_live(manifest.version, expected=None, reason=f"seeded from {model_dir}", kind="initial")
             return live
 
     @contextmanager

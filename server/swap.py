@@ -191,8 +191,8 @@ class PolicySwapper:
         except PolicyRefused:
             self._metrics.policy_swaps.labels(outcome="digest_mismatch").inc()
             return False
-        path = self._registry.path(version)
         try:
+            path = self._registry.path(version)  # PolicyRemoved when retention removed it since the check
             async with self._admission.paused():
                 paused_at = time.monotonic()
                 await self._engine.reload_weights(str(path))

@@ -5,11 +5,23 @@ import json
 import multiprocessing
 import os
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from flywheel.registry import CorruptPolicy, PolicyRegistry, files_digest
+from flywheel import registry as registry_module
+from flywheel.registry import (
+    CorruptPolicy,
+    LiveMoved,
+    LiveRecord,
+    PolicyRegistry,
+    PolicyRemoved,
+    RegistryRetention,
+    VersionStanding,
+    files_digest,
+    versions_to_keep,
+)
 
 FAKE_MODEL = {
     "model.safetensors": bytes(range(256)) * 64,
@@ -236,3 +248,172 @@ def test_verdicts_are_stored_beside_the_version(registry, model_dir):
     assert registry.verdict(1)["approved"] is False
     with pytest.raises(ValueError, match="policy version 2 does not exist"):
         registry.record_verdict(2, approved=True, checks=[])
+
+
+# ---------------------------------------------------------------- compare-and-set moves of the live pointer
+
+
+@pytest.fixture
+def two_versions(registry, model_dir):
+    """Versions 1 (seeded, live) and 2 (a candidate of 1)."""
+    registry.seed(model_dir)
+    registry.publish(model_dir, parent_version=1, training_step=1, metrics={})
+    return registry
+
+
+def test_move_live_refuses_when_live_is_not_the_expected_version(two_versions):
+    registry = two_versions
+    before = registry.history()
+    with pytest.raises(LiveMoved, match=r"live policy is version 1 \(initial.*not version 2 as expected.*version 1 was not"):
+        registry.move_live(1, expected=2, reason="stale mover", kind="rollback")
+    assert registry.history() == before and registry.live() == before[-1]
+
+    moved = registry.move_live(2, expected=1, reason="judged against 1", kind="approved")
+    assert (moved.version, moved.previous_version, moved.forced) == (2, 1, False)
+    with pytest.raises(LiveMoved) as refused:
+        registry.move_live(2, expected=1, reason="the same move again", kind="approved")
+    assert refused.value.live == moved and (refused.value.expected, refused.value.wanted) == (1, 2)
+
+
+def test_a_forced_move_records_that_it_overrode_the_live_version(two_versions):
+    registry = two_versions
+    registry.move_live(2, expected=1, reason="approved", kind="approved")
+    record = registry.set_live(1, reason="operator rollback", kind="rollback")
+    assert (record.version, record.previous_version, record.forced, record.kind) == (1, 2, True, "rollback")
+    assert registry.history()[-1] == record
+    assert LiveRecord.model_validate_json('{"version": 1, "kind": "initial", "reason": "", "at": "2024-01-01T00:00:00Z", '
+                                          '"previous_version": null}').forced is False  # history written before the field
+
+
+def test_approve_writes_the_verdict_and_moves_live_only_if_live_is_what_was_judged_against(two_versions, model_dir):
+    registry = two_versions
+    registry.publish(model_dir, parent_version=1, training_step=2, metrics={})  # version 3
+    registry.set_live(3, reason="operator", kind="rollback")
+    with pytest.raises(LiveMoved):
+        registry.approve(2, judged_against=1, checks=[], reason="approved by the gate")
+    assert registry.verdict(2) is None, "a refused approval writes nothing"
+    assert registry.live().version == 3
+
+    record = registry.approve(2, judged_against=3, checks=[{"name": "reward_score", "passed": True}], reason="ok")
+    assert (record.version, record.kind, record.previous_version) == (2, "approved", 3)
+    verdict = registry.verdict(2)
+    assert verdict["approved"] is True and verdict["judged_against"] == 3 and verdict["withheld"] is None
+
+
+def _move_from_1(root: str, version: int, start: "multiprocessing.synchronize.Barrier", results) -> None:
+    registry = PolicyRegistry(Path(root))
+    start.wait()
+    try:
+        registry.move_live(version, expected=1, reason=f"mover of {version}", kind="approved")
+        results.put(version)
+    except LiveMoved:
+        results.put(None)
+
+
+def test_compare_and_set_holds_across_processes(two_versions, model_dir):
+    registry = two_versions
+    for step in range(2, 6):
+        registry.publish(model_dir, parent_version=1, training_step=step, metrics={})  # versions 3..6
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(5), context.Queue()
+    movers = [context.Process(target=_move_from_1, args=(str(registry.root), v, start, results)) for v in range(2, 7)]
+    for mover in movers:
+        mover.start()
+    for mover in movers:
+        mover.join(30)
+    outcomes = [results.get(timeout=5) for _ in movers]
+    winners = [version for version in outcomes if version is not None]
+    assert len(winners) == 1, outcomes
+    assert [(r.version, r.previous_version) for r in registry.history()] == [(1, None), (winners[0], 1)]
+
+
+# ---------------------------------------------------------------- claims
+
+
+def _hold_claim(root: str, version: int, holding, release) -> None:
+    with PolicyRegistry(Path(root)).claim(version) as claimed:
+        assert claimed
+        holding.set()
+        release.wait(30)
+
+
+def test_a_claim_is_held_by_one_process_and_freed_when_its_holder_dies(two_versions):
+    registry = two_versions
+    context = multiprocessing.get_context("fork")
+    holding, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_claim, args=(str(registry.root), 2, holding, release))
+    holder.start()
+    assert holding.wait(30)
+    with registry.claim(2) as claimed:
+        assert not claimed
+    holder.kill()  # a crashed gate: the kernel drops its flock
+    holder.join(30)
+    with registry.claim(2) as claimed:
+        assert claimed
+        registry.record_verdict(2, False, [])
+    assert not (registry.root / "v000002.claim").exists(), "a judged version's claim file is removed"
+
+
+# ---------------------------------------------------------------- retention
+
+
+def standing(version: int, parent: int | None, approved: bool | None) -> VersionStanding:
+    return VersionStanding(version, parent, approved)
+
+
+def live_record(version: int, previous: int | None, at: datetime, kind: str = "approved") -> LiveRecord:
+    return LiveRecord(version=version, kind=kind, reason="", at=at, previous_version=previous)
+
+
+def test_versions_to_keep_by_hand():
+    # 1 seeded; 2..9 candidates of whatever was live: approved 2, 5, 8; 9 waits; the rest rejected.
+    parents = {1: None, 2: 1, 3: 2, 4: 2, 5: 2, 6: 5, 7: 5, 8: 5, 9: 8}
+    approved = {1: True, 2: True, 3: False, 4: False, 5: True, 6: False, 7: False, 8: True, 9: None}
+    standings = [standing(v, parents[v], approved[v]) for v in parents]
+    now = datetime(2024, 1, 2, tzinfo=UTC)
+    long_ago = now - timedelta(days=30)
+    history = [live_record(1, None, long_ago, "initial"), live_record(2, 1, long_ago), live_record(5, 2, long_ago),
+               live_record(8, 5, now - timedelta(minutes=5))]  # fmt: skip
+    retention = RegistryRetention(keep_approved=1, keep_rejected=1, recently_live_seconds=3600)
+    # live 8 and the version before it, 5 (also within the hour: 8 replaced it 5 minutes ago);
+    # waiting 9; newest approved 8; newest rejected 7; parents: 8→5, 9→8, 7→5, 5→2; root 1.
+    assert versions_to_keep(standings, history[-1], history, retention, now) == {1, 2, 5, 7, 8, 9}
+    # pinned 3 keeps it and its parent 2
+    assert versions_to_keep(standings, history[-1], history, retention, now, pinned={3}) == {1, 2, 3, 5, 7, 8, 9}
+    # an operator rolled back to 2 an hour ago and 8 is live again since: 2 and the 2→… move stay in the window
+    history += [live_record(2, 8, now - timedelta(minutes=50), "rollback"), live_record(8, 2, now - timedelta(minutes=40))]
+    wider = RegistryRetention(keep_approved=1, keep_rejected=0, recently_live_seconds=3600)
+    assert versions_to_keep(standings, history[-1], history, wider, now) == {1, 2, 5, 8, 9}
+
+
+def test_a_removed_version_keeps_its_manifest_and_verdict_and_says_why_it_cannot_load(registry, model_dir):
+    registry.seed(model_dir)
+    for step in (1, 2):
+        registry.publish(model_dir, parent_version=1, training_step=step, metrics={})
+    registry.record_verdict(2, False, [{"name": "kl_to_reference", "passed": False}], judged_against=1)
+    registry.record_verdict(3, False, [], judged_against=1)
+    report = registry.retain(RegistryRetention(keep_rejected=0, recently_live_seconds=0))
+    assert report.removed == [2, 3] and report.kept == [1]
+    assert registry.versions() == [1, 2, 3] and registry.versions_with_weights() == [1]
+    assert registry.manifest(2).parent_version == 1 and registry.verdict(2)["checks"][0]["name"] == "kl_to_reference"
+    for refused in (lambda: registry.path(3), lambda: registry.verify(3), lambda: registry.set_live(3, reason="", kind="rollback")):
+        with pytest.raises(PolicyRemoved, match=r"policy version 3: its weights were removed by the registry's retention.*versions with weights: \[1\]"):
+            refused()
+    assert not list(registry.root.glob(".tmp-*")), "the renamed-away directories are deleted"
+    assert registry.publish(model_dir, parent_version=1, training_step=3, metrics={}).version == 4, "numbers are never reused"
+
+
+def test_a_version_removed_while_it_is_verified_is_reported_removed_not_corrupt(registry, model_dir, monkeypatch):
+    registry.seed(model_dir)
+    registry.publish(model_dir, parent_version=1, training_step=1, metrics={})
+    registry.record_verdict(2, False, [])
+    real_sha256 = registry_module.file_sha256
+
+    def removed_midway(path: Path) -> str:  # a server hashing version 2 while the gate's retention removes it
+        if path.parent.name == "v000002":
+            registry.retain(RegistryRetention(keep_rejected=0, recently_live_seconds=0))
+        return real_sha256(path)
+
+    monkeypatch.setattr(registry_module, "file_sha256", removed_midway)
+    with pytest.raises(PolicyRemoved, match="policy version 2: its weights were removed"):
+        registry.verify(2)

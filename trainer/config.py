@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from flywheel.demo.task import GOLDEN_FILE
+from flywheel.registry import RegistryRetention
 from trainer.gate_checks import GateThresholds, SafetyRules
 from trainer.thumbs_sprt import ThumbsDownSPRT
 
@@ -145,6 +146,7 @@ class GateSettings(BaseModel):
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
     )
     rollback: ThumbsDownSPRT = Field(default_factory=ThumbsDownSPRT)
+    retention: RegistryRetention = Field(default_factory=RegistryRetention)
 
     def golden_path(self) -> Path | None:
         if not self.golden_file:

@@ -5,9 +5,13 @@ feedback gives it each policy version's thumbs, for the automatic rollback; poli
 a candidate waits. The registry is the truth: a candidate is any version with a parent and no
 verdict yet, so a lost event only delays a decision until the next look.
 
-On approval the gate moves the registry's live pointer and announces it; servers swap. When the
+One gate judges a candidate at a time (the registry's claim on it). On approval the gate moves the
+registry's live pointer, only if it still names the version the candidate was judged against, and
+announces it; servers swap. A move made meanwhile wins: an operator's rollback is never undone by a
+judgement that started before it, and the verdict says why the candidate was withheld. When the
 live version's thumbs-down rate is significantly worse than its parent's (a sequential test),
-the gate moves the pointer back and announces a rollback.
+the gate moves the pointer back and announces a rollback. After each decision the gate removes
+the weights of versions outside the retention windows (gate.retention).
 """
 
 import asyncio
@@ -30,9 +34,9 @@ from feedback.identity import DEFAULT_PRINCIPAL, capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
-from flywheel.registry import CorruptPolicy, PolicyRegistry
+from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_state
 from trainer.config import GateSettings, RewardModelSettings
 from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
 from trainer.join_store import is_heldout_prompt
@@ -214,7 +218,10 @@ class GateEvaluator:
 class GateMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.decisions = Counter("flywheel_gate_decisions", "Gate verdicts on candidates.", ["decision"], registry=registry)
+        self.decisions = Counter(
+            "flywheel_gate_decisions", "Gate verdicts on candidates: approved, rejected, or withheld (passed, but live moved).",
+            ["decision"], registry=registry,
+        )  # fmt: skip
         self.check_value = Gauge("flywheel_gate_check_value", "Each check's value on the last candidate.", ["check"], registry=registry)
         self.check_threshold = Gauge(
             "flywheel_gate_check_threshold", "Each check's threshold on the last candidate.", ["check"], registry=registry
@@ -225,6 +232,13 @@ class GateMetrics:
         self.rollbacks = Counter("flywheel_rollbacks", "Rollbacks of the live policy, by trigger.", ["trigger"], registry=registry)
         self.approved_version = Gauge(
             "flywheel_approved_policy_version", "The version the registry's live pointer names.", registry=registry
+        )
+        self.registry_bytes = Gauge(
+            "flywheel_registry_bytes", "Bytes under the policy registry's root after the gate's last retention pass.",
+            registry=registry,
+        )  # fmt: skip
+        self.weights_removed = Counter(
+            "flywheel_registry_weights_removed", "Policy versions whose weights retention removed.", registry=registry
         )
 
 
@@ -303,13 +317,33 @@ class Gate:
         ]
 
     def decide_next(self) -> events_pb2.PolicyEvent | None:
-        """Judge the newest waiting candidate (older ones are superseded); return the event to announce."""
+        """Judge the newest waiting candidate (older ones are superseded); return the event to announce.
+
+        None when nothing waits, or when another gate holds the claim on the newest candidate.
+        """
         waiting = self.waiting_candidates()
         if not waiting:
             return None
         for superseded in waiting[:-1]:
-            self.registry.record_verdict(superseded, False, [{"name": "superseded", "detail": f"a newer candidate {waiting[-1]} waits"}])
+            with self.registry.claim(superseded) as claimed:
+                if claimed and self.registry.verdict(superseded) is None:  # one being judged elsewhere is left to it
+                    detail = f"a newer candidate {waiting[-1]} waits"
+                    self.registry.record_verdict(
+                        superseded, False, [{"name": "superseded", "detail": detail}],
+                        withheld=Withheld.SUPERSEDED, withheld_detail=detail,
+                    )  # fmt: skip
         version = waiting[-1]
+        with self.registry.claim(version) as claimed:
+            if not claimed or self.registry.verdict(version) is not None:
+                return None  # another gate is judging it, or has just judged it
+            return self._judge(version)
+
+    def judge(self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]) -> GateVerdict:
+        """Run the gate's checks on a candidate against the live policy, with the trainer's latest reward model."""
+        return self._evaluator().judge(candidate_path, live_path, reference_path, prompts)
+
+    def _judge(self, version: int) -> events_pb2.PolicyEvent:
+        """Judge a claimed candidate against the live version and approve it if live has not moved since."""
         manifest = self.registry.manifest(version)
         live = self.registry.live()
         if live is None:
@@ -317,9 +351,9 @@ class Gate:
         try:
             self.registry.verify(version)
         except CorruptPolicy as error:
-            return self._reject(version, manifest.parent_version, [{"name": "digest", "passed": False, "detail": str(error)}], [str(error)])
+            return self._reject(version, manifest.parent_version, [{"name": "digest", "passed": False, "detail": str(error)}], [str(error)], live.version)
         prompts = self.heldout.current() + self._golden()
-        verdict = self._evaluator().judge(
+        verdict = self.judge(
             self.registry.path(version),
             self.registry.path(live.version),
             self.registry.path(lineage_root(self.registry, version)),
@@ -331,9 +365,11 @@ class Gate:
             self.metrics.check_threshold.labels(check=check.name).set(check.threshold)
             self.metrics.check_passed.labels(check=check.name).set(float(check.passed))
         if not verdict.approved:
-            return self._reject(version, live.version, checks, [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed])
-        self.registry.record_verdict(version, True, checks)
-        self.registry.set_live(version, reason="approved by the gate", kind="approved")
+            return self._reject(version, live.version, checks, [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed], live.version)
+        try:
+            self.registry.approve(version, judged_against=live.version, checks=checks, reason="approved by the gate")
+        except LiveMoved as moved:
+            return self._withhold(version, live.version, checks, moved)
         self.metrics.decisions.labels(decision="approved").inc()
         self.metrics.approved_version.set(version)
         log.info("approved policy %d", version, extra={"checks": checks})
@@ -346,8 +382,24 @@ class Gate:
             checks=[_check_proto(c) for c in verdict.checks],
         )
 
-    def _reject(self, version: int, parent: int | None, checks: list[dict], reasons: list[str]) -> events_pb2.PolicyEvent:
-        self.registry.record_verdict(version, False, checks)
+    def _withhold(self, version: int, judged_against: int, checks: list[dict], moved: LiveMoved) -> events_pb2.PolicyEvent:
+        """A candidate that passed against a version no longer live: not made live, and not judged again.
+
+        Judging it again against the new live version could undo an operator's rollback, and a
+        candidate trained from the version rolled back from is not one to serve; the trainer's next
+        candidate is judged against the new live version.
+        """
+        self.registry.record_verdict(
+            version, False, checks, judged_against=judged_against, withheld=Withheld.LIVE_MOVED, withheld_detail=str(moved)
+        )
+        self.metrics.decisions.labels(decision="withheld").inc()
+        log.warning("withheld policy %d: %s", version, moved)
+        return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, version, judged_against, reasons=[str(moved)])
+
+    def _reject(
+        self, version: int, parent: int | None, checks: list[dict], reasons: list[str], judged_against: int
+    ) -> events_pb2.PolicyEvent:
+        self.registry.record_verdict(version, False, checks, judged_against=judged_against)
         self.metrics.decisions.labels(decision="rejected").inc()
         log.warning("rejected policy %d: %s", version, "; ".join(reasons))
         return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, version, parent, reasons=reasons)
@@ -365,13 +417,34 @@ class Gate:
             f"thumbs-down rate of policy {live.version} is {result.new_rate:.1%} against {result.parent_rate:.1%} for "
             f"{parent} (sequential test, log-likelihood ratio {result.log_likelihood_ratio:.2f} >= {result.upper:.2f})"
         )
-        self.registry.set_live(parent, reason=reason, kind="rollback")
+        try:
+            self.registry.move_live(parent, expected=live.version, reason=reason, kind="rollback")
+        except LiveMoved as moved:  # an operator or another gate moved it first: that move stands
+            log.warning("no automatic rollback from %d to %d: %s", live.version, parent, moved)
+            return None
         self.metrics.rollbacks.labels(trigger="automatic").inc()
         self.metrics.approved_version.set(parent)
         log.warning("automatic rollback from %d to %d: %s", live.version, parent, reason)
         event = policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, parent, live.version, reasons=[reason])
         event.event_id = f"automatic-{event.event_id}"
         return event
+
+    def retain(self) -> RetentionReport | None:
+        """Remove the weights of versions outside gate.retention, keeping the trainer's reference policy; None when skipped."""
+        try:
+            pinned = self._trainer_reference_versions()
+        except (OSError, ValueError) as error:  # a checkpoint being replaced: its reference is unknown, so remove nothing
+            log.warning("retention skipped: cannot read the trainer's reference policy from %s: %s", self.checkpoint_dir, error)
+            return None
+        report = self.registry.retain(self.settings.retention, pinned=pinned)
+        self.metrics.weights_removed.inc(len(report.removed))
+        self.metrics.registry_bytes.set(self.registry.size_bytes())
+        return report
+
+    def _trainer_reference_versions(self) -> set[int]:
+        """The version the trainer's KL penalty is taken against (it loads those weights when it resumes)."""
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
+        return set() if checkpoint is None else {load_state(checkpoint).reference_version}
 
     def _golden(self) -> list[EvalPrompt]:
         path = self.settings.golden_path()
@@ -420,22 +493,38 @@ async def run_gate(
     try:
         await consumer.start()
         try:
+            retained_once = False
             while not stopping.is_set():
                 batch = await consumer.poll(timeout_ms=int(gate.settings.poll_seconds * 1000))
                 for consumed, reason in gate.take(batch.events):
                     await consumer.dead_letter(consumed, "refused_by_gate", reason)
-                for decided in (await asyncio.to_thread(gate.decide_next), gate.rollback_due() if gate.settings.auto_rollback else None):
+                decisions = [await asyncio.to_thread(gate.decide_next), gate.rollback_due() if gate.settings.auto_rollback else None]
+                for decided in decisions:
                     if decided is not None:
                         producer.publish(kafka.topics.policy, str(decided.policy_version), decided)
+                if any(decided is not None for decided in decisions) or not retained_once:
+                    await asyncio.to_thread(_retain_logging_errors, gate)
+                    retained_once = True
         finally:
             await consumer.stop()
     finally:
         await producer.stop()
 
 
+def _retain_logging_errors(gate: Gate) -> None:
+    """Retention is housekeeping: a failed pass is logged and the next decision tries again."""
+    try:
+        gate.retain()
+    except OSError:
+        log.exception("registry retention failed; the gate carries on and tries again after its next decision")
+
+
 def publish_rollback(registry: PolicyRegistry, version: int, reason: str) -> events_pb2.PolicyEvent:
-    """`flywheel rollback --to VERSION`: move the live pointer back and describe it for the servers."""
-    live = registry.live()
-    registry.set_live(version, reason=reason, kind="rollback")
-    return policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, version, None if live is None else live.version, reasons=[reason])
+    """`flywheel rollback --to VERSION`: force the live pointer back and describe it for the servers.
+
+    Forced: it wins over whatever is live, including an approval that raced it, and a gate
+    judging against the version it replaced will not make its candidate live afterwards.
+    """
+    record = registry.set_live(version, reason=reason, kind="rollback")
+    return policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, version, record.previous_version, reasons=[reason])
 
