@@ -102,6 +102,12 @@ class TrainerSettings(BaseModel):
     checkpoint_every_steps: int = Field(
         1, ge=1, description="Checkpoint (and commit Kafka offsets) after this many PPO steps or reward-model updates."
     )
+    keep_checkpoints: int = Field(
+        2,
+        ge=2,
+        description="Checkpoints kept on disk, newest first: the latest and at least the one a reader (the gate) may "
+        "still be reading.",
+    )
     min_labels_before_ppo: int = Field(
         32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."
     )

@@ -283,7 +283,14 @@ class Trainer:
         return candidate_event(manifest.version, manifest.parent_version, str(self.registry.path(manifest.version)), manifest.digest)
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.config.trainer.checkpoint_dir, self.state, self.ppo, self.reward_model, self.join_store)
+        return save_checkpoint(
+            self.config.trainer.checkpoint_dir,
+            self.state,
+            self.ppo,
+            self.reward_model,
+            self.join_store,
+            keep=self.config.trainer.keep_checkpoints,
+        )
 
     def close(self) -> None:
         self.join_store.close()
