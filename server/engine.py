@@ -65,6 +65,7 @@ class PolicyEngine:
             # The sampled tokens' log-probs as the sampler saw them: the behavior policy PPO needs.
             logprobs_mode="processed_logprobs",
             enable_log_requests=False,
+            worker_extension_cls="server.vllm_worker.PolicyWorkerExtension",
         )
         return cls(AsyncLLM.from_engine_args(args), model_path)
 
@@ -129,10 +130,11 @@ class PolicyEngine:
         Call with no request running (the swap drains admission first). The prefix cache keeps KV
         blocks across requests: left in place, a prompt sharing a cached prefix would be answered
         partly by the previous policy. The encoder cache holds multimodal embeddings, also computed
-        by the weights. vLLM's multimodal processor caches hold preprocessed inputs, which the
-        weights do not touch, so they stay.
+        by the weights (the worker clears its copy on reload; the scheduler's record of it is reset
+        here). vLLM's multimodal processor caches hold preprocessed inputs, which the weights do
+        not touch, so they stay.
         """
-        await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+        await self._llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": weights_dir})
         # reset_running_requests: a request aborted by its caller may not have left the engine yet;
         # preempting it frees its blocks, so the reset cannot be refused for blocks in use.
         await self._llm.reset_prefix_cache(reset_running_requests=True)
@@ -147,7 +149,7 @@ SAMPLING_FIELDS = {"max_tokens", "min_tokens", "temperature", "top_p", "top_k", 
 
 def refused_by_engine(refused: Exception) -> InvalidRequest:
     """vLLM's refusal of a request as an InvalidRequest on the field it names (its parameter, or its message's first word)."""
-    message = str(refused.args[0]) if refused.args else type(refused).__name__
+    message = str(refused.args[0]) if refused.args else "no reason given"
     parameter = getattr(refused, "parameter", None) or message.split(" ", 1)[0]
     field = f"sampling.{parameter}" if parameter in SAMPLING_FIELDS else "request"
     return InvalidRequest(field, f"the engine refuses it: {message}")

@@ -21,11 +21,15 @@ from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
+from flywheel.prompts import RenderedPrompt
 from server.app import FlywheelServer
 from server.config import ServerSettings
+from server.engine import GenerationDelta, PolicyEngine
 from server.metrics import PolicyCheckMetrics
 from server.swap import PolicyChecker, PolicySwapper
+from server.validation import Sampling
 from tests import policy_variants
+from tests.engine_fixtures import start_engine
 from tests.kafka_fixtures import kafka_broker  # noqa: F401 (fixture)
 from trainer.checkpoint import TrainerState, save_checkpoint
 from trainer.config import GateSettings, PPOSettings, RewardModelSettings
@@ -189,6 +193,7 @@ def test_swaps_under_load_fail_no_request_and_never_mix_weights(engine_loop, swa
         stub = serving_pb2_grpc.FlywheelStub(channel)
         expected = {1: greedy(stub, PROMPTS[0]).text}
         assert swap_to(engine_loop, registry, swapper, 2)
+        # v2's own answer: a swap leaves nothing the previous weights computed (the test below).
         expected[2] = greedy(stub, PROMPTS[0]).text
         assert expected[1] != expected[2], "the two policies must answer differently for this test to mean anything"
 
@@ -216,6 +221,49 @@ def test_swaps_under_load_fail_no_request_and_never_mix_weights(engine_loop, swa
     assert not mixed, f"{len(mixed)} answers do not match the weights of the version they carry: {mixed[:3]}"
     assert server.registry.get_sample_value("flywheel_policy_swaps_total", {"outcome": "ok"}) == 21
     assert server.registry.get_sample_value("flywheel_policy_version") == 2
+
+
+def long_prompt(engine: PolicyEngine, whole_blocks: int) -> RenderedPrompt:
+    """A chat prompt filling `whole_blocks` KV-cache blocks and half of the next: the prefix cache keeps whole blocks."""
+    questions: list[str] = []
+    while True:
+        prompt = engine.render_chat([{"role": "user", "content": " ".join(questions)}])
+        if len(prompt.token_ids) >= (whole_blocks + 0.5) * engine.kv_block_tokens:
+            return prompt
+        questions.append(f"What is {len(questions) + 10}+{2 * len(questions) + 7}?")
+
+
+def greedy_delta(engine_loop, engine: PolicyEngine, prompt: RenderedPrompt, request_id: str) -> GenerationDelta:
+    sampling = Sampling(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=(), min_tokens=0)
+
+    async def answer() -> GenerationDelta:
+        return [delta async for delta in engine.stream(request_id, prompt, sampling, whole=True)][-1]
+
+    return engine_loop.run(answer())
+
+
+def test_after_a_swap_a_cached_prompt_is_answered_as_a_fresh_engine_on_the_new_weights_answers_it(
+    engine_loop, engine, swapping
+):
+    registry, server, swapper = swapping
+    assert engine.prefix_caching, "without prefix caching this test proves nothing"
+    prompt = long_prompt(engine, whole_blocks=2)
+    assert len(prompt.token_ids) + 16 <= engine.max_model_len
+    swap_to(engine_loop, registry, swapper, 1, kind="rollback")  # False when already on 1
+    before = greedy_delta(engine_loop, engine, prompt, "before-swap")  # leaves v1's KV blocks of the prompt cached
+    assert swap_to(engine_loop, registry, swapper, 2)
+    after = greedy_delta(engine_loop, engine, prompt, "after-swap")
+
+    fresh_engine = start_engine(engine_loop, registry.path(2))  # the one extra engine: v2 and nothing cached
+    try:
+        fresh = greedy_delta(engine_loop, fresh_engine, prompt, "fresh")
+    finally:
+        fresh_engine.shutdown()
+    assert before.behavior_logprobs != fresh.behavior_logprobs, "the two policies must differ on this prompt"
+    # Exact: the same weights, the same prompt in one prefill, one request in the batch. KV blocks
+    # left from v1 shift the log-probs by about 1e-3 (and may change the tokens).
+    assert after.token_ids == fresh.token_ids
+    assert after.behavior_logprobs == fresh.behavior_logprobs
 
 
 def test_a_corrupted_live_version_is_refused_and_the_server_keeps_serving(engine_loop, swapping, model_path):
