@@ -358,6 +358,7 @@ def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> L
     return LabelsForUpdate(
         [label for label in labels if isinstance(label, LabelledExample)],
         [label for label in labels if isinstance(label, PreferencePair)],
+        len(waiting),
     )
 
 
@@ -365,7 +366,6 @@ def rejections_in_a_row(verdicts: list[dict | None]) -> int:
     """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
     (None: not judged yet). Candidates superseded before they were judged do not count either way."""
     judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != ["superseded"]]
-        len(waiting),
     count = 0
     for verdict in reversed(judged):
         if verdict["approved"]:
