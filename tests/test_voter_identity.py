@@ -7,16 +7,13 @@ the gate's its `ThumbsByVersion` (the rollback's evidence), fed from the events 
 models themselves are not needed to see which labels they would be given.
 """
 
-import asyncio
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from feedback.config import KafkaSettings, SpoolSettings
-from feedback.consumer import ConsumedEvent, EventConsumer
+from feedback.consumer import ConsumedEvent
 from feedback.identity import ApiKey, key_digest
 from feedback.intake import IntakeLimits
 from feedback.metrics import EventMetrics
@@ -27,13 +24,13 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
+from tests.test_feedback_rpc import HANG_GUARD_S, consume
 from trainer.config import RewardModelSettings
 from trainer.gate import ThumbsByVersion
 from trainer.join_store import JoinStore
 from trainer.loop import labels_for_update
 
 SECRET = "voter-test-secret"
-HANG_GUARD_S = 120  # only to fail instead of hanging
 SHARE = 0.2
 TENANTS = [f"tenant-{n}" for n in range(4)]
 
@@ -65,25 +62,9 @@ def stop_replicas(engine_loop, replicas) -> None:
         engine_loop.run(producer.stop())
 
 
-def read_all(kafka: KafkaSettings, expected_feedback: int) -> list[ConsumedEvent]:
-    """Every event on the generations and feedback topics, as a new consumer group (the trainer after a crash) reads them."""
-
-    async def read() -> list[ConsumedEvent]:
-        topics = [kafka.topics.generations, kafka.topics.feedback]
-        consumer = EventConsumer(kafka, uuid.uuid4().hex, EventMetrics.register(CollectorRegistry()), topics)
-        await consumer.start()
-        events: list[ConsumedEvent] = []
-        deadline = time.monotonic() + HANG_GUARD_S
-        try:
-            while sum(e.topic == kafka.topics.feedback for e in events) < expected_feedback:
-                assert time.monotonic() < deadline, "the votes did not all reach Kafka"
-                events += (await consumer.poll(timeout_ms=200)).events
-            events += (await consumer.poll(timeout_ms=1000)).events
-        finally:
-            await consumer.stop()
-        return events
-
-    return asyncio.run(read())
+def read_all(kafka: KafkaSettings, generations: int, votes: int) -> list[ConsumedEvent]:
+    """Every answer and vote Kafka holds, read from the start as a new consumer group (the trainer after a crash) reads them."""
+    return consume(kafka, kafka.topics.generations, generations) + consume(kafka, kafka.topics.feedback, votes)
 
 
 def into_store(store: JoinStore, events: list[ConsumedEvent]) -> None:
@@ -134,7 +115,7 @@ def test_one_key_speaking_as_a_thousand_users_stays_within_its_share(engine_loop
     finally:
         stop_replicas(engine_loop, replicas)
 
-    events = read_all(kafka_settings, 1000 + 3 + tenant_votes)
+    events = read_all(kafka_settings, 1000 + 5 + tenant_votes, 1000 + 3 + tenant_votes)
     store = JoinStore(tmp_path / "join.sqlite3", ttl_seconds=1e9)
     into_store(store, events)
     labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=SHARE))
@@ -167,7 +148,7 @@ def test_flipped_and_repeated_votes_across_replicas_and_a_restart_train_once_wit
             assert [vote(stub, answer, "ada", rating, acme) for stub, rating in flips] == [grpc.StatusCode.OK] * 4
 
             store = JoinStore(store_path, ttl_seconds=1e9)
-            into_store(store, read_all(kafka_settings, 4))
+            into_store(store, read_all(kafka_settings, 1, 4))
             labels = labels_for_update(store, settings)
             assert [(e.answer.response_id, e.thumbs_up) for e in labels.examples] == [(answer.response_id, True)]
             assert not labels.pairs
@@ -180,7 +161,7 @@ def test_flipped_and_repeated_votes_across_replicas_and_a_restart_train_once_wit
         stop_replicas(engine_loop, replicas)
 
     restarted = JoinStore(store_path, ttl_seconds=1e9)
-    into_store(restarted, read_all(kafka_settings, 7))  # everything again, as after a crash before the commit
+    into_store(restarted, read_all(kafka_settings, 1, 7))  # everything again, as after a crash before the commit
     assert labels_for_update(restarted, settings).waiting == 0, "the vote was trained on once"
     restarted.close()
 
