@@ -291,6 +291,23 @@ def test_value_loss_by_hand():
     close(stats["value_clip_fraction"], 1.0 / 3.0)
 
 
+def test_value_clip_fraction_counts_only_values_outside_the_clip_range():
+    # As TRL and verl do, the value itself is clipped: clip(V, V_old − ε, V_old + ε). Clipping the
+    # change instead, V_old + clip(V − V_old, −ε, ε), rounds: −0.25 + (−0.08 + 0.25) is
+    # −0.25 + 0.16999999999999998 = −0.08000000000000002 in float64, a hair below V = −0.08, so
+    # its error to R = 0.5 is a hair larger and a token that moved 0.17 < ε would count as clipped.
+    old_values = t([[-0.25, -0.25, 0.0]])
+    values = t([[-0.08, 0.5, 7.0]])
+    returns = t([[0.5, 0.5, 0.0]])
+    mask = t([[1, 1, 0]], torch.bool)
+    loss, stats = clipped_value_loss(values, old_values, returns, mask, clip_eps_value=0.2)
+    # token 0: V −0.08 within [−0.45, −0.05], clipped V is V: (−0.08 − 0.5)² = 0.3364 both → not clipped
+    # token 1: V 0.5 → clipped −0.05:  (0.5 − 0.5)² = 0, (−0.05 − 0.5)² = 0.3025 → 0.3025 (clipped wins)
+    # loss = ½ · (0.3364 + 0.3025) / 2 = 0.159725;  clip fraction 1 / 2
+    close(loss, 0.159725, tol=1e-12)
+    assert stats["value_clip_fraction"].item() == 0.5
+
+
 # ---------------------------------------------------------------- from logits
 
 

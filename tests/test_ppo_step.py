@@ -67,6 +67,7 @@ def test_the_first_minibatch_ratio_is_exactly_one(model_path, tokenizer, prompt_
     stats = trainer.ppo_step(rollout, reward_model)
     assert stats.first_minibatch_ratio == 1.0
     assert all(math.isfinite(value) for value in vars(stats).values())
+    assert 0.0 <= stats.value_clip_fraction <= 1.0
     assert trainer.kl_controller.kl_coef != stats.kl_coef
 
 

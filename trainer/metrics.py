@@ -14,6 +14,7 @@ PPO_GAUGES = {
     "clip_fraction": ("flywheel_trainer_clip_fraction", "Share of tokens whose ratio was clipped in the last PPO step."),
     "entropy": ("flywheel_trainer_entropy", "Policy entropy per answer token in the last PPO step, nats."),
     "value_loss": ("flywheel_trainer_value_loss", "Critic loss of the last PPO step."),
+    "value_clip_fraction": ("flywheel_trainer_value_clip_fraction", "Share of tokens whose value prediction was clipped in the last PPO step."),
     "explained_variance": ("flywheel_trainer_explained_variance", "Share of the returns' variance the critic explained in the last PPO step."),
     "tokens_per_second": ("flywheel_trainer_tokens_per_second", "Answer tokens per second of the last PPO step (scoring and updates)."),
 }

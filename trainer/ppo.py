@@ -226,6 +226,8 @@ class PPOStepStats:
     entropy: float
     """Policy entropy per response token at rollout time, nats."""
     value_loss: float
+    value_clip_fraction: float
+    """Share of tokens whose value prediction moved past value_clip_eps across the updates, mean over minibatches."""
     explained_variance: float
     """Of the returns by the critic's rollout-time values; 1 is perfect."""
     first_minibatch_ratio: float
@@ -331,7 +333,7 @@ class PPOTrainer:
                 policy_loss, policy_stats = clipped_policy_loss(
                     logprobs, old_logprobs[index], advantages[index], mask[index], s.clip_eps
                 )
-                value_loss, _ = clipped_value_loss(
+                value_loss, value_stats = clipped_value_loss(
                     values, old_values[index], returns[index], mask[index], s.value_clip_eps
                 )
                 self.policy_optimizer.zero_grad()
@@ -342,7 +344,7 @@ class PPOTrainer:
                 nn.utils.clip_grad_norm_(models.critic.parameters(), s.max_grad_norm)
                 self.policy_optimizer.step()
                 self.critic_optimizer.step()
-                update_stats.append({**policy_stats, "value_loss": value_loss.detach()})
+                update_stats.append({**policy_stats, **value_stats, "value_loss": value_loss.detach()})
 
         # β steers by the KL of every rank's answers, so it stays the same on all ranks.
         self.kl_controller.update(self.ranks.mean(kl_to_reference), len(shuffled) * self.ranks.world_size)
@@ -361,6 +363,7 @@ class PPOTrainer:
             clip_fraction=mean_over_updates("clip_fraction"),
             entropy=masked_mean(entropy, mask).item(),
             value_loss=mean_over_updates("value_loss"),
+            value_clip_fraction=mean_over_updates("value_clip_fraction"),
             explained_variance=explained_variance(old_values, returns, mask).item(),
             first_minibatch_ratio=update_stats[0]["ratio_mean"].item(),
             ended_with_eos_fraction=ended_with_eos.float().mean().item(),

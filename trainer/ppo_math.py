@@ -249,7 +249,7 @@ def clipped_value_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The value head's squared error, pessimistic over a clipped update of the prediction.
 
-    loss = ½ mean_t max((V_t − R_t)², (V_old,t + clip(V_t − V_old,t, −ε, ε) − R_t)²).
+    loss = ½ mean_t max((V_t − R_t)², (clip(V_t, V_old,t − ε, V_old,t + ε) − R_t)²).
 
     values: `(batch, response_len)`, V_θ now (carries the gradient).
     old_values: same shape, V at rollout time. returns: same shape, GAE returns.
@@ -257,7 +257,9 @@ def clipped_value_loss(
     Returns (loss, stats); stats["value_clip_fraction"] is the share of tokens where the
     clipped term wins.
     """
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps_value, clip_eps_value)
+    # Clamp the value itself, as TRL and verl do: V_old + clip(V − V_old, −ε, ε) rounds, so a
+    # value inside the range could come back a hair off and count as clipped.
+    clipped_values = torch.clamp(values, old_values - clip_eps_value, old_values + clip_eps_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
