@@ -18,6 +18,8 @@ from flywheel.config import (
     load_config,
     settings_a_model_may_not_set,
 )
+from server.config import ServerSettings
+from server.tls import CertificateFiles
 
 
 def test_flags_beat_environment_beat_config_file_beat_model_settings_beat_defaults(tmp_path: Path, monkeypatch):
@@ -155,3 +157,26 @@ def test_every_path_a_model_directory_may_set_is_checked():
             assert any(setting == f"{section}.{name}" or setting.startswith(f"{section}.{name}.") for setting, _ in allowed), name
     file_naming = {name for name, annotation in allowed if "Path" in str(annotation) or name.endswith(("_file", "_path", "_dir"))}
     assert file_naming == set(MODEL_DIR_PATHS)
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"tls_cert_file": Path("tls.crt")}, "server.tls_cert_file and server.tls_key_file go together"),
+        ({"tls_key_file": Path("tls.key")}, "server.tls_cert_file and server.tls_key_file go together"),
+        ({"tls_client_ca_file": Path("ca.crt")}, "server.tls_client_ca_file needs server.tls_cert_file"),
+    ],
+)
+def test_half_a_tls_configuration_is_refused_naming_the_settings(files, named):
+    with pytest.raises(ValueError, match=named):
+        CertificateFiles.of(ServerSettings(**files))
+    assert CertificateFiles.of(ServerSettings()) is None
+
+
+def test_ppo_refuses_more_answers_per_step_than_the_kl_horizon():
+    # β ·= 1 + e · answers / kl_horizon with e in [−0.2, 0.2]: 8 prompts × 2 answers over a horizon
+    # of 3 gives 1 − 0.2 · 16 / 3 = −0.0667 on a low KL, a negative β that pays the policy to drift.
+    with pytest.raises(ValueError, match=r"ppo.prompts_per_step × ppo.responses_per_prompt = 16 answers.*ppo.kl_horizon = 3"):
+        load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 3}})
+    # 16 answers over a horizon of 16: β moves by at most 20% a step
+    assert load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 16}}).ppo.kl_horizon == 16

@@ -383,6 +383,17 @@ def test_kl_controllers_round_trip_through_state_dict():
     assert other.kl_coef == 0.05
 
 
+def test_adaptive_kl_controller_refuses_a_step_longer_than_its_horizon():
+    controller = AdaptiveKLController(init_kl_coef=0.1, target_kl=6.0, horizon=100)
+    # 100 answers: KL 0 → e = −1, clipped to −0.2 → β = 0.1 · (1 − 0.2 · 100 / 100) = 0.08
+    controller.update(current_kl=0.0, n_steps=100)
+    assert controller.kl_coef == pytest.approx(0.08, abs=1e-15)
+    # 500 answers would give 1 − 0.2 · 500 / 100 = 0: β stuck at 0 for good (below 0 past it)
+    with pytest.raises(ValueError, match="500 answers in one update; the horizon is 100"):
+        controller.update(current_kl=0.0, n_steps=500)
+    assert controller.kl_coef == pytest.approx(0.08, abs=1e-15)
+
+
 def test_adaptive_kl_controller_refuses_non_positive_settings():
     with pytest.raises(ValueError, match="target_kl"):
         AdaptiveKLController(init_kl_coef=0.1, target_kl=0.0, horizon=10_000)

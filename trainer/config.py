@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flywheel.demo.task import GOLDEN_FILE
 from flywheel.registry import RegistryRetention
@@ -54,7 +54,10 @@ class PPOSettings(BaseModel):
         3.0, gt=0, description="KL to the reference, in nats per answer, that the adaptive coefficient steers toward."
     )
     kl_horizon: int = Field(
-        2000, ge=1, description="Answers over which the KL coefficient can change by about 20% when off target."
+        2000,
+        ge=1,
+        description="Answers over which the KL coefficient can change by about 20% when off target; "
+        "at least one step's answers (prompts_per_step × responses_per_prompt).",
     )
     init_kl_coef: float = Field(0.05, gt=0, description="Starting KL coefficient β of the −β·KL reward per token.")
     missing_eos_penalty: float = Field(
@@ -66,6 +69,17 @@ class PPOSettings(BaseModel):
     candidate_every_steps: int = Field(
         10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
     )
+
+    @model_validator(mode="after")
+    def _step_within_kl_horizon(self) -> "PPOSettings":
+        answers = self.prompts_per_step * self.responses_per_prompt
+        if answers > self.kl_horizon:
+            raise ValueError(
+                f"ppo.prompts_per_step × ppo.responses_per_prompt = {answers} answers per step is more than "
+                f"ppo.kl_horizon = {self.kl_horizon}: one step would move the KL coefficient by more than 20%, "
+                f"and from 5 × kl_horizon answers drive it to 0 or below; set kl_horizon to at least {answers}"
+            )
+        return self
 
 
 class JoinStoreSettings(BaseModel):

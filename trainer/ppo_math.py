@@ -339,6 +339,8 @@ class AdaptiveKLController:
     Ziegler et al. 2019, §2.2: e = clip(KL / target − 1, −0.2, 0.2), then
     β ← β · (1 + e · n_steps / horizon). β rises when the policy drifts past the target
     and falls when it stays close. Only β is state; target and horizon come from config.
+    One update may count at most `horizon` samples: β then moves by at most 20%, where from
+    5 · horizon a low KL would take β to 0 (for good) or below (paying the policy to drift).
     """
 
     PROPORTIONAL_ERROR_LIMIT = 0.2
@@ -356,6 +358,8 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Adapt β after `n_steps` samples (answers) whose mean KL was `current_kl` nats."""
+        if n_steps > self.horizon:
+            raise ValueError(f"the KL controller got {n_steps} answers in one update; the horizon is {self.horizon}")
         limit = self.PROPORTIONAL_ERROR_LIMIT
         proportional_error = min(max(float(current_kl) / self.target_kl - 1.0, -limit), limit)
         self.kl_coef *= 1.0 + proportional_error * n_steps / self.horizon
