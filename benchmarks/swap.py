@@ -7,7 +7,11 @@ event — and polls `GetPolicy` on both replicas until both answer with the new 
 reports, side by side: the request latency before and during the swaps, the admission pause
 of each swap (the servers' own `flywheel_policy_swap_seconds`), and approval → all live.
 
-    .venv/bin/python -m benchmarks.swap [--model DIR] [--swaps 10] [--concurrency 8]
+`--compare-cache-reset` runs the second replica with swaps that keep vLLM's prefix and encoder
+caches (as before the reset was added), so the two pauses come from the same swaps under the
+same load.
+
+    .venv/bin/python -m benchmarks.swap [--model DIR] [--swaps 10] [--concurrency 8] [--compare-cache-reset]
 """
 
 import argparse
@@ -40,10 +44,25 @@ from flywheel.v1 import serving_pb2_grpc
 from trainer.gate import policy_event
 
 REPLICAS = 2
+SERVE_KEEPING_CACHES = "serve-keeping-caches"
+"""`python -m benchmarks.swap serve-keeping-caches ARGS`: `flywheel serve ARGS` whose swaps keep vLLM's caches."""
+
+
+def serve_keeping_caches(argv: list[str]) -> None:
+    """`flywheel serve` with the reload only: the prefix and encoder caches survive a swap (the stale-cache bug)."""
+    from server.engine import PolicyEngine
+
+    async def reload_keeping_caches(self: PolicyEngine, weights_dir: str) -> None:
+        await self._llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": weights_dir})
+
+    PolicyEngine.reload_weights = reload_keeping_caches
+    from flywheel.cli import main
+
+    main(["serve", *argv])
 
 
 class Replica:
-    def __init__(self, state_dir: Path, model: str, kafka: str, index: int):
+    def __init__(self, state_dir: Path, model: str, kafka: str, index: int, keep_caches: bool = False):
         self.port, self.metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
         self.log = (state_dir / f"serve-{index}.log").open("wb")
         env = {
@@ -54,8 +73,9 @@ class Replica:
             "FLYWHEEL_SERVER__SERVER_ID": f"replica-{index}",
             "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",
         }
+        serve = [sys.executable, "-m", "benchmarks.swap", SERVE_KEEPING_CACHES] if keep_caches else [sys.executable, "-m", "flywheel.cli", "serve"]
         command = [
-            sys.executable, "-m", "flywheel.cli", "serve", "--model", model, "--state-dir", str(state_dir),
+            *serve, "--model", model, "--state-dir", str(state_dir),
             "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--kafka", kafka,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -122,7 +142,11 @@ async def run(args: argparse.Namespace) -> str:
     await broker.start()
     producer = EventProducer(broker.kafka, SpoolSettings(directory=state_dir / "spool"), EventMetrics.register(CollectorRegistry()))
     await producer.start()
-    replicas = [Replica(state_dir, model, broker.bootstrap_servers, index) for index in range(REPLICAS)]
+    # With --compare-cache-reset the last replica keeps its caches across swaps.
+    replicas = [
+        Replica(state_dir, model, broker.bootstrap_servers, index, keep_caches=args.compare_cache_reset and index == REPLICAS - 1)
+        for index in range(REPLICAS)
+    ]
     try:
         while None in await asyncio.gather(*(replica.version() for replica in replicas)):
             if any(replica.process.poll() is not None for replica in replicas):
@@ -159,6 +183,15 @@ async def run(args: argparse.Namespace) -> str:
     baseline = load.latencies(baseline_start, swaps_start)
     during = load.latencies(swaps_start, swaps_end)
     stall_total, stall_count = (sum(values) for values in zip(*stalls))
+    if args.compare_cache_reset:
+        (reset_total, reset_count), (kept_total, kept_count) = stalls
+        pause_lines = [
+            f"Admission paused per swap (drain + reload, mean of {reset_count:.0f} each): "
+            f"**{reset_total / reset_count * 1000:.1f} ms with the cache reset** (replica 0), "
+            f"**{kept_total / kept_count * 1000:.1f} ms keeping the caches** (replica 1)",
+        ]
+    else:
+        pause_lines = [f"Admission paused per swap (drain + reload, mean of {stall_count:.0f}): **{stall_total / stall_count * 1000:.1f} ms**"]
     return "\n".join(
         [
             f"{REPLICAS} replicas (`flywheel serve`, one vLLM engine each), {args.concurrency} concurrent greedy 16-token "
@@ -172,7 +205,7 @@ async def run(args: argparse.Namespace) -> str:
             f"during / before: p50 {statistics.median(during) / statistics.median(baseline):.2f}, "
             f"p99 {percentile(during, 0.99) / percentile(baseline, 0.99):.2f}",
             "",
-            f"Admission paused per swap (drain + reload, mean of {stall_count:.0f}): **{stall_total / stall_count * 1000:.1f} ms**",
+            *pause_lines,
             f"Approval → every replica live: **p50 {statistics.median(to_all_live) * 1000:.0f} ms, "
             f"max {max(to_all_live) * 1000:.0f} ms**",
         ]
@@ -187,6 +220,12 @@ def main() -> None:
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
     parser.add_argument("--gap-seconds", type=float, default=2.0, help="pause between approvals")
     parser.add_argument("--settle-seconds", type=float, default=10.0, help="wait after start for the consumers to join")
+    parser.add_argument(
+        "--compare-cache-reset", action="store_true", help="run the second replica with swaps that keep vLLM's caches"
+    )
+    if sys.argv[1:2] == [SERVE_KEEPING_CACHES]:
+        serve_keeping_caches(sys.argv[2:])
+        return
     print(asyncio.run(run(parser.parse_args())))
 
 

@@ -17,11 +17,11 @@ from transformers import AutoTokenizer
 
 from feedback.config import TopicNames
 from feedback.consumer import ConsumedEvent
+from flywheel.prompts import RenderedPrompt
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
-from flywheel.prompts import RenderedPrompt
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.engine import GenerationDelta, PolicyEngine
