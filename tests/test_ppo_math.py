@@ -7,7 +7,6 @@ import torch
 
 from trainer.ppo_math import (
     AdaptiveKLController,
-    FixedKLController,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -22,7 +21,6 @@ from trainer.ppo_math import (
     masked_var,
     masked_whiten,
     per_token_rewards,
-    sequence_lengths_from_mask,
 )
 
 F64 = torch.float64
@@ -81,11 +79,6 @@ def test_first_true_indices_returns_row_length_when_none():
 def test_last_true_indices_any_padding_side():
     bools = t([[1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], torch.bool)
     assert last_true_indices(bools).tolist() == [2, 3, 2, -1]
-
-
-def test_sequence_lengths_from_right_padded_mask():
-    mask = t([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], torch.bool)
-    assert sequence_lengths_from_mask(mask).tolist() == [3, 4, 1]
 
 
 # ---------------------------------------------------------------- KL and rewards
@@ -352,7 +345,7 @@ def test_explained_variance_by_hand():
     assert torch.isnan(explained_variance(t([[0.0, 1.0]]), t([[5.0, 5.0]]), t([[1, 1]], torch.bool)))
 
 
-# ---------------------------------------------------------------- KL controllers
+# ---------------------------------------------------------------- KL controller
 
 
 def test_adaptive_kl_controller_update_by_hand():
@@ -368,19 +361,12 @@ def test_adaptive_kl_controller_update_by_hand():
     assert controller.kl_coef == pytest.approx(0.100512 * 1.00256 * 0.99488, abs=1e-15)
 
 
-def test_kl_controllers_round_trip_through_state_dict():
+def test_adaptive_kl_controller_round_trips_through_state_dict():
     controller = AdaptiveKLController(init_kl_coef=0.1, target_kl=6.0, horizon=10_000)
     controller.update(current_kl=9.0, n_steps=256)
     restored = AdaptiveKLController(init_kl_coef=0.1, target_kl=6.0, horizon=10_000)
     restored.load_state_dict(controller.state_dict())
     assert restored.kl_coef == controller.kl_coef
-
-    fixed = FixedKLController(kl_coef=0.05)
-    fixed.update(current_kl=100.0, n_steps=256)
-    assert fixed.kl_coef == 0.05
-    other = FixedKLController(kl_coef=0.2)
-    other.load_state_dict(fixed.state_dict())
-    assert other.kl_coef == 0.05
 
 
 def test_adaptive_kl_controller_refuses_a_step_longer_than_its_horizon():

@@ -81,14 +81,6 @@ def last_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return length - 1 - first_true_indices(bools.flip(-1))
 
 
-def sequence_lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Number of valid tokens in each right-padded row: the column of its first padding.
-
-    mask: `(batch, response_len)`, True on valid tokens. Returns `(batch,)` long.
-    """
-    return first_true_indices(~mask.bool())
-
-
 # ---------------------------------------------------------------- KL and rewards
 
 
@@ -315,22 +307,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # ---------------------------------------------------------------- KL coefficient
-
-
-class FixedKLController:
-    """A KL coefficient that does not change."""
-
-    def __init__(self, kl_coef: float):
-        self.kl_coef = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Nothing to adapt; present so both controllers are used the same way."""
-
-    def state_dict(self) -> dict[str, float]:
-        return {"kl_coef": self.kl_coef}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.kl_coef = float(state["kl_coef"])
 
 
 class AdaptiveKLController:
