@@ -2,15 +2,13 @@
 
 Records that are not events (undecodable value, unknown type, no event id) are sent to the
 dead-letter topic with the reason and skipped; so are events the caller cannot use, through
-`EventConsumer.dead_letter`. Delivery is at least once: drop repeats by event id, with
-`EventDeduper` or a persistent equivalent.
+`EventConsumer.dead_letter`. Delivery is at least once: a reader drops repeats by event id (the
+trainer's join store does, persistently).
 """
 
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -163,41 +161,3 @@ class EventConsumer:
         self._metrics.dead_letters.labels(dead_letter.source_topic, reason).inc()
         log.warning("dead-lettered %s: %s", dead_letter_id, dead_letter.reason)
 
-
-class HasEventId(Protocol):
-    @property
-    def event_id(self) -> str: ...
-
-
-Event = TypeVar("Event", bound=HasEventId)
-
-
-class EventDeduper:
-    """Drops events whose id it has seen; remembers the `capacity` most recent ids."""
-
-    def __init__(self, seen: Iterable[str] = (), capacity: int = 1_000_000) -> None:
-        self._capacity = capacity
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        for event_id in seen:
-            self._remember(event_id)
-
-    def drop_seen(self, events: Iterable[Event]) -> list[Event]:
-        """The events not seen before (first occurrence wins), in their order; all are remembered."""
-        fresh = []
-        for event in events:
-            if event.event_id in self._seen:
-                self._seen.move_to_end(event.event_id)
-            else:
-                self._remember(event.event_id)
-                fresh.append(event)
-        return fresh
-
-    @property
-    def seen_ids(self) -> list[str]:
-        """Remembered ids, least recently seen first: what to persist and pass back as `seen`."""
-        return list(self._seen)
-
-    def _remember(self, event_id: str) -> None:
-        self._seen[event_id] = None
-        if len(self._seen) > self._capacity:
-            self._seen.popitem(last=False)
