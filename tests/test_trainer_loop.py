@@ -54,7 +54,8 @@ from flywheel.v1 import events_pb2, serving_pb2
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_kafka_events import read_raw
 from tests.test_reward_model import wrong_answer
-from trainer.checkpoint import JOIN_STORE_FILE, LATEST, latest_checkpoint, load_state
+from trainer.checkpoint import JOIN_STORE_FILE, LATEST, TrainerState, latest_checkpoint, load_state
+from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 from trainer.join_store import JoinStore, PreferencePair
 from trainer.loop import Trainer, TrainerConfig, rejections_in_a_row
 from trainer.metrics import TrainerMetrics
@@ -381,6 +382,45 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
         assert sum(step.kl_to_reference for step in steps) / len(steps) < config.ppo.target_kl
     finally:
         trainer.close()
+
+
+# ---------------------------------------------------------------- the join store's TTL
+
+
+def test_a_checkpoint_drops_unmatched_answers_past_the_ttl_and_the_steps_they_were_owed_stay_owed(tmp_path, monkeypatch):
+    clock = [0.0]
+    store = JoinStore(tmp_path / "join.sqlite3", ttl_seconds=100.0, clock=lambda: clock[0])
+    for n in range(10):
+        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
+    store.add_feedback(events_pb2.FeedbackGiven(event_id="v", response_id="r0", user_id="u", rating=serving_pb2.RATING_UP))
+    store.add_feedback(events_pb2.FeedbackGiven(event_id="w", response_id="gone", user_id="u", rating=serving_pb2.RATING_UP))
+    # 10 answers logged, 8 accounted for by earlier steps: 2 owed, one step's worth (prompts_per_step 2).
+    state = TrainerState(reference_path="ref", reference_version=1, labels_trained=1, generations_at_last_step=8)
+    config = TrainerConfig(
+        trainer=TrainerSettings(checkpoint_dir=tmp_path / "checkpoint", min_labels_before_ppo=1),
+        reward_model=RewardModelSettings(),
+        ppo=PPOSettings(prompts_per_step=2),
+        join_store=JoinStoreSettings(ttl_seconds=100.0),
+        kafka=KafkaSettings(),
+        spool=SpoolSettings(),
+        registry_dir=tmp_path / "registry",
+    )
+    trainer = Trainer(config, state, ppo=None, reward_model=None, join_store=store, registry=None, metrics=None)
+    saved = []  # (answers in the store, answers accounted for) as each checkpoint would write them
+
+    def save_checkpoint(directory, state, ppo, reward_model, join_store, keep):
+        saved.append((join_store.generation_count(), state.generations_at_last_step))
+
+    monkeypatch.setattr("trainer.loop.save_checkpoint", save_checkpoint)
+    clock[0] = 50.0  # within the TTL: nothing goes
+    trainer.checkpoint()
+    assert saved == [(10, 8)] and trainer.ppo_step_due()
+    clock[0] = 150.0  # past it: r1..r9 (no vote) and the vote on "gone" (no answer) go; r0 and its vote stay
+    trainer.checkpoint()
+    # 1 answer kept; the 9 dropped leave the accounted-for count with it: 8 − 9 = −1, and 1 − (−1) = 2 still owed
+    assert saved[-1] == (1, -1) and trainer.ppo_step_due()
+    assert [example.answer.response_id for example in store.labelled_examples("train", 0.0)] == ["r0"]
+    store.close()
 
 
 # ---------------------------------------------------------------- restarting from the live policy

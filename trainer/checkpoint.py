@@ -47,7 +47,8 @@ class TrainerState(BaseModel):
     labels_trained: int = 0
     """Standing thumbs and preference pairs the reward model has trained on."""
     generations_at_last_step: int = 0
-    """Logged answers the PPO steps so far have accounted for, `prompts_per_step` each."""
+    """Logged answers the PPO steps so far have accounted for, `prompts_per_step` each, less those the
+    join store has expired since: the store's answers minus this are the answers owed a step."""
     last_candidate_version: int | None = None
     restarted_after_version: int = 0
     """The policy last restarted from the live one when this was the registry's newest version:

@@ -91,8 +91,8 @@ class JoinStoreSettings(BaseModel):
     ttl_seconds: float = Field(
         7 * 24 * 3600,
         gt=0,
-        description="An answer without feedback, or feedback without its answer, is dropped after this long; "
-        "matches the feedback token's lifetime, after which no vote can arrive.",
+        description="An answer without feedback, or feedback without its answer, is dropped after this long "
+        "(at the trainer's next checkpoint); matches the feedback token's lifetime, after which no vote can arrive.",
     )
     vote_settle_seconds: float = Field(
         30.0,

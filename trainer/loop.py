@@ -282,7 +282,22 @@ class Trainer:
         log.info("candidate policy %d proposed", manifest.version)
         return candidate_event(manifest.version, manifest.parent_version, str(self.registry.path(manifest.version)), manifest.digest)
 
+    def expire_unmatched(self) -> int:
+        """Drop answers nobody voted on and votes whose answer never came, once older than join_store.ttl_seconds.
+
+        The answers dropped stay counted as logged: the PPO steps they were owed are not lost with them.
+        Returns how many answers and votes went.
+        """
+        kept = self.join_store.generation_count()
+        expired = self.join_store.expire_unmatched()
+        self.state.generations_at_last_step -= kept - self.join_store.generation_count()
+        if expired:
+            log.info("join store: %d unmatched answers and votes expired", expired)
+        return expired
+
     def checkpoint(self) -> Path:
+        """Expire what the join store's TTL allows, then write the store and the counters as one checkpoint."""
+        self.expire_unmatched()
         return save_checkpoint(
             self.config.trainer.checkpoint_dir,
             self.state,
