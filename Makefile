@@ -1,12 +1,16 @@
 # The two commands of the README: `make up` runs Flywheel, `make test` runs the tests.
-# Both install into .venv first when pyproject.toml changed.
+# Both install into .venv first when pyproject.toml changed. `make test-fast` runs the tests that need
+# no vLLM engine, Kafka broker or subprocess, without importing vLLM (tests/conftest.py).
 
 .venv/.installed: pyproject.toml scripts/install.sh
 	./scripts/install.sh
 
-.PHONY: up test
+.PHONY: up test test-fast
 up: .venv/.installed
 	.venv/bin/flywheel up
 
 test: .venv/.installed
 	.venv/bin/python -m pytest
+
+test-fast: .venv/.installed
+	.venv/bin/python -m pytest --fast

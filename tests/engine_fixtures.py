@@ -1,18 +1,23 @@
 """One real vLLM engine per test session, owned by an asyncio loop in a background thread.
 
 gRPC servers under test run on that loop; tests talk to them as ordinary clients over loopback.
+vLLM is imported when an engine starts, not with this module: the fast tier imports it (conftest.py).
 """
+
+from __future__ import annotations
 
 import asyncio
 import os
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flywheel.config import REPO_ROOT
 from server.config import EngineSettings
-from server.engine import PolicyEngine
+
+if TYPE_CHECKING:
+    from server.engine import PolicyEngine
 
 T = TypeVar("T")
 
@@ -41,6 +46,8 @@ def test_model_path() -> Path:
 
 
 def start_engine(engine_loop: EngineLoop, model_path: Path) -> PolicyEngine:
+    from server.engine import PolicyEngine
+
     settings = EngineSettings(dtype="float32", max_model_len=512, kv_cache_bytes=256 << 20)
 
     async def start() -> PolicyEngine:

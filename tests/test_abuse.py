@@ -31,6 +31,8 @@ from server.validation import RequestLimits
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_feedback_rpc import HANG_GUARD_S, consume
 
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
+
 SECRET = "abuse-test-secret"
 ACME_KEY, MALLORY_KEY = "acme-key", "mallory-key"
 ACME = (("x-api-key", ACME_KEY),)

@@ -33,6 +33,7 @@ def test_ranks_split_prompts_and_minibatches_evenly():
         second_of_two.share(5, "ppo.minibatch_size")
 
 
+@pytest.mark.subprocess
 def test_two_ranks_on_gloo_keep_identical_weights(model_path, tmp_path):
     out_dir = tmp_path / "ranks"
     command = [

@@ -23,6 +23,8 @@ from server.config import ServerSettings
 from server.validation import Sampling
 from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
+
 TOKEN_SECRET = "feedback-test-secret"
 HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing assertion
 

@@ -27,6 +27,8 @@ from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
 from trainer.checkpoint import latest_checkpoint, load_state
 
+pytestmark = pytest.mark.subprocess  # every test drives a `flywheel up` process
+
 HANG_GUARD_S = 600  # only to fail instead of hanging; nothing here is a timing assertion
 
 # A loop small enough for a test: a reward-model update every 16 labels, a PPO step every 4

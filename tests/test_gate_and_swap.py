@@ -39,6 +39,8 @@ from trainer.join_store import JoinStore
 from trainer.ppo import PolicyWithValue, PPOTrainer
 from trainer.reward_model import RewardModel, RewardModelTrainer
 
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
+
 PROMPTS = ["What is 12+34?", "What is the capital of Peru?", "What is 83-47?"]
 
 
@@ -282,6 +284,7 @@ def test_a_corrupted_live_version_is_refused_and_the_server_keeps_serving(engine
     registry.set_live(current, reason="undo the corrupted pointer", kind="rollback")
 
 
+@pytest.mark.subprocess
 def test_rollback_brings_back_the_exact_previous_outputs(engine_loop, swapping, kafka_broker, tmp_path):
     registry, server, swapper = swapping
     with grpc.insecure_channel(server.address) as channel:

@@ -7,7 +7,9 @@ import sqlite3
 import pytest
 
 from flywheel.v1 import events_pb2, serving_pb2
+from trainer.config import RewardModelSettings
 from trainer.join_store import JoinStore, PairBounds, is_heldout_prompt
+from trainer.loop import labels_for_update
 
 UP, DOWN = serving_pb2.RATING_UP, serving_pb2.RATING_DOWN
 TTL = 100.0
@@ -321,3 +323,36 @@ def test_rollout_prompts_draw_a_flooding_principal_at_most_its_share(store):
     prompts = store.prompts_for_rollouts(400, random.Random(0), max_principal_share=0.5)
     spam = sum(prompt == [4, 5, 6] for prompt in prompts)
     assert 150 < spam < 250, "about half of the draws, not 200 of every 201"
+
+
+def test_a_vote_changed_within_the_settle_time_trains_with_its_latest_value(tmp_path):
+    settle_seconds = 30.0
+    clock = [1000.0]
+    store = JoinStore(tmp_path / "join.sqlite3", 1e9, lambda: clock[0], vote_settle_seconds=settle_seconds)
+    store.add_generation(events_pb2.GenerationLogged(event_id="g", response_id="r", rendered_prompt="q", prompt_token_ids=[1]))
+    for n, rating in enumerate([UP, DOWN]):
+        event = events_pb2.FeedbackGiven(event_id=f"v{n}", response_id="r", user_id="ada", rating=rating, principal="acme")
+        event.given_at.FromSeconds(n + 1)
+        store.add_feedback(event)
+        clock[0] += settle_seconds / 3
+    assert labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).waiting == 0
+    clock[0] += settle_seconds
+    (example,) = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples
+    assert not example.thumbs_up
+    store.close()
+
+
+def test_a_principal_with_one_label_waiting_does_not_stall_the_updates(tmp_path):
+    store = JoinStore(tmp_path / "join.sqlite3", 1e9)
+    for n in range(101):
+        principal = "big" if n < 100 else "small"
+        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
+        store.add_feedback(events_pb2.FeedbackGiven(
+            event_id=f"v{n}", response_id=f"r{n}", user_id="u", rating=UP, principal=principal
+        ))  # fmt: skip
+    labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=0.5))
+    assert [e.principal for e in labels.examples] == ["big", "small"], "half each, while both have labels waiting"
+    assert labels.waiting == 101, "an update is due on what waits, so the small principal cannot hold it back"
+    store.mark_used(labels.examples)
+    assert len(labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples) == 99
+    store.close()

@@ -483,11 +483,13 @@ def test_optional_objects_match_the_chart_files():
 # ---------------------------------------------------------------------------------------- rules
 
 
+@pytest.mark.subprocess
 def test_promtool_checks_the_rules():
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.subprocess
 def test_promtool_unit_tests_pass():
     result = subprocess.run(
         [promtool(), "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent, capture_output=True, text=True
@@ -537,6 +539,7 @@ def test_dashboard_panels_have_a_datasource_and_queries():
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
 
 
+@pytest.mark.subprocess
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses them as recording rules, with Grafana's variables filled in."""
     filled = [

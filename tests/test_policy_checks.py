@@ -153,6 +153,7 @@ def test_startup_refuses_when_the_only_earlier_version_was_rolled_back_from(regi
     assert "version 1: policy version 1: file 'model.safetensors'" in message and "version 3" not in message
 
 
+@pytest.mark.subprocess
 def test_flywheel_serve_exits_naming_the_refused_live_version_and_why(tmp_path):
     registry = PolicyRegistry(tmp_path / "state" / "registry")
     registry.seed(make_model_dir(tmp_path / "model"))

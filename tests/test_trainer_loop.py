@@ -619,6 +619,7 @@ def seen_event_ids(join_store_path: Path) -> set[str]:
         connection.close()
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(900)  # four starts of `flywheel train`, each importing torch and transformers
 def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once(
     model_path, tokenizer, kafka_settings, tmp_path

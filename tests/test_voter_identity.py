@@ -10,6 +10,7 @@ models themselves are not needed to see which labels they would be given.
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from feedback.config import KafkaSettings, SpoolSettings
@@ -29,6 +30,8 @@ from trainer.config import RewardModelSettings
 from trainer.gate import ThumbsByVersion
 from trainer.join_store import JoinStore
 from trainer.loop import labels_for_update
+
+pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
 
 SECRET = "voter-test-secret"
 SHARE = 0.2
@@ -164,37 +167,3 @@ def test_flipped_and_repeated_votes_across_replicas_and_a_restart_train_once_wit
     into_store(restarted, read_all(kafka_settings, 1, 7))  # everything again, as after a crash before the commit
     assert labels_for_update(restarted, settings).waiting == 0, "the vote was trained on once"
     restarted.close()
-
-
-def test_a_vote_changed_within_the_settle_time_trains_with_its_latest_value(tmp_path):
-    settle_seconds = 30.0
-    clock = [1000.0]
-    store = JoinStore(tmp_path / "join.sqlite3", 1e9, lambda: clock[0], vote_settle_seconds=settle_seconds)
-    generation = events_pb2.GenerationLogged(event_id="g", response_id="r", rendered_prompt="q", prompt_token_ids=[1])
-    store.add_generation(generation)
-    for n, rating in enumerate([pb.RATING_UP, pb.RATING_DOWN]):
-        event = events_pb2.FeedbackGiven(event_id=f"v{n}", response_id="r", user_id="ada", rating=rating, principal="acme")
-        event.given_at.FromSeconds(n + 1)
-        store.add_feedback(event)
-        clock[0] += settle_seconds / 3
-    assert labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).waiting == 0
-    clock[0] += settle_seconds
-    (example,) = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples
-    assert not example.thumbs_up
-    store.close()
-
-
-def test_a_principal_with_one_label_waiting_does_not_stall_the_updates(tmp_path):
-    store = JoinStore(tmp_path / "join.sqlite3", 1e9)
-    for n in range(101):
-        principal = "big" if n < 100 else "small"
-        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
-        store.add_feedback(events_pb2.FeedbackGiven(
-            event_id=f"v{n}", response_id=f"r{n}", user_id="u", rating=pb.RATING_UP, principal=principal
-        ))  # fmt: skip
-    labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, max_principal_share=0.5))
-    assert [e.principal for e in labels.examples] == ["big", "small"], "half each, while both have labels waiting"
-    assert labels.waiting == 101, "an update is due on what waits, so the small principal cannot hold it back"
-    store.mark_used(labels.examples)
-    assert len(labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples) == 99
-    store.close()
