@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from feedback.config import TopicNames
 from feedback.consumer import EventConsumer
+from feedback.policy_events import policy_event
 from flywheel.registry import CorruptPolicy, LiveRecord, PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2
 from server.admission import AdmissionController
@@ -211,16 +212,14 @@ class PolicySwapper:
         return True
 
     def _live_event(self, version: int, digest: str, path: str) -> events_pb2.PolicyEvent:
-        event = events_pb2.PolicyEvent(
+        return policy_event(
+            events_pb2.POLICY_EVENT_KIND_LIVE,
+            version,
             event_id=f"live-{self._server_id}-{version}-{time.time_ns()}",
-            kind=events_pb2.POLICY_EVENT_KIND_LIVE,
-            policy_version=version,
             path=path,
             digest=digest,
             server_id=self._server_id,
         )
-        event.at.GetCurrentTime()
-        return event
 
     async def run(self, consumer: EventConsumer | None, poll_seconds: float) -> None:
         """Follow the live pointer until cancelled: at every policy event, and every `poll_seconds`."""

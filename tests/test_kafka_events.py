@@ -16,6 +16,7 @@ from feedback.broker import EmbeddedBroker
 from feedback.config import KafkaSettings, SpoolSettings, TopicNames
 from feedback.connection import connection_options
 from feedback.consumer import ConsumedEvent, EventConsumer
+from feedback import policy_events
 from feedback.envelope import EVENT_TYPES, OutgoingEvent, decode_event, event_types_by_topic
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
@@ -124,6 +125,18 @@ def test_an_outgoing_event_survives_the_spool_record_encoding():
     assert dict(outgoing.headers()) == {"event_id": outgoing.event_id.encode(), "event_type": b"flywheel.v1.GenerationLogged"}
     with pytest.raises(ValueError, match="event_id is empty"):
         OutgoingEvent.of("flywheel.feedback", "r1", events_pb2.FeedbackGiven())
+
+
+def test_a_policy_event_is_stamped_now_with_an_id_of_its_own_unless_given_one():
+    first, second = (
+        policy_events.policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, 5, None, reasons=["kl_to_reference: 4 > 3"])
+        for _ in range(2)
+    )
+    assert first.event_id.startswith("policy_event_kind_rejected-5-") and first.event_id != second.event_id
+    assert (first.kind, first.policy_version, first.parent_version) == (events_pb2.POLICY_EVENT_KIND_REJECTED, 5, 0)
+    assert list(first.reasons) == ["kl_to_reference: 4 > 3"] and abs(first.at.ToSeconds() - time.time()) < 60
+    candidate = policy_events.policy_event(events_pb2.POLICY_EVENT_KIND_CANDIDATE, 6, 5, event_id="candidate-6-ab12")
+    assert (candidate.event_id, candidate.parent_version) == ("candidate-6-ab12", 5)
 
 
 # Through the broker.
@@ -275,7 +288,6 @@ def test_events_spooled_while_kafka_was_unreachable_are_replayed_by_the_next_pro
         assert [event.event for event in received if event.key == key] == [e for e in sent if e.response_id == key]
 
 
-@pytest.mark.broker  # a broker of its own, to stop and start again
 def test_events_published_through_a_broker_outage_arrive_once_each_in_order_per_key(tmp_path):
     keys = [f"r{number}" for number in range(10)]
     published: list[events_pb2.GenerationLogged] = []

@@ -17,7 +17,6 @@ the weights of versions outside the retention windows (gate.retention).
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.identity import DEFAULT_PRINCIPAL, capped_per_principal
 from feedback.metrics import EventMetrics
+from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, Withheld
@@ -240,18 +240,6 @@ class GateMetrics:
         self.weights_removed = Counter(
             "flywheel_registry_weights_removed", "Policy versions whose weights retention removed.", registry=registry
         )
-
-
-def policy_event(kind: int, version: int, parent_version: int | None, **fields) -> events_pb2.PolicyEvent:
-    event = events_pb2.PolicyEvent(
-        event_id=f"{events_pb2.PolicyEventKind.Name(kind).lower()}-{version}-{time.time_ns()}",
-        kind=kind,
-        policy_version=version,
-        parent_version=parent_version or 0,
-        **fields,
-    )
-    event.at.GetCurrentTime()
-    return event
 
 
 def unusable_reason(event: Message) -> str | None:

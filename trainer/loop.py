@@ -32,6 +32,7 @@ from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
+from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
@@ -280,7 +281,14 @@ class Trainer:
         self.state.last_candidate_version = manifest.version
         self.metrics.candidates.inc()
         log.info("candidate policy %d proposed", manifest.version)
-        return candidate_event(manifest.version, manifest.parent_version, str(self.registry.path(manifest.version)), manifest.digest)
+        return policy_event(
+            events_pb2.POLICY_EVENT_KIND_CANDIDATE,
+            manifest.version,
+            manifest.parent_version,
+            event_id=f"candidate-{manifest.version}-{manifest.digest[:16]}",
+            path=str(self.registry.path(manifest.version)),
+            digest=manifest.digest,
+        )
 
     def expire_unmatched(self) -> int:
         """Drop answers nobody voted on and votes whose answer never came, once older than join_store.ttl_seconds.
@@ -387,19 +395,6 @@ def rejections_in_a_row(verdicts: list[dict | None]) -> int:
             break
         count += 1
     return count
-
-
-def candidate_event(version: int, parent_version: int | None, path: str, digest: str) -> events_pb2.PolicyEvent:
-    event = events_pb2.PolicyEvent(
-        event_id=f"candidate-{version}-{digest[:16]}",
-        kind=events_pb2.POLICY_EVENT_KIND_CANDIDATE,
-        policy_version=version,
-        parent_version=parent_version or 0,
-        path=path,
-        digest=digest,
-    )
-    event.at.GetCurrentTime()
-    return event
 
 
 async def run_trainer(config: TrainerConfig, metrics: TrainerMetrics, event_metrics: EventMetrics, stopping: asyncio.Event) -> None:
