@@ -288,6 +288,7 @@ def test_events_spooled_while_kafka_was_unreachable_are_replayed_by_the_next_pro
         assert [event.event for event in received if event.key == key] == [e for e in sent if e.response_id == key]
 
 
+@pytest.mark.broker  # a broker of its own, to stop and start again
 def test_events_published_through_a_broker_outage_arrive_once_each_in_order_per_key(tmp_path):
     keys = [f"r{number}" for number in range(10)]
     published: list[events_pb2.GenerationLogged] = []
