@@ -86,3 +86,8 @@ class SpoolSettings(BaseModel):
     quarantine_max_bytes: int = Field(
         64 << 20, gt=0, description="Bytes of the quarantine file (events whose dead letter Kafka refused too), at most."
     )
+
+    def of_process(self, process: str) -> "SpoolSettings":
+        """This spool as one process uses it: in its own subfolder, `directory / process`, since a
+        spool directory is locked by the one producer that owns it."""
+        return self.model_copy(update={"directory": self.directory / process})

@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = _config_from(args)
     seed_registry(config)
-    spool = config.spool.model_copy(update={"directory": config.spool.directory / "server"})
+    spool = config.spool.of_process("server")
     # The event loop runs vLLM's output handler on every engine step and every RPC: uvloop's is the cheaper one.
     uvloop.run(serve(config.server, config.engine, config.kafka, spool, PolicyRegistry(config.registry_dir)))
 
@@ -135,7 +135,7 @@ def _gate(args: argparse.Namespace) -> None:
     seed_registry(config)
     registry = _metrics_endpoint(config.gate.host, config.gate.metrics_port)
     gate = Gate(config.gate, config.reward_model, config.trainer.checkpoint_dir, PolicyRegistry(config.registry_dir), GateMetrics(registry))
-    spool = config.spool.model_copy(update={"directory": config.spool.directory / "gate"})
+    spool = config.spool.of_process("gate")
     event_metrics = EventMetrics.register(registry)
     _run_until_signal(lambda stopping: run_gate(gate, config.kafka, spool, event_metrics, stopping))
 
@@ -176,7 +176,7 @@ async def _announce(config: FlywheelConfig, event) -> None:
     from feedback.metrics import EventMetrics
     from feedback.producer import EventProducer
 
-    spool = config.spool.model_copy(update={"directory": config.spool.directory / "cli"})
+    spool = config.spool.of_process("cli")
     producer = EventProducer(config.kafka, spool, EventMetrics.register(CollectorRegistry()))
     await producer.start()
     producer.publish(config.kafka.topics.policy, str(event.policy_version), event)

@@ -44,6 +44,7 @@ def test_relative_paths_live_under_the_state_dir(tmp_path: Path):
     config = load_config(overrides={"state_dir": tmp_path})
     assert config.registry_dir == tmp_path / "registry"
     assert config.spool.directory == tmp_path / "spool"
+    assert config.spool.of_process("gate").directory == tmp_path / "spool" / "gate"  # each producer locks its own
     assert config.join_store.path == tmp_path / "trainer" / "join_store.sqlite3"
     assert config.trainer.checkpoint_dir == tmp_path / "trainer" / "checkpoint"
 

@@ -80,7 +80,7 @@ class TrainerConfig:
             ppo=config.ppo,
             join_store=config.join_store,
             kafka=config.kafka,
-            spool=config.spool.model_copy(update={"directory": config.spool.directory / "trainer"}),
+            spool=config.spool.of_process("trainer"),
             registry_dir=config.registry_dir,
         )
 
