@@ -15,6 +15,7 @@ from trainer.ppo_math import (
     first_true_indices,
     gae_advantages,
     kl_estimators,
+    kl_per_answer,
     last_true_indices,
     logprobs_from_logits,
     masked_mean,
@@ -96,6 +97,15 @@ def test_kl_estimators_by_hand():
     close(estimates.k2, [[0.5 * ln2**2, 0.5 * ln2**2, 0.0]])
     # k3 = (r − 1) − ln r, r = π_ref/π:  r = 0.5 → −0.5 + ln 2 = 0.1931472;  r = 2 → 1 − ln 2 = 0.3068528
     close(estimates.k3, [[-0.5 + ln2, 1.0 - ln2, 0.0]])
+
+
+def test_kl_per_answer_sums_the_log_ratio_over_each_answers_tokens():
+    logprobs = torch.log(t([[0.5, 0.25, 0.3, 0.9], [0.25, 0.1, 0.1, 0.1]]))
+    ref_logprobs = torch.log(t([[0.25, 0.5, 0.3, 0.1], [0.5, 0.9, 0.9, 0.9]]))
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]], torch.bool)
+    ln2 = math.log(2.0)
+    # row 0: ln 2 − ln 2 + 0 = 0 (padding's ln 9 left out);  row 1: ln(0.25 / 0.5) = −ln 2
+    close(kl_per_answer(logprobs, ref_logprobs, mask), [0.0, -ln2])
 
 
 def test_per_token_rewards_kl_penalty_plus_score_at_last_token():

@@ -60,7 +60,7 @@ from trainer.join_store import JoinStore, PreferencePair
 from trainer.loop import Trainer, TrainerConfig, rejections_in_a_row
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, Rollout, Sampler, TokenBatch, TransformersSampler, end_of_sequence_ids
-from trainer.ppo_math import logprobs_from_logits
+from trainer.ppo_math import kl_per_answer, logprobs_from_logits
 from trainer.reward_model import load_without_dropout
 
 HANG_GUARD_S = 480  # only to fail instead of hanging; nothing here is a timing assertion
@@ -315,11 +315,11 @@ def score_and_kl(
     responses = sampler(repeated, settings.max_new_tokens, settings.temperature)
     batch = TokenBatch.from_rollout(Rollout(repeated, responses, [False] * len(responses), 0.0), tokenizer.pad_token_id)
     scores = trainer.reward_model.model(batch.input_ids, batch.attention_mask)
-    logprobs = logprobs_from_logits(PolicyWithValue.response_logits(policy, batch), batch.response_ids, settings.temperature)
-    reference = logprobs_from_logits(
-        PolicyWithValue.response_logits(models.reference, batch), batch.response_ids, settings.temperature
+    logprobs, reference = (
+        logprobs_from_logits(PolicyWithValue.response_logits(model, batch), batch.response_ids, settings.temperature)
+        for model in (policy, models.reference)
     )
-    kl = torch.where(batch.response_mask, logprobs - reference, 0.0).sum(-1).mean().item()
+    kl = kl_per_answer(logprobs, reference, batch.response_mask).mean().item()
     return scores.mean().item(), kl, [tokenizer.decode(r, skip_special_tokens=True) for r in responses[::answers_per_prompt]]
 
 

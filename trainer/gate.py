@@ -41,7 +41,7 @@ from trainer.config import GateSettings, RewardModelSettings
 from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
 from trainer.join_store import is_heldout_prompt
 from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
-from trainer.ppo_math import logprobs_from_logits
+from trainer.ppo_math import kl_per_answer, logprobs_from_logits
 from trainer.reward_model import RewardModelTrainer, load_without_dropout
 from trainer.thumbs_sprt import sprt_decision
 
@@ -192,10 +192,11 @@ class GateEvaluator:
         responses = TransformersSampler(candidate, self.tokenizer.pad_token_id, eos)(repeated, self.settings.max_new_tokens, 1.0)
         rollout = Rollout(repeated, responses, [r[-1] in eos for r in responses], 0.0)
         batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
-        log_ratio = logprobs_from_logits(
-            PolicyWithValue.response_logits(candidate, batch), batch.response_ids, 1.0
-        ) - logprobs_from_logits(PolicyWithValue.response_logits(reference, batch), batch.response_ids, 1.0)
-        return torch.where(batch.response_mask, log_ratio, 0.0).sum(-1).mean().item()
+        logprobs, ref_logprobs = (
+            logprobs_from_logits(PolicyWithValue.response_logits(model, batch), batch.response_ids, 1.0)
+            for model in (candidate, reference)
+        )
+        return kl_per_answer(logprobs, ref_logprobs, batch.response_mask).mean().item()
 
     def judge(self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]) -> GateVerdict:
         candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)

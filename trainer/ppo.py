@@ -31,7 +31,7 @@ from trainer.ppo_math import (
     entropy_from_logits,
     explained_variance,
     gae_advantages,
-    kl_estimators,
+    kl_per_answer,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -321,8 +321,7 @@ class PPOTrainer:
             rewards = per_token_rewards(penalised_scores, old_logprobs, ref_logprobs, mask, kl_coef)
             advantages, returns = gae_advantages(rewards, old_values, mask, s.gamma, s.lam)
             advantages = masked_whiten(advantages, mask)
-            log_ratio_to_reference = kl_estimators(old_logprobs, ref_logprobs).k1
-            kl_to_reference = torch.where(mask, log_ratio_to_reference, 0.0).sum(-1).mean().item()
+            kl_to_reference = kl_per_answer(old_logprobs, ref_logprobs, mask).mean().item()
 
         update_stats = []
         for epoch in range(s.epochs):

@@ -113,6 +113,16 @@ def kl_estimators(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> KLEstim
     )
 
 
+def kl_per_answer(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(π ‖ π_ref) of each answer in nats: the k1 estimate Σ_t (log π − log π_ref) over its valid tokens.
+
+    logprobs, ref_logprobs, mask: `(batch, response_len)`, the answers sampled from π.
+    Returns `(batch,)`. Its mean over answers is unbiased; one answer's value can be negative.
+    """
+    log_ratio = kl_estimators(logprobs, ref_logprobs).k1
+    return torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio)).sum(dim=-1)
+
+
 def per_token_rewards(
     score: torch.Tensor,
     logprobs: torch.Tensor,
