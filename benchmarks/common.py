@@ -9,16 +9,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from flywheel.demo.task import sample_questions
+from flywheel.prompts import PromptRenderer
 
 
 def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
     """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
-    questions = sample_questions(random.Random(seed), count)
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, tokenize=False)
-        for q in questions
-    ]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+    renderer = PromptRenderer(tokenizer)
+    return [renderer.user_message(question.prompt).token_ids for question in sample_questions(random.Random(seed), count)]
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -52,5 +52,9 @@ class PromptRenderer:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return RenderedPrompt(text, self._encode(text, add_special_tokens=False))
 
+    def user_message(self, content: str) -> RenderedPrompt:
+        """One question asked as a single user chat message, as a chat client sends it."""
+        return self.chat([{"role": "user", "content": content}])
+
     def prompt(self, prompt: str) -> RenderedPrompt:
         return RenderedPrompt(prompt, self._encode(prompt, add_special_tokens=True))

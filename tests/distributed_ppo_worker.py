@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.distributed import close_ranks, init_ranks
 from trainer.ppo import PolicyWithValue, PPOTrainer
@@ -55,13 +56,8 @@ def main() -> None:
     started_from = weights_digest(models.policy)
     torch.manual_seed(1000 + ranks.rank)  # each rank samples its own answers
 
-    prompt_ids = [
-        tokenizer.encode(
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )
-        for p in PROMPTS
-    ]
+    renderer = PromptRenderer(tokenizer)
+    prompt_ids = [renderer.user_message(prompt).token_ids for prompt in PROMPTS]
     steps = []
     for _ in range(args.steps):
         rollout = ppo.rollout(prompt_ids)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch, cut_after_eos
 from trainer.ppo_math import masked_mean
@@ -21,11 +22,8 @@ def tokenizer(model_path):
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> list[list[int]]:
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in PROMPTS
-    ]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+    renderer = PromptRenderer(tokenizer)
+    return [renderer.user_message(prompt).token_ids for prompt in PROMPTS]
 
 
 def trainer_for(model_path, tokenizer, **settings) -> PPOTrainer:

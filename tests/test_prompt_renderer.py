@@ -39,6 +39,11 @@ def test_chat_ids_are_the_tokenizers(tokenizer, content):
     assert rendered.token_ids == tokenizer.encode(rendered.text, add_special_tokens=False)
 
 
+def test_a_user_message_is_a_chat_of_one_user_message(tokenizer):
+    renderer = PromptRenderer(tokenizer)
+    assert renderer.user_message(PROMPTS[0]) == renderer.chat([{"role": "user", "content": PROMPTS[0]}])
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_no_text_takes_fewer_tokens_than_its_characters_allow(tokenizer, prompt):
     """The server refuses text longer than the context allows without tokenizing it, on this bound."""

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from flywheel.demo.task import DemoQuestion, capitals, heldout_questions, judge_thumb, sample_questions
+from flywheel.prompts import PromptRenderer
 from trainer.config import RewardModelSettings
 from trainer.join_store import LabelledExample, LoggedAnswer, PreferencePair
 from trainer.reward_model import RewardModel, RewardModelTrainer, right_pad
@@ -20,9 +21,7 @@ def tokenizer(model_path):
 
 def logged_answer(tokenizer, question: DemoQuestion, answer_text: str) -> LoggedAnswer:
     """An answer as the server logs it: chat-rendered prompt ids, then the answer ids and end-of-turn."""
-    messages = [{"role": "user", "content": question.prompt}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+    prompt_ids = PromptRenderer(tokenizer).user_message(question.prompt).token_ids
     response_ids = tokenizer.encode(answer_text, add_special_tokens=False) + [tokenizer.eos_token_id]
     return LoggedAnswer(question.prompt + answer_text, tuple(prompt_ids), tuple(response_ids))
 

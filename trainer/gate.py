@@ -83,7 +83,7 @@ def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalProm
             raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt' ({error})") from error
         if expected is None and not banned:
             raise ValueError(f"{path}:{number}: give 'expected' or 'must_not_contain'")
-        rendered = renderer.chat([{"role": "user", "content": prompt}])
+        rendered = renderer.user_message(prompt)
         prompts.append(EvalPrompt(tuple(rendered.token_ids), prompt, expected, banned))
     return prompts
 

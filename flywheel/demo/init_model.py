@@ -41,6 +41,7 @@ from flywheel.demo.task import (
     is_correct,
     sample_questions,
 )
+from flywheel.prompts import PromptRenderer
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -151,12 +152,6 @@ def model_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
     )
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerFast, question: DemoQuestion) -> str:
-    """The text a chat client sends for `question`, ending in the assistant's turn."""
-    messages = [{"role": "user", "content": question.prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 def training_batch(
     tokenizer: PreTrainedTokenizerFast, questions: list[DemoQuestion], answers: list[str]
 ) -> dict[str, torch.Tensor]:
@@ -166,9 +161,10 @@ def training_batch(
     Returns `input_ids`, `attention_mask` and `labels`, each [batch, longest transcript];
     labels are -100 wherever no loss is taken.
     """
+    renderer = PromptRenderer(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for question, answer in zip(questions, answers, strict=True):
-        prompt_ids = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False).input_ids
+        prompt_ids = renderer.user_message(question.prompt).token_ids
         answer_ids = tokenizer(answer + IM_END, add_special_tokens=False).input_ids
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     width = max(len(ids) for ids, _ in rows)
@@ -185,9 +181,10 @@ def greedy_answers(
     model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, questions: list[DemoQuestion]
 ) -> list[str]:
     """The model's greedy answer text to each question, up to `<|im_end|>`."""
+    renderer = PromptRenderer(tokenizer)
     tokenizer.padding_side = "left"
     prompts = tokenizer(
-        [chat_prompt(tokenizer, question) for question in questions],
+        [renderer.user_message(question.prompt).text for question in questions],
         add_special_tokens=False,
         padding=True,
         return_tensors="pt",
