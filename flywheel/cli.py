@@ -200,20 +200,9 @@ def _simulate(args: argparse.Namespace) -> None:
     from flywheel.simulate import SimulationSettings, run_simulation
 
     configure_logging("WARNING")
-    settings = SimulationSettings(
-        target=args.target,
-        judge=args.judge,
-        events=args.events,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        out_dir=args.out,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        heldout_questions=args.heldout_questions,
-        trainer_metrics_url=args.trainer_metrics_url,
-        api_key=args.api_key,
-    )
-    sys.exit(run_simulation(settings))
+    # The flags given, by their settings' names; SimulationSettings holds the defaults.
+    given = {name: value for name, value in vars(args).items() if name in SimulationSettings.model_fields}
+    sys.exit(run_simulation(SimulationSettings(**given)))
 
 
 def _init_model(args: argparse.Namespace) -> None:
@@ -255,20 +244,21 @@ def main(argv: list[str] | None = None) -> None:
     rollback.add_argument("--reason", default="operator rollback", help="why, for the audit history")
     rollback.set_defaults(handler=_rollback)
 
-    simulate = commands.add_parser("simulate", help="simulated users: ask demo questions, give thumbs by a hidden judge")
-    simulate.add_argument("--target", default="127.0.0.1:50051", help="gRPC address of a Flywheel server")
-    simulate.add_argument("--judge", default="flywheel.demo.task:judge_thumb", help="module:function(prompt, answer) -> up/down/none")
-    simulate.add_argument("--events", type=int, default=3000, help="feedback events to send, then stop")
-    simulate.add_argument("--concurrency", type=int, default=4, help="simulated users asking at once")
-    simulate.add_argument("--rate", type=float, default=None, help="most feedback events per second (default: no limit)")
-    simulate.add_argument("--out", type=Path, default=Path("runs/simulate"), help="folder for the CSV and the PNG plot")
-    simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--eval-every", type=int, default=200, help="measure held-out thumbs-up rate every N events")
-    simulate.add_argument("--heldout-questions", type=int, default=87, help="evaluation questions per measurement (at most 87)")
-    simulate.add_argument(
-        "--trainer-metrics-url", default="http://127.0.0.1:9401/metrics", help="the trainer's /metrics, for reward and KL"
+    # A flag not given is left out (SUPPRESS): flywheel.simulate.SimulationSettings holds the defaults.
+    simulate = commands.add_parser(
+        "simulate", help="simulated users: ask demo questions, give thumbs by a hidden judge", argument_default=argparse.SUPPRESS
     )
-    simulate.add_argument("--api-key", default=None, help="x-api-key metadata, when the server wants one")
+    simulate.add_argument("--target", help="gRPC address of a Flywheel server")
+    simulate.add_argument("--judge", help="module:function(prompt, answer) -> up/down/none")
+    simulate.add_argument("--events", type=int, help="feedback events to send, then stop")
+    simulate.add_argument("--concurrency", type=int, help="simulated users asking at once")
+    simulate.add_argument("--rate", type=float, help="most feedback events per second (default: no limit)")
+    simulate.add_argument("--out", dest="out_dir", metavar="DIR", type=Path, help="folder for the CSV and the PNG plot")
+    simulate.add_argument("--seed", type=int)
+    simulate.add_argument("--eval-every", type=int, help="measure held-out thumbs-up rate every N events")
+    simulate.add_argument("--heldout-questions", type=int, help="evaluation questions per measurement (at most 87)")
+    simulate.add_argument("--trainer-metrics-url", help="the trainer's /metrics, for reward and KL; empty for none")
+    simulate.add_argument("--api-key", help="x-api-key metadata, when the server wants one")
     simulate.set_defaults(handler=_simulate)
 
     key = commands.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)

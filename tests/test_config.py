@@ -181,3 +181,23 @@ def test_ppo_refuses_more_answers_per_step_than_the_kl_horizon():
         load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 3}})
     # 16 answers over a horizon of 16: β moves by at most 20% a step
     assert load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 16}}).ppo.kl_horizon == 16
+
+
+def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monkeypatch):
+    from flywheel import cli, simulate
+
+    ran: list[simulate.SimulationSettings] = []
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(simulate, "run_simulation", lambda settings: ran.append(settings) or 0)
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", "--events", "5", "--out", "runs/x", "--trainer-metrics-url", ""])
+    assert ran[-1] == simulate.SimulationSettings(events=5, out_dir=Path("runs/x"), trainer_metrics_url="")
+    # Every flag reaches its setting (a flag whose name matched none would be dropped).
+    given = {
+        "target": "host:1", "judge": "tests.judges:undecided", "events": 7, "concurrency": 2, "rate": 0.5,
+        "out_dir": Path("out"), "seed": 3, "eval_every": 9, "heldout_questions": 4, "trainer_metrics_url": "", "api_key": "k",
+    }  # fmt: skip
+    flags = {"out_dir": "--out"}
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", *(str(part) for name, value in given.items() for part in (flags.get(name, "--" + name.replace("_", "-")), value))])
+    assert ran[-1] == simulate.SimulationSettings(**given)
