@@ -48,6 +48,8 @@ from trainer.thumbs_sprt import sprt_decision
 log = logging.getLogger(__name__)
 
 KL_SAMPLING_SEED = 0
+AUTOMATIC_ROLLBACK = "automatic-"
+"""Prefix of the event id of a rollback the gate made itself; an operator's has none."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ class Gate:
             elif isinstance(event, events_pb2.FeedbackGiven):
                 self.thumbs.add(event)
             elif isinstance(event, events_pb2.PolicyEvent) and event.kind == events_pb2.POLICY_EVENT_KIND_ROLLBACK:
-                if not event.event_id.startswith("automatic-"):
+                if not event.event_id.startswith(AUTOMATIC_ROLLBACK):
                     self.metrics.rollbacks.labels(trigger="operator").inc()
         return refused
 
@@ -318,7 +320,7 @@ class Gate:
                 if claimed and self.registry.verdict(superseded) is None:  # one being judged elsewhere is left to it
                     detail = f"a newer candidate {waiting[-1]} waits"
                     self.registry.record_verdict(
-                        superseded, False, [{"name": "superseded", "detail": detail}],
+                        superseded, False, [{"name": Withheld.SUPERSEDED.value, "detail": detail}],
                         withheld=Withheld.SUPERSEDED, withheld_detail=detail,
                     )  # fmt: skip
         version = waiting[-1]
@@ -415,7 +417,7 @@ class Gate:
         self.metrics.approved_version.set(parent)
         log.warning("automatic rollback from %d to %d: %s", live.version, parent, reason)
         event = policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, parent, live.version, reasons=[reason])
-        event.event_id = f"automatic-{event.event_id}"
+        event.event_id = f"{AUTOMATIC_ROLLBACK}{event.event_id}"
         return event
 
     def retain(self) -> RetentionReport | None:

@@ -34,7 +34,7 @@ from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
-from flywheel.registry import PolicyRegistry
+from flywheel.registry import PolicyRegistry, Withheld
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
     VALUE_HEAD_FILE,
@@ -388,7 +388,7 @@ def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> L
 def rejections_in_a_row(verdicts: list[dict | None]) -> int:
     """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
     (None: not judged yet). Candidates superseded before they were judged do not count either way."""
-    judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != ["superseded"]]
+    judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != [Withheld.SUPERSEDED]]
     count = 0
     for verdict in reversed(judged):
         if verdict["approved"]:
