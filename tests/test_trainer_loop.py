@@ -434,6 +434,8 @@ def test_rejections_in_a_row_counts_judged_rejections_since_the_last_approval():
     superseded = verdict(False, "superseded")
     assert rejections_in_a_row([]) == 0
     assert rejections_in_a_row([verdict(False), verdict(True), verdict(False), superseded, None, verdict(False)]) == 2
+    live_moved = verdict(False) | {"withheld": "live_moved"}  # passed, but an operator rolled back meanwhile
+    assert rejections_in_a_row([verdict(False), live_moved, verdict(False)]) == 2
     assert rejections_in_a_row([verdict(False)] * 3 + [None]) == 3
     assert rejections_in_a_row([verdict(False), verdict(True)]) == 0
 

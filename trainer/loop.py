@@ -387,8 +387,15 @@ def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> L
 
 def rejections_in_a_row(verdicts: list[dict | None]) -> int:
     """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
-    (None: not judged yet). Candidates superseded before they were judged do not count either way."""
-    judged = [v for v in verdicts if v is not None and [c.get("name") for c in v["checks"]] != [Withheld.SUPERSEDED]]
+    (None: not judged yet). Candidates withheld for another reason than their checks (superseded
+    before they were judged, or passed while live moved away) do not count either way."""
+    judged = [
+        v
+        for v in verdicts
+        if v is not None
+        and not v.get("withheld")
+        and [c.get("name") for c in v["checks"]] != [Withheld.SUPERSEDED]  # verdicts written before `withheld`
+    ]
     count = 0
     for verdict in reversed(judged):
         if verdict["approved"]:
