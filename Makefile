@@ -5,7 +5,7 @@
 .venv/.installed: pyproject.toml scripts/install.sh
 	./scripts/install.sh
 
-.PHONY: up test test-fast
+.PHONY: up test test-fast lint
 up: .venv/.installed
 	.venv/bin/flywheel up
 
@@ -14,3 +14,6 @@ test: .venv/.installed
 
 test-fast: .venv/.installed
 	.venv/bin/python -m pytest --fast
+
+lint: .venv/.installed
+	.venv/bin/ruff check

@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
@@ -29,9 +28,8 @@ from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.config import REPO_ROOT
 from flywheel.demo.init_model import ensure_demo_model
-from flywheel.v1 import events_pb2
+from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine

@@ -133,7 +133,8 @@ class TRLSteps:
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
-        from trl.experimental.ppo import PPOConfig, PPOTrainer as TRLPPOTrainer
+        from trl.experimental.ppo import PPOConfig
+        from trl.experimental.ppo import PPOTrainer as TRLPPOTrainer
 
         class EndOfSequenceCount(TrainerCallback):
             """Keeps TRL's count of end-of-sequence tokens in the last step's responses (0 when suppressed)."""

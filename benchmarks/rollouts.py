@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from benchmarks.common import demo_prompt_ids, invocation, markdown_table, report
 from trainer.ppo import TransformersSampler, end_of_sequence_ids

@@ -1,7 +1,7 @@
 """Which policy the server answers with."""
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from google.protobuf.message import Message
@@ -23,7 +23,7 @@ class LivePolicy:
 
     @staticmethod
     def snapshot(version: int, model_path: str, digest: str) -> PolicySnapshot:
-        return PolicySnapshot(version, model_path, digest, datetime.now(timezone.utc))
+        return PolicySnapshot(version, model_path, digest, datetime.now(UTC))
 
 
 class EventLog(Protocol):

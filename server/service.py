@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from feedback.config import TopicNames
-from feedback.intake import FeedbackIntake, FeedbackRefused, Refusal
+from feedback.intake import FeedbackIntake, FeedbackRefused
 from feedback.tokens import FeedbackClaims, issue_feedback_token
 from flywheel.errors import status_message
 from flywheel.logs import request_id_var

@@ -23,6 +23,7 @@ import pytest
 
 from tests.engine_fixtures import EngineLoop, start_engine, test_model_path
 
+pytest_plugins = ["tests.kafka_fixtures"]  # kafka_broker and kafka_settings, for every module
 NEEDS_MORE = ("engine", "broker", "subprocess")
 FIXTURE_MARKERS = {"engine": "engine", "engine_loop": "engine", "kafka_broker": "broker", "kafka_settings": "broker"}
 
@@ -50,9 +51,9 @@ def module_markers(path: Path) -> frozenset[str]:
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    if config.getoption("fast") and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
-        if module_markers(collection_path) & set(NEEDS_MORE):
-            return True
+    is_test_module = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
+    if config.getoption("fast") and is_test_module and module_markers(collection_path) & set(NEEDS_MORE):
+        return True
     return None  # not False: that would collect even what pytest itself ignores
 
 

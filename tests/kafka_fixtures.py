@@ -1,4 +1,4 @@
-"""A real Kafka broker for tests: the embedded Tansu. Import the fixtures into a test module."""
+"""A real Kafka broker for tests: the embedded Tansu. conftest.py loads these fixtures for every module."""
 
 import asyncio
 import uuid

@@ -28,7 +28,6 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import RequestLimits
-from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_feedback_rpc import HANG_GUARD_S, consume
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
@@ -42,7 +41,7 @@ OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
-def abused(engine_loop, engine, kafka_broker, tmp_path_factory):  # noqa: F811 (fixture)
+def abused(engine_loop, engine, kafka_broker, tmp_path_factory):
     """A server with two tenants' keys, logging to Kafka; yields (stub, kafka settings, server)."""
     kafka = kafka_broker.kafka.model_copy(
         update={"topics": kafka_broker.kafka.topics.model_copy(update={

@@ -9,19 +9,17 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.config import SpoolSettings
+from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.intake import IntakeLimits
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from feedback.tokens import FeedbackClaims, issue_feedback_token
-from flywheel.v1 import events_pb2
+from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import Sampling
-from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
 
@@ -91,14 +89,14 @@ def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(logged
         assert list(event.prompt_token_ids) == prompt.token_ids and event.rendered_prompt == prompt.text
         sampling = Sampling(max_tokens=12, temperature=1.0, top_p=1.0, top_k=0, seed=index, stop=(), min_tokens=0)
 
-        async def again():
+        async def again(prompt, sampling):
             tokens, logprobs = [], []
             async for delta in engine.stream(f"again-{uuid.uuid4().hex}", prompt, sampling):
                 tokens += delta.token_ids
                 logprobs += delta.behavior_logprobs
             return tokens, logprobs
 
-        tokens, logprobs = engine_loop.run(again())
+        tokens, logprobs = engine_loop.run(again(prompt, sampling))
         assert list(event.response_token_ids) == tokens
         assert list(event.behavior_logprobs) == pytest.approx(logprobs, abs=1e-5)
         assert all(logprob <= 0 for logprob in logprobs)

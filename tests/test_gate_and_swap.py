@@ -19,9 +19,8 @@ from feedback.config import TopicNames
 from feedback.consumer import ConsumedEvent
 from flywheel.prompts import RenderedPrompt
 from flywheel.registry import PolicyRegistry
-from flywheel.v1 import events_pb2
+from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.engine import GenerationDelta, PolicyEngine
@@ -30,7 +29,6 @@ from server.swap import PolicyChecker, PolicySwapper
 from server.validation import Sampling
 from tests import policy_variants
 from tests.engine_fixtures import start_engine
-from tests.kafka_fixtures import kafka_broker  # noqa: F401 (fixture)
 from trainer.checkpoint import TrainerState, save_checkpoint
 from trainer.config import GateSettings, PPOSettings, RewardModelSettings
 from trainer.gate import Gate, GateMetrics

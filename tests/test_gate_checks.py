@@ -62,7 +62,7 @@ def test_repetition_on_a_crafted_sequence():
     assert not is_repetitive(looping, ngram=3, threshold=0.6)
     assert not is_repetitive([1, 2, 3, 4, 5], ngram=3, threshold=0.5)
     # words: "I think I", "think I think", "I think I", "think I think", "I think so": 2 of 5 repeat
-    assert repeated_ngram_share("I think I think I think so".split(), 3) == pytest.approx(0.4)
+    assert repeated_ngram_share("I think I think I think so".split(), 3) == pytest.approx(0.4)  # noqa: SIM905
     assert not is_repetitive("I think I think I think so", ngram=3, threshold=0.5)
     assert not is_repetitive("too short", ngram=3, threshold=0.01)
 

@@ -7,7 +7,6 @@ raise an unexpected error on demand.
 
 import asyncio
 
-import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry
 

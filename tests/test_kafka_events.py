@@ -9,18 +9,18 @@ from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from tests.kafka_fixtures import FAST, kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from prometheus_client import CollectorRegistry
 
+from feedback import policy_events
 from feedback.broker import EmbeddedBroker
 from feedback.config import KafkaSettings, SpoolSettings, TopicNames
 from feedback.connection import connection_options
 from feedback.consumer import ConsumedEvent, EventConsumer
-from feedback import policy_events
 from feedback.envelope import EVENT_TYPES, OutgoingEvent, decode_event, event_types_by_topic
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.v1 import events_pb2, serving_pb2
+from tests.kafka_fixtures import FAST
 
 HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing assertion
 OUTAGE_EVENTS = 600  # published while the broker is down

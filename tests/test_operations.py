@@ -347,7 +347,10 @@ def test_feedback_token_secret_is_the_same_on_every_render():
     # With neither, each offline render generates a key (the README says to give one there); the pods'
     # templates must not change with it, or every Argo CD sync would restart them all.
     first, second = render({}), list(_render.__wrapped__(json.dumps({})))
-    key = lambda objects: find(objects, "Secret", "fw-flywheel-secrets")["data"]["feedback-token-secret"]
+
+    def key(objects: list[dict]) -> str:
+        return find(objects, "Secret", "fw-flywheel-secrets")["data"]["feedback-token-secret"]
+
     assert key(first) != key(second)
     assert [o for o in first if o["kind"] != "Secret"] == [o for o in second if o["kind"] != "Secret"]
 

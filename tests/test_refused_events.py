@@ -39,7 +39,6 @@ from feedback.spool import Quarantine
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from flywheel.v1.serving_pb2 import RATING_UP
-from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_kafka_events import HANG_GUARD_S, consume, generation, read_raw, sample
 from trainer.config import GateSettings, RewardModelSettings
 from trainer.gate import Gate, GateMetrics, unusable_reason

@@ -17,7 +17,6 @@ from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
-from server.tls import CertificateFiles
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
 
@@ -52,7 +51,7 @@ class Authority:
         return Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem)
 
     def _sign(self, subject: x509.Name, public_key, extensions: list) -> x509.Certificate:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)

@@ -2,9 +2,9 @@
 
 import json
 import os
-import sys
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.request

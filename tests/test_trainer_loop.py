@@ -38,8 +38,7 @@ from feedback.connection import connection_options
 from feedback.consumer import EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
-from flywheel.config import REPO_ROOT
-from flywheel.config import load_config
+from flywheel.config import REPO_ROOT, load_config
 from flywheel.demo.task import (
     DemoQuestion,
     evaluation_questions,
@@ -51,7 +50,6 @@ from flywheel.demo.task import (
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2
-from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_kafka_events import read_raw
 from tests.test_reward_model import wrong_answer
 from trainer.checkpoint import JOIN_STORE_FILE, LATEST, TrainerState, latest_checkpoint, load_state
@@ -434,10 +432,10 @@ def test_rejections_in_a_row_counts_judged_rejections_since_the_last_approval():
     superseded = verdict(False, "superseded")
     assert rejections_in_a_row([]) == 0
     assert rejections_in_a_row([verdict(False), verdict(True), verdict(False), superseded, None, verdict(False)]) == 2
-    live_moved = verdict(False) | {"withheld": "live_moved"}  # passed, but an operator rolled back meanwhile
-    assert rejections_in_a_row([verdict(False), live_moved, verdict(False)]) == 2
     assert rejections_in_a_row([verdict(False)] * 3 + [None]) == 3
     assert rejections_in_a_row([verdict(False), verdict(True)]) == 0
+    live_moved = verdict(False) | {"withheld": "live_moved"}  # passed, but an operator rolled back meanwhile
+    assert rejections_in_a_row([verdict(False), live_moved, verdict(False)]) == 2
 
 
 def test_a_trainer_whose_candidates_keep_failing_restarts_from_the_live_policy(model_path, kafka_settings, tmp_path):

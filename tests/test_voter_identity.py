@@ -19,12 +19,10 @@ from feedback.identity import ApiKey, key_digest
 from feedback.intake import IntakeLimits
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
-from flywheel.v1 import events_pb2
+from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
-from tests.kafka_fixtures import kafka_broker, kafka_settings  # noqa: F401 (fixtures)
 from tests.test_feedback_rpc import HANG_GUARD_S, consume
 from trainer.config import RewardModelSettings
 from trainer.gate import ThumbsByVersion

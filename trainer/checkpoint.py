@@ -21,7 +21,6 @@ import torch
 from pydantic import BaseModel
 
 from flywheel.durable import fsync_path, write_atomically
-
 from trainer.join_store import JoinStore
 from trainer.ppo import PPOTrainer
 from trainer.reward_model import RewardModelTrainer

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from scipy.stats import t as student_t
 from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from scipy.stats import t as student_t
 
 
 class GateThresholds(BaseModel):
@@ -224,7 +224,7 @@ def mean_difference_lower_bound(candidate: Sequence[float], live: Sequence[float
         raise ValueError(f"paired scores need equal lengths, got {len(candidate)} candidate and {len(live)} live")
     if len(candidate) < 2:
         raise ValueError(f"need at least 2 paired scores for a confidence bound, got {len(candidate)}")
-    differences = [c - l for c, l in zip(candidate, live)]
+    differences = [candidate_score - live_score for candidate_score, live_score in zip(candidate, live)]
     standard_error = statistics.stdev(differences) / math.sqrt(len(differences))
     return statistics.fmean(differences) - float(student_t.ppf(confidence, len(differences) - 1)) * standard_error
 
