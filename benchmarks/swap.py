@@ -38,9 +38,8 @@ from feedback.producer import EventProducer
 from flywheel.config import REPO_ROOT
 from flywheel.demo.init_model import ensure_demo_model
 from flywheel.registry import PolicyRegistry
-from flywheel.v1 import events_pb2
+from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from flywheel.v1 import serving_pb2_grpc
 from trainer.gate import policy_event
 
 REPLICAS = 2

@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import torch
 
-
 # ---------------------------------------------------------------- masked statistics
 
 
