@@ -44,12 +44,15 @@ def demo_pairs(tokenizer, rng: random.Random, questions: list[DemoQuestion]) -> 
     for question in questions:
         wrong = wrong_answer(rng, question)
         assert (judge_thumb(question.prompt, question.answer), judge_thumb(question.prompt, wrong)) == ("up", "down")
-        pairs.append(PreferencePair(logged_answer(tokenizer, question, question.answer), logged_answer(tokenizer, question, wrong)))
+        chosen, rejected = logged_answer(tokenizer, question, question.answer), logged_answer(tokenizer, question, wrong)
+        pairs.append(PreferencePair(chosen, rejected, principal="default"))
     return pairs
 
 
 def thumbs(pairs: list[PreferencePair]) -> list[LabelledExample]:
-    return [LabelledExample(pair.chosen, True, "") for pair in pairs] + [LabelledExample(pair.rejected, False, "") for pair in pairs]
+    return [LabelledExample(pair.chosen, True, "default", "ada") for pair in pairs] + [
+        LabelledExample(pair.rejected, False, "default", "ada") for pair in pairs
+    ]
 
 
 def test_scores_do_not_change_with_extra_right_padding(model_path, tokenizer):
