@@ -240,7 +240,10 @@ def test_feedback_forgeries_and_bounds_have_their_documented_status(abused):
 
 def test_after_the_abuse_the_server_answers_and_its_events_reach_kafka(abused):
     stub, kafka, server = abused
-    answer = stub.Generate(generate("What is 2+2?", user_id="after", tags={"phase": "after"}), metadata=MALLORY)
+    exactly_two = pb.SamplingParams(max_tokens=2, min_tokens=2)
+    answer = stub.Generate(
+        generate("What is 2+2?", user_id="after", tags={"phase": "after"}, sampling=exactly_two), metadata=MALLORY
+    )
     assert answer.completion_tokens == 2
     logged = consume_until(kafka, kafka.topics.generations, lambda event: event.response_id == answer.response_id)
     assert logged.principal == "mallory" and logged.tags["phase"] == "after"

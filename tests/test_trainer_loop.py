@@ -635,6 +635,7 @@ def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once
         # A SIGKILLed member keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
         "trainer": {"metrics_port": 0, "min_labels_before_ppo": 60, "checkpoint_every_steps": 1},
+        "join_store": {"vote_settle_seconds": 0},  # each vote is sent once and never changed
         "reward_model": {
             "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
         },
