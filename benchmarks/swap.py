@@ -40,7 +40,7 @@ from flywheel.demo.init_model import ensure_demo_model
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from trainer.gate import policy_event
+from gate.service import policy_event
 
 REPLICAS = 2
 SERVE_KEEPING_CACHES = "serve-keeping-caches"

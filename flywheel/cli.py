@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> None:
 def _gate(args: argparse.Namespace) -> None:
     from feedback.metrics import EventMetrics
     from flywheel.registry import PolicyRegistry
-    from trainer.gate import Gate, GateMetrics, run_gate
+    from gate.service import Gate, GateMetrics, run_gate
 
     config = _config_from(args)
     _limit_torch_threads(config.gate.torch_threads)
@@ -149,7 +149,7 @@ def _broker(args: argparse.Namespace) -> None:
 
 def _rollback(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry, PolicyRemoved
-    from trainer.gate import publish_rollback
+    from gate.service import publish_rollback
 
     config = _config_from(args)
     registry = PolicyRegistry(config.registry_dir)

@@ -16,8 +16,9 @@ from pydantic_settings import (
 )
 
 from feedback.config import KafkaSettings, SpoolSettings
+from gate.config import GateSettings
 from server.config import EngineSettings, ServerSettings
-from trainer.config import GateSettings, JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
+from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_SETTINGS_FILE = "flywheel.toml"

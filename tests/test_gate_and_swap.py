@@ -21,6 +21,9 @@ from flywheel.prompts import RenderedPrompt
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
+from gate.checks import SafetyRules
+from gate.config import GateSettings
+from gate.service import Gate, GateMetrics
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.engine import GenerationDelta, PolicyEngine
@@ -30,9 +33,7 @@ from server.validation import Sampling
 from tests import policy_variants
 from tests.engine_fixtures import start_engine
 from trainer.checkpoint import TrainerState, save_checkpoint
-from trainer.config import GateSettings, PPOSettings, RewardModelSettings
-from trainer.gate import Gate, GateMetrics
-from trainer.gate_checks import SafetyRules
+from trainer.config import PPOSettings, RewardModelSettings
 from trainer.join_store import JoinStore
 from trainer.ppo import PolicyWithValue, PPOTrainer
 from trainer.reward_model import RewardModel, RewardModelTrainer

@@ -1,11 +1,11 @@
-"""Tests of trainer/gate_checks.py, pinned to numbers worked out by hand in the comments."""
+"""Tests of gate/checks.py, pinned to numbers worked out by hand in the comments."""
 
 import dataclasses
 import math
 
 import pytest
 
-from trainer.gate_checks import (
+from gate.checks import (
     DegenerationRates,
     EvalAnswer,
     GateThresholds,

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 from flywheel.registry import PolicyRegistry, Withheld
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
+from gate import service as gate_module
+from gate.checks import GateCheck, GateVerdict
+from gate.config import GateSettings
+from gate.service import Gate, GateMetrics, publish_rollback
 from tests.test_registry import make_model_dir
-from trainer import gate as gate_module
-from trainer.config import GateSettings, RewardModelSettings
-from trainer.gate import Gate, GateMetrics, publish_rollback
-from trainer.gate_checks import GateCheck, GateVerdict
+from trainer.config import RewardModelSettings
 
 PASSED = GateVerdict(approved=True, checks=[GateCheck("reward_score", 0.1, -0.25, True, "candidate − live ≥ −0.25")])
 

@@ -12,7 +12,7 @@ from feedback.identity import (
     read_api_keys_file,
 )
 from flywheel.v1 import events_pb2, serving_pb2
-from trainer.gate import HeldoutPrompts, ThumbsByVersion
+from gate.service import HeldoutPrompts, ThumbsByVersion
 
 
 def principals(selection: list[tuple[str, int]]) -> dict[str, int]:

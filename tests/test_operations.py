@@ -32,7 +32,7 @@ RULES = CHART / "rules" / "flywheel-alerts.yaml"
 RULE_TESTS = CHART / "rules" / "flywheel-alerts.test.yaml"
 DASHBOARD = CHART / "dashboards" / "flywheel.json"
 KUBERNETES_VERSION = "1.30.0"
-SOURCE_PACKAGES = ("server", "feedback", "trainer", "flywheel")
+SOURCE_PACKAGES = ("server", "feedback", "trainer", "gate", "flywheel")
 
 CUSTOM_RESOURCES = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),

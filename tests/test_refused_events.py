@@ -39,9 +39,10 @@ from feedback.spool import Quarantine
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2
 from flywheel.v1.serving_pb2 import RATING_UP
+from gate.config import GateSettings
+from gate.service import Gate, GateMetrics, unusable_reason
 from tests.test_kafka_events import HANG_GUARD_S, consume, generation, read_raw, sample
-from trainer.config import GateSettings, RewardModelSettings
-from trainer.gate import Gate, GateMetrics, unusable_reason
+from trainer.config import RewardModelSettings
 
 MAX_MESSAGE_BYTES = 2048  # a GenerationLogged of the tests is about 300 bytes as a record
 OVERSIZED_TAG_BYTES = 4000

@@ -9,12 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from flywheel.registry import PolicyRegistry, PolicyRemoved, RegistryRetention
+from gate.service import publish_rollback
 from server.metrics import PolicyCheckMetrics
 from server.swap import PolicyChecker, PolicyRefused
 from tests.test_gate_races import ScriptedGate
 from tests.test_registry import make_model_dir
 from trainer.checkpoint import LATEST, STATE_FILE, TrainerState
-from trainer.gate import publish_rollback
 
 WINDOWS = RegistryRetention(keep_approved=2, keep_rejected=3)
 

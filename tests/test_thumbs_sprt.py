@@ -1,11 +1,11 @@
-"""Tests of trainer.thumbs_sprt.py: hand-computed ratios and a seeded false-alarm simulation."""
+"""Tests of gate/rollback.py: hand-computed ratios and a seeded false-alarm simulation."""
 
 import math
 
 import numpy as np
 import pytest
 
-from trainer.thumbs_sprt import RATE_EPSILON, ThumbsDownSPRT, sprt_bounds, sprt_decision
+from gate.rollback import RATE_EPSILON, ThumbsDownSPRT, sprt_bounds, sprt_decision
 
 SETTINGS = ThumbsDownSPRT()  # α 0.01, β 0.05, δ 0.10, 30 votes
 

@@ -21,11 +21,11 @@ from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
+from gate.service import ThumbsByVersion
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from tests.test_feedback_rpc import HANG_GUARD_S, consume
 from trainer.config import RewardModelSettings
-from trainer.gate import ThumbsByVersion
 from trainer.join_store import JoinStore
 from trainer.loop import labels_for_update
 

@@ -36,14 +36,15 @@ from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
+from gate.checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
+from gate.config import GateSettings
+from gate.rollback import sprt_decision
 from trainer.checkpoint import latest_checkpoint, load_state
-from trainer.config import GateSettings, RewardModelSettings
-from trainer.gate_checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
+from trainer.config import RewardModelSettings
 from trainer.join_store import is_heldout_prompt
 from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
 from trainer.ppo_math import kl_per_answer, logprobs_from_logits
 from trainer.reward_model import RewardModelTrainer, load_without_dropout
-from trainer.thumbs_sprt import sprt_decision
 
 log = logging.getLogger(__name__)
 
