@@ -30,6 +30,7 @@ COPY flywheel ./flywheel
 COPY server ./server
 COPY feedback ./feedback
 COPY trainer ./trainer
+COPY gate ./gate
 # Editable, so the data files beside the modules (flywheel/demo/*.csv, *.jsonl) are found:
 # pyproject.toml declares no package data for a wheel to carry.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu]" \
@@ -79,6 +80,7 @@ COPY flywheel ./flywheel
 COPY server ./server
 COPY feedback ./feedback
 COPY trainer ./trainer
+COPY gate ./gate
 RUN pip install --upgrade pip && pip install -e ".[gpu]"
 COPY --from=demo-model /opt/flywheel/demo-model /opt/flywheel/demo-model
 ENV PYTHONUNBUFFERED=1 HOME=/home/flywheel
