@@ -6,10 +6,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.logs import configure_logging
+
+if TYPE_CHECKING:
+    from trainer.loop import TrainerConfig
 
 log = logging.getLogger("flywheel")
 
@@ -111,16 +114,31 @@ def _limit_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def trainer_config_of(config: FlywheelConfig) -> "TrainerConfig":
+    """The trainer's sections of the process config; the trainer spools under its own folder."""
+    from trainer.loop import TrainerConfig
+
+    return TrainerConfig(
+        trainer=config.trainer,
+        reward_model=config.reward_model,
+        ppo=config.ppo,
+        join_store=config.join_store,
+        kafka=config.kafka,
+        spool=config.spool.of_process("trainer"),
+        registry_dir=config.registry_dir,
+    )
+
+
 def _train(args: argparse.Namespace) -> None:
     from feedback.metrics import EventMetrics
-    from trainer.loop import TrainerConfig, run_trainer
+    from trainer.loop import run_trainer
     from trainer.metrics import TrainerMetrics
 
     config = _config_from(args)
     _limit_torch_threads(config.trainer.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
-    trainer_config = TrainerConfig.of(config)
+    trainer_config = trainer_config_of(config)
     metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
     _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping))
 

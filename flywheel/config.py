@@ -16,14 +16,12 @@ from pydantic_settings import (
 )
 
 from feedback.config import KafkaSettings, SpoolSettings
+from flywheel.registry import MODEL_SETTINGS_FILE
 from gate.config import GateSettings
 from server.config import EngineSettings, ServerSettings
 from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_SETTINGS_FILE = "flywheel.toml"
-"""A model directory may carry the training and gate settings that suit it (the demo model does): the
-lowest-priority file, limited to MODEL_DIR_MAY_SET."""
 
 MODEL_DIR_MAY_SET = {
     "ppo": (

@@ -38,6 +38,7 @@ from feedback.connection import connection_options
 from feedback.consumer import EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
+from flywheel.cli import trainer_config_of
 from flywheel.config import REPO_ROOT, load_config
 from flywheel.demo.task import (
     DemoQuestion,
@@ -204,7 +205,7 @@ def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sec
         },
         model_dir=model_path,
     )
-    return TrainerConfig.of(config)
+    return trainer_config_of(config)
 
 
 async def run_until(trainer: Trainer, config: TrainerConfig, done: Callable[[Trainer], bool], waiting_for: str) -> None:

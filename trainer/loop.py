@@ -22,7 +22,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
 from rich.live import Live
@@ -53,9 +52,6 @@ from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
 from trainer.progress import live_display, progress_table
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
-if TYPE_CHECKING:
-    from flywheel.config import FlywheelConfig
-
 log = logging.getLogger(__name__)
 
 
@@ -70,19 +66,6 @@ class TrainerConfig:
     kafka: KafkaSettings
     spool: SpoolSettings
     registry_dir: Path
-
-    @classmethod
-    def of(cls, config: "FlywheelConfig") -> "TrainerConfig":
-        """The trainer's sections of the process config; the trainer spools under its own folder."""
-        return cls(
-            trainer=config.trainer,
-            reward_model=config.reward_model,
-            ppo=config.ppo,
-            join_store=config.join_store,
-            kafka=config.kafka,
-            spool=config.spool.of_process("trainer"),
-            registry_dir=config.registry_dir,
-        )
 
 
 class Trainer:

@@ -28,7 +28,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from flywheel.config import MODEL_SETTINGS_FILE
 from flywheel.demo.task import (
     DemoQuestion,
     all_arithmetic_questions,
@@ -42,6 +41,7 @@ from flywheel.demo.task import (
     sample_questions,
 )
 from flywheel.prompts import PromptRenderer
+from flywheel.registry import MODEL_SETTINGS_FILE
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
