@@ -17,3 +17,4 @@ test-fast: .venv/.installed
 
 lint: .venv/.installed
 	.venv/bin/ruff check
+	.venv/bin/ruff format --check

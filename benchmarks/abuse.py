@@ -47,7 +47,8 @@ def largest_request(limits: RequestLimits) -> pb.GenerateRequest:
     per_message = min(limits.max_message_chars, limits.max_request_chars // limits.max_chat_messages)
     words = ("What is 12+34? " * (per_message // 15 + 1))[:per_message]
     messages = [
-        pb.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=words) for i in range(limits.max_chat_messages)
+        pb.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=words)
+        for i in range(limits.max_chat_messages)
     ]
     return pb.GenerateRequest(
         chat=pb.ChatMessages(messages=messages),
@@ -66,7 +67,10 @@ def largest_fitting_request(model: str, max_model_len: int) -> pb.GenerateReques
 
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model))
     repeats = 1
-    while len(renderer.chat([{"role": "user", "content": "What is 12+34? " * (repeats + 1)}]).token_ids) < max_model_len // 2:
+    while (
+        len(renderer.chat([{"role": "user", "content": "What is 12+34? " * (repeats + 1)}]).token_ids)
+        < max_model_len // 2
+    ):
         repeats += 1
     content = "What is 12+34? " * repeats
     prompt_tokens = len(renderer.chat([{"role": "user", "content": content}]).token_ids)
@@ -151,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         while (line := server.stdout.readline()) and line.strip() != b"ready":
             pass
         limits = RequestLimits()
-        attacks = {"largest": largest_request(limits), "largest that fits": largest_fitting_request(model, MAX_MODEL_LEN)}
+        attacks = {
+            "largest": largest_request(limits),
+            "largest that fits": largest_fitting_request(model, MAX_MODEL_LEN),
+        }
         latencies: dict[str, list[float]] = {"alone": [], **{name: [] for name in attacks}}
         codes: dict[str, dict[str, int]] = {name: {} for name in attacks}
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -165,13 +172,26 @@ def main(argv: list[str] | None = None) -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
-    stats = {name: (1000 * percentile(values, 0.5), 1000 * percentile(values, 0.99), len(values)) for name, values in latencies.items()}
+    stats = {
+        name: (1000 * percentile(values, 0.5), 1000 * percentile(values, 0.99), len(values))
+        for name, values in latencies.items()
+    }
     alone_p50, alone_p99, _ = stats["alone"]
     rows = [["alone", f"{alone_p50:.1f}", f"{alone_p99:.1f}", "", "", str(stats["alone"][2]), ""]]
     for name in attacks:
         p50, p99, count = stats[name]
         answered = ", ".join(f"{code} {n}" for code, n in sorted(codes[name].items()))
-        rows.append([f"4 clients: {name}", f"{p50:.1f}", f"{p99:.1f}", f"{p50 / alone_p50:.2f}", f"{p99 / alone_p99:.2f}", str(count), answered])
+        rows.append(
+            [
+                f"4 clients: {name}",
+                f"{p50:.1f}",
+                f"{p99:.1f}",
+                f"{p50 / alone_p50:.2f}",
+                f"{p99 / alone_p99:.2f}",
+                str(count),
+                answered,
+            ]
+        )
     largest, answer_tokens = attacks["largest"], attacks["largest that fits"].sampling.max_tokens
     lines = [
         f"`{invocation('benchmarks.abuse', argv)}`",

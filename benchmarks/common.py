@@ -15,7 +15,9 @@ from flywheel.prompts import PromptRenderer
 def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
     """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
     renderer = PromptRenderer(tokenizer)
-    return [renderer.user_message(question.prompt).token_ids for question in sample_questions(random.Random(seed), count)]
+    return [
+        renderer.user_message(question.prompt).token_ids for question in sample_questions(random.Random(seed), count)
+    ]
 
 
 def percentile(values: list[float], share: float) -> float:

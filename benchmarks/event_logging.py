@@ -35,7 +35,9 @@ from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine
 
 
-async def closed_loop(stub: serving_pb2_grpc.FlywheelStub, requests: int, concurrency: int, max_tokens: int) -> list[float]:
+async def closed_loop(
+    stub: serving_pb2_grpc.FlywheelStub, requests: int, concurrency: int, max_tokens: int
+) -> list[float]:
     """Latencies in seconds of `requests` Generate calls, `concurrency` at a time."""
     messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is 47+38?")])
     request = pb.GenerateRequest(

@@ -33,7 +33,9 @@ SERVER_START_TIMEOUT_S = 600
 
 def start_up(state_dir: Path, model_dir: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     """`flywheel up` on free ports; returns the process and its addresses."""
-    ports = {name: free_port("127.0.0.1") for name in ("grpc", "server_metrics", "trainer_metrics", "gate_metrics", "kafka")}
+    ports = {
+        name: free_port("127.0.0.1") for name in ("grpc", "server_metrics", "trainer_metrics", "gate_metrics", "kafka")
+    }
     addresses = {
         "grpc": f"127.0.0.1:{ports['grpc']}",
         "kafka": f"127.0.0.1:{ports['kafka']}",
@@ -143,7 +145,9 @@ def main() -> None:
     (args.out / "report.md").write_text(report + "\n")
     (args.out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     print(report)
-    print(f"\ncurve: {args.out / 'curve' / 'learning_curve.png'}; model report: {args.out / 'demo-model' / MARKER_FILE}")
+    print(
+        f"\ncurve: {args.out / 'curve' / 'learning_curve.png'}; model report: {args.out / 'demo-model' / MARKER_FILE}"
+    )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,12 @@ class TRLSteps:
     """TRL's experimental PPOTrainer, one update per `train()` call, on the same prompts and shapes."""
 
     def __init__(
-        self, model: Path, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], workload: Workload, output_dir: str
+        self,
+        model: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[list[int]],
+        workload: Workload,
+        output_dir: str,
     ):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -262,7 +267,9 @@ def versions() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ppo_vs_trl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face causal-LM directory (default: the demo model)")
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face causal-LM directory (default: the demo model)"
+    )
     parser.add_argument("--answers", type=int, default=16, help="answers per PPO step (one per prompt)")
     parser.add_argument("--new-tokens", type=int, default=16, help="length of every answer")
     parser.add_argument("--epochs", type=int, default=4)
@@ -270,20 +277,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each trainer, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="torch threads for both trainers; 0 keeps torch's default (one per CPU). On a CPU shared with other "
         "work, 1 avoids threads spinning at each other's barriers",
     )
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.relative_to(REPO_ROOT)} alone")
+    parser.add_argument(
+        "--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.relative_to(REPO_ROOT)} alone"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.answers % args.minibatch:
-        raise SystemExit(f"--minibatch {args.minibatch} must divide --answers {args.answers} (TRL splits the batch exactly)")
+        raise SystemExit(
+            f"--minibatch {args.minibatch} must divide --answers {args.answers} (TRL splits the batch exactly)"
+        )
     if not (args.model / "config.json").exists():
-        raise SystemExit(f"no model at {args.model}; build the demo model with `flywheel init-model` or pass --model DIR")
+        raise SystemExit(
+            f"no model at {args.model}; build the demo model with `flywheel init-model` or pass --model DIR"
+        )
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     transformers_logging.set_verbosity_error()
     if args.threads:
@@ -304,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
             order = TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
             for trainer in order:
                 times.append(steppers[trainer].step())
-                print(f"round {round_index}: {trainer} {times[-1].seconds:.3f} s, CPU {times[-1].cpu_seconds:.3f} s", file=sys.stderr)
+                print(
+                    f"round {round_index}: {trainer} {times[-1].seconds:.3f} s, CPU {times[-1].cpu_seconds:.3f} s",
+                    file=sys.stderr,
+                )
     load_after = os.getloadavg()[0]
 
     rows, medians = summary_rows(times)

@@ -38,7 +38,9 @@ def mib(size: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/registry-retention"), help="scratch folder, emptied first")
+    parser.add_argument(
+        "--out", type=Path, default=Path("/tmp/registry-retention"), help="scratch folder, emptied first"
+    )
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -51,10 +53,14 @@ def main() -> None:
     rows = [("no retention (every version's weights)", registry.size_bytes(), registry.versions_with_weights(), None)]
     started = time.perf_counter()
     registry.retain(RegistryRetention())
-    rows.append(("retention, defaults", registry.size_bytes(), registry.versions_with_weights(), time.perf_counter() - started))
+    rows.append(
+        ("retention, defaults", registry.size_bytes(), registry.versions_with_weights(), time.perf_counter() - started)
+    )
 
     weights = sum(path.stat().st_size for path in model.iterdir() if path.is_file())
-    print(f"demo model: {mib(weights)} a version; {len(registry.versions())} versions published in {replay_seconds:.1f} s")
+    print(
+        f"demo model: {mib(weights)} a version; {len(registry.versions())} versions published in {replay_seconds:.1f} s"
+    )
     print("| registry | bytes | versions with weights | pass |")
     print("|---|---|---|---|")
     for name, size, kept, seconds in rows:

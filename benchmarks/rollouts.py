@@ -137,14 +137,24 @@ class VLLMSampler:
     def check_weights(self, policy: PreTrainedModel) -> None:
         """Raise unless the engine holds the policy's current input embeddings and LM head."""
         (held,) = self.llm.collective_rpc(embedding_checksums)
-        expected = tuple(float(m.weight.double().sum()) for m in (policy.get_input_embeddings(), policy.get_output_embeddings()))
+        expected = tuple(
+            float(m.weight.double().sum()) for m in (policy.get_input_embeddings(), policy.get_output_embeddings())
+        )
         if any(abs(h - e) > 1e-6 * max(1.0, abs(e)) for h, e in zip(held, expected)):
-            raise RuntimeError(f"vLLM's (embeddings, LM head) sum to {held} after the reload, the policy's to {expected}")
+            raise RuntimeError(
+                f"vLLM's (embeddings, LM head) sum to {held} after the reload, the policy's to {expected}"
+            )
 
 
 def run_pair(
-    batch: int, new_tokens: int, rounds: int, prompts: list[list[int]], hf: TransformersSampler, engine: VLLMSampler,
-    weights_dir: Path, generator: torch.Generator,
+    batch: int,
+    new_tokens: int,
+    rounds: int,
+    prompts: list[list[int]],
+    hf: TransformersSampler,
+    engine: VLLMSampler,
+    weights_dir: Path,
+    generator: torch.Generator,
 ) -> list[Round]:
     prompts = prompts[:batch]
     hf.policy.generation_config.min_new_tokens = new_tokens
@@ -169,11 +179,19 @@ def run_pair(
     results = []
     for round_index in range(rounds):
         if round_index % 2 == 0:
-            (hf_seconds, hf_cpu, hf_tokens), (vllm_seconds, vllm_cpu, save, reload, vllm_tokens) = hf_round(), vllm_round()
+            (hf_seconds, hf_cpu, hf_tokens), (vllm_seconds, vllm_cpu, save, reload, vllm_tokens) = (
+                hf_round(),
+                vllm_round(),
+            )
         else:
-            (vllm_seconds, vllm_cpu, save, reload, vllm_tokens), (hf_seconds, hf_cpu, hf_tokens) = vllm_round(), hf_round()
+            (vllm_seconds, vllm_cpu, save, reload, vllm_tokens), (hf_seconds, hf_cpu, hf_tokens) = (
+                vllm_round(),
+                hf_round(),
+            )
         if hf_tokens != vllm_tokens or hf_tokens != batch * new_tokens:
-            raise RuntimeError(f"token counts differ: transformers {hf_tokens}, vLLM {vllm_tokens}, expected {batch * new_tokens}")
+            raise RuntimeError(
+                f"token counts differ: transformers {hf_tokens}, vLLM {vllm_tokens}, expected {batch * new_tokens}"
+            )
         results.append(Round(batch, new_tokens, hf_seconds, vllm_seconds, hf_cpu, vllm_cpu, save, reload, hf_tokens))
         print(
             f"batch {batch} × {new_tokens}: transformers {hf_seconds:.3f} s (CPU {hf_cpu:.3f}), "
@@ -218,7 +236,13 @@ def summary_row(rounds: list[Round]) -> tuple[list[str], list[str], dict[str, fl
     ]
     hf_cpu = statistics.median(tokens / r.transformers_cpu_seconds for r in rounds)
     vllm_cpu = statistics.median(tokens / r.vllm_cpu_seconds for r in rounds)
-    cpu_row = [str(rounds[0].batch), str(rounds[0].new_tokens), f"{hf_cpu:.0f}", f"{vllm_cpu:.0f}", f"{vllm_cpu / hf_cpu:.2f}"]
+    cpu_row = [
+        str(rounds[0].batch),
+        str(rounds[0].new_tokens),
+        f"{hf_cpu:.0f}",
+        f"{vllm_cpu:.0f}",
+        f"{vllm_cpu / hf_cpu:.2f}",
+    ]
     return row, cpu_row, {"generate": vllm / hf, "with_sync": with_sync / hf, "cpu": vllm_cpu / hf_cpu}
 
 
@@ -234,25 +258,33 @@ def versions() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rollouts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face causal-LM directory (default: the demo model)")
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face causal-LM directory (default: the demo model)"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64], help="answers per rollout")
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 32], help="length of every answer")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each (batch, new tokens) pair")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=0,
+        "--threads",
+        type=int,
+        default=0,
         help="torch threads of this process, so of transformers generate; 0 keeps torch's default (one per CPU). "
         "vLLM's worker ignores it and binds its own (VLLM_CPU_OMP_THREADS_BIND=auto reserves one CPU and runs the "
         "model on the rest: one thread on a 2-CPU machine)",
     )
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.relative_to(REPO_ROOT)} alone")
+    parser.add_argument(
+        "--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.relative_to(REPO_ROOT)} alone"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not (args.model / "config.json").exists():
-        raise SystemExit(f"no model at {args.model}; build the demo model with `flywheel init-model` or pass --model DIR")
+        raise SystemExit(
+            f"no model at {args.model}; build the demo model with `flywheel init-model` or pass --model DIR"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -260,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = demo_prompt_ids(tokenizer, max(args.batch), args.seed)
     policy = load_without_dropout(AutoModelForCausalLM, args.model)
     hf = TransformersSampler(
-        policy, tokenizer.pad_token_id, end_of_sequence_ids(policy.generation_config.eos_token_id, tokenizer.eos_token_id)
+        policy,
+        tokenizer.pad_token_id,
+        end_of_sequence_ids(policy.generation_config.eos_token_id, tokenizer.eos_token_id),
     )
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -288,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Model `{args.model.name}`; temperature 1, no top-k, top-p 1, end-of-sequence suppressed so every answer has "
         f"exactly `new tokens` tokens; vLLM on CPU, enforce_eager, float32, {KV_CACHE_BYTES >> 20} MiB KV cache, "
         f"max_model_len 512. One warm-up, then {args.rounds} rounds per row, alternating which sampler goes first; "
-        f"medians over rounds. Sync is `save_pretrained` + `collective_rpc(\"reload_weights\")`, paid once per PPO step. "
+        f'medians over rounds. Sync is `save_pretrained` + `collective_rpc("reload_weights")`, paid once per PPO step. '
         f"{versions()}. 1-minute load average {load_before:.2f} before, {load_after:.2f} after.",
         "",
         *markdown_table(HEADER, rows),

@@ -207,7 +207,9 @@ async def run_level(
             answered_tokens = await served.send_one()
             latencies.append(time.perf_counter() - sent)
             if answered_tokens != expected_tokens:
-                raise RuntimeError(f"{system}: an answer has {answered_tokens} tokens, the workload asks for {expected_tokens}")
+                raise RuntimeError(
+                    f"{system}: an answer has {answered_tokens} tokens, the workload asks for {expected_tokens}"
+                )
             tokens += answered_tokens
 
     front_cpu, engine_cpu = served.cpu_seconds()
@@ -248,7 +250,12 @@ async def measure(systems_served: dict[str, Served], workload: Workload) -> list
             for system in order:
                 await engines_idle(systems_served)
                 run = await run_level(
-                    system, systems_served[system], concurrency, workload.requests_at(concurrency), workload.max_tokens, round_index
+                    system,
+                    systems_served[system],
+                    concurrency,
+                    workload.requests_at(concurrency),
+                    workload.max_tokens,
+                    round_index,
                 )
                 console.print(
                     f"  round {round_index} {system:8s} c={concurrency:<3d} {run.tokens_per_second:9.1f} tok/s  "
@@ -419,7 +426,9 @@ def server_process(name: str, command: list[str], env: dict[str, str], log_dir: 
     log_path = log_dir / f"{name}.log"
     console.print(f"[dim]starting {name}: {shlex.join(command)}[/dim]")
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, process_group=0)
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, process_group=0
+        )
     try:
         yield ServerProcess(process, log_path)
     finally:
@@ -437,7 +446,9 @@ def stop_process_group(process: subprocess.Popen, grace_seconds: float = 30) -> 
     process.wait()
 
 
-async def wait_until(server: ServerProcess, ready: Callable[[], Awaitable[bool]], what: str, timeout: float = 600) -> None:
+async def wait_until(
+    server: ServerProcess, ready: Callable[[], Awaitable[bool]], what: str, timeout: float = 600
+) -> None:
     started = time.monotonic()
     while time.monotonic() < started + timeout:
         if server.process.poll() is not None:
@@ -471,7 +482,11 @@ def paired_ratios(runs: list[Run], numerator: str, denominator: str, concurrency
     for run in runs:
         if run.concurrency == concurrency:
             by_round.setdefault(run.round, {})[run.system] = run.tokens_per_second
-    return [systems[numerator] / systems[denominator] for systems in by_round.values() if numerator in systems and denominator in systems]
+    return [
+        systems[numerator] / systems[denominator]
+        for systems in by_round.values()
+        if numerator in systems and denominator in systems
+    ]
 
 
 def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
@@ -486,7 +501,10 @@ def ratios(runs: list[Run], summaries: list[LevelSummary]) -> list[dict]:
     rows = []
     for concurrency in sorted({run.concurrency for run in runs}):
         row: dict = {"concurrency": concurrency}
-        for key, other in (("flywheel_over_engine_throughput", "engine"), ("flywheel_over_openai_throughput", "openai")):
+        for key, other in (
+            ("flywheel_over_engine_throughput", "engine"),
+            ("flywheel_over_openai_throughput", "openai"),
+        ):
             paired = paired_ratios(runs, "flywheel", other, concurrency)
             if paired:
                 row[key] = float(np.median(paired))
@@ -552,7 +570,12 @@ def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]
 
 
 def markdown_section(report: dict, summaries: list[LevelSummary], ratio_rows: list[dict]) -> str:
-    machine, model, workload, settings = report["machine"], report["model"], report["workload"], report["engine_settings"]
+    machine, model, workload, settings = (
+        report["machine"],
+        report["model"],
+        report["workload"],
+        report["engine_settings"],
+    )
     load_before, load_after = report["load_average_1m"]["before"], report["load_average_1m"]["after"]
     lines = [
         SECTION_HEADING,
@@ -614,11 +637,16 @@ def reading(ratio_rows: list[dict]) -> str:
     p99_over_c = [row["flywheel_over_openai_p99"] for row in complete]
     below = [row["concurrency"] for row in complete if row["flywheel_over_engine_throughput"] < 0.95]
     behind = [row["concurrency"] for row in complete if row["flywheel_over_openai_throughput"] < 1.0]
-    verdict_a = "the 0.95 target is met at every level" if not below else f"below the 0.95 target at concurrency {_levels(below)}"
+    verdict_a = (
+        "the 0.95 target is met at every level"
+        if not below
+        else f"below the 0.95 target at concurrency {_levels(below)}"
+    )
     verdict_c = "ahead at every level" if not behind else f"behind at concurrency {_levels(behind)}"
     cheaper = [row["concurrency"] for row in complete if row[ADDED_CPU_KEYS[0]] < row[ADDED_CPU_KEYS[1]]]
     added = ", ".join(
-        f"{row[ADDED_CPU_KEYS[0]]:.2f} against {row[ADDED_CPU_KEYS[1]]:.2f} ms at concurrency {row['concurrency']}" for row in complete
+        f"{row[ADDED_CPU_KEYS[0]]:.2f} against {row[ADDED_CPU_KEYS[1]]:.2f} ms at concurrency {row['concurrency']}"
+        for row in complete
     )
     return (
         f"Reading (medians of the round-by-round ratios): Flywheel delivers {min(b_over_a):.0%}–{max(b_over_a):.0%} of the "
@@ -654,10 +682,16 @@ def machine_facts() -> dict:
     import vllm
 
     cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
-    memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    memory_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     return {
         "cpu_count": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
@@ -715,7 +749,9 @@ async def run_all(
             started = time.monotonic()
             served = systems_served[system] = await running.enter_async_context(starters[system]())
             console.print(f"[dim]  started in {time.monotonic() - started:.1f} s; warming up[/dim]")
-            await run_level(system, served, max(workload.concurrency_levels), workload.warmup_requests, workload.max_tokens)
+            await run_level(
+                system, served, max(workload.concurrency_levels), workload.warmup_requests, workload.max_tokens
+            )
         console.rule("measuring")
         return await measure(systems_served, workload)
 
@@ -725,13 +761,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length; min_tokens is the same")
-    parser.add_argument("--rounds", type=int, default=12, help="measurements of every (concurrency, system), interleaved")
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="measurements of every (concurrency, system), interleaved"
+    )
     parser.add_argument("--min-requests", type=int, default=32, help="requests per measurement: at least this many")
-    parser.add_argument("--requests-per-worker", type=int, default=16, help="... and at least this many per concurrent worker")
+    parser.add_argument(
+        "--requests-per-worker", type=int, default=16, help="... and at least this many per concurrent worker"
+    )
     parser.add_argument("--warmup-requests", type=int, default=32)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--no-write", action="store_true", help="print only; leave serving.json and BENCHMARKS.md alone")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave serving.json and BENCHMARKS.md alone"
+    )
     return parser.parse_args(argv)
 
 
@@ -739,12 +781,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model = str(Path(args.model or default_model()).resolve())
     settings = EngineSettings(
-        model=model, dtype="float32", max_model_len=512, kv_cache_bytes=args.kv_cache_mib << 20, enforce_eager=True, seed=0
+        model=model,
+        dtype="float32",
+        max_model_len=512,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        enforce_eager=True,
+        seed=0,
     )
     from vllm.config import SchedulerConfig
 
     if max(args.concurrency) > SchedulerConfig.DEFAULT_MAX_NUM_SEQS:
-        raise SystemExit(f"--concurrency above vLLM's max_num_seqs ({SchedulerConfig.DEFAULT_MAX_NUM_SEQS}) would measure queueing")
+        raise SystemExit(
+            f"--concurrency above vLLM's max_num_seqs ({SchedulerConfig.DEFAULT_MAX_NUM_SEQS}) would measure queueing"
+        )
     workload = Workload(
         prompt=PROMPT,
         max_tokens=args.max_tokens,
@@ -768,8 +817,16 @@ def main(argv: list[str] | None = None) -> None:
     summaries = summarize(runs)
     ratio_rows = ratios(runs, summaries)
     result_rows = [result_cells(summary, SYSTEM_LABELS) for summary in summaries]
-    console.print(rich_table("Serving: completion tokens/s, request latency, CPU per token", RESULT_COLUMNS, result_rows))
-    console.print(rich_table("Flywheel (b) over the ceiling (a) and the OpenAI server (c)", RATIO_COLUMNS, [ratio_cells(r) for r in ratio_rows]))
+    console.print(
+        rich_table("Serving: completion tokens/s, request latency, CPU per token", RESULT_COLUMNS, result_rows)
+    )
+    console.print(
+        rich_table(
+            "Flywheel (b) over the ceiling (a) and the OpenAI server (c)",
+            RATIO_COLUMNS,
+            [ratio_cells(r) for r in ratio_rows],
+        )
+    )
     if args.no_write:
         return
 
@@ -792,7 +849,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown_section(markdown_section(report, summaries, ratio_rows))
-    console.print(f"wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and the {SECTION_HEADING!r} section of {BENCHMARKS_MD.name}")
+    console.print(
+        f"wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and the {SECTION_HEADING!r} section of {BENCHMARKS_MD.name}"
+    )
 
 
 if __name__ == "__main__":

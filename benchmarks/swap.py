@@ -72,7 +72,11 @@ class Replica:
             "FLYWHEEL_SERVER__SERVER_ID": f"replica-{index}",
             "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",
         }
-        serve = [sys.executable, "-m", "benchmarks.swap", SERVE_KEEPING_CACHES] if keep_caches else [sys.executable, "-m", "flywheel.cli", "serve"]
+        serve = (
+            [sys.executable, "-m", "benchmarks.swap", SERVE_KEEPING_CACHES]
+            if keep_caches
+            else [sys.executable, "-m", "flywheel.cli", "serve"]
+        )
         command = [
             *serve, "--model", model, "--state-dir", str(state_dir),
             "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--kafka", kafka,
@@ -106,7 +110,9 @@ class Load:
 
     def __init__(self, replicas: list[Replica], concurrency: int):
         messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is 47+38?")])
-        self.request = pb.GenerateRequest(chat=messages, sampling=pb.SamplingParams(max_tokens=16, min_tokens=16, temperature=0))
+        self.request = pb.GenerateRequest(
+            chat=messages, sampling=pb.SamplingParams(max_tokens=16, min_tokens=16, temperature=0)
+        )
         self.samples: list[tuple[float, float]] = []
         self.failures = 0
         self.tasks = [asyncio.create_task(self.worker(replica)) for replica in replicas for _ in range(concurrency)]
@@ -139,11 +145,19 @@ async def run(args: argparse.Namespace) -> str:
     second = registry.publish(Path(model), parent_version=1, training_step=1, metrics={})
     broker = EmbeddedBroker()
     await broker.start()
-    producer = EventProducer(broker.kafka, SpoolSettings(directory=state_dir / "spool"), EventMetrics.register(CollectorRegistry()))
+    producer = EventProducer(
+        broker.kafka, SpoolSettings(directory=state_dir / "spool"), EventMetrics.register(CollectorRegistry())
+    )
     await producer.start()
     # With --compare-cache-reset the last replica keeps its caches across swaps.
     replicas = [
-        Replica(state_dir, model, broker.bootstrap_servers, index, keep_caches=args.compare_cache_reset and index == REPLICAS - 1)
+        Replica(
+            state_dir,
+            model,
+            broker.bootstrap_servers,
+            index,
+            keep_caches=args.compare_cache_reset and index == REPLICAS - 1,
+        )
         for index in range(REPLICAS)
     ]
     try:
@@ -190,7 +204,9 @@ async def run(args: argparse.Namespace) -> str:
             f"**{kept_total / kept_count * 1000:.1f} ms keeping the caches** (replica 1)",
         ]
     else:
-        pause_lines = [f"Admission paused per swap (drain + reload, mean of {stall_count:.0f}): **{stall_total / stall_count * 1000:.1f} ms**"]
+        pause_lines = [
+            f"Admission paused per swap (drain + reload, mean of {stall_count:.0f}): **{stall_total / stall_count * 1000:.1f} ms**"
+        ]
     return "\n".join(
         [
             f"{REPLICAS} replicas (`flywheel serve`, one vLLM engine each), {args.concurrency} concurrent greedy 16-token "

@@ -61,7 +61,9 @@ class KafkaSettings(BaseModel):
         10_000, ge=1, description="Events a producer holds in memory before it drops new ones (reason queue_full)."
     )
     max_message_bytes: int = Field(
-        1 << 20, ge=1024, description="Largest record to send (aiokafka's max_request_size); a larger event is dead-lettered."
+        1 << 20,
+        ge=1024,
+        description="Largest record to send (aiokafka's max_request_size); a larger event is dead-lettered.",
     )
 
     @model_validator(mode="after")
@@ -84,7 +86,9 @@ class SpoolSettings(BaseModel):
         4 << 20, gt=0, description="A segment file is closed past this size; acknowledged ones are deleted."
     )
     quarantine_max_bytes: int = Field(
-        64 << 20, gt=0, description="Bytes of the quarantine file (events whose dead letter Kafka refused too), at most."
+        64 << 20,
+        gt=0,
+        description="Bytes of the quarantine file (events whose dead letter Kafka refused too), at most.",
     )
 
     def of_process(self, process: str) -> "SpoolSettings":

@@ -11,6 +11,7 @@ from feedback.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 
+
 def connection_options(kafka: KafkaSettings) -> dict[str, Any]:
     """Keyword arguments for any aiokafka client (producer, consumer, admin)."""
     options: dict[str, Any] = {
@@ -54,4 +55,3 @@ async def ensure_topics(kafka: KafkaSettings) -> list[str]:
     if created:
         log.info("created Kafka topics %s", created)
     return created
-

@@ -156,8 +156,10 @@ class EventConsumer:
         headers = dead_letter_headers(dead_letter_id)
         dead_letter = fit_dead_letter(dead_letter, headers, self._kafka.max_message_bytes)
         await self._dead_letters.send_and_wait(
-            self._kafka.topics.dead_letters, dead_letter.SerializeToString(), key=dead_letter.key or None, headers=headers
+            self._kafka.topics.dead_letters,
+            dead_letter.SerializeToString(),
+            key=dead_letter.key or None,
+            headers=headers,
         )
         self._metrics.dead_letters.labels(dead_letter.source_topic, reason).inc()
         log.warning("dead-lettered %s: %s", dead_letter_id, dead_letter.reason)
-

@@ -48,23 +48,35 @@ class IntakeLimits(BaseModel):
     """What SubmitFeedback accepts from one user."""
 
     max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment, in characters.")
-    max_response_id_chars: int = Field(64, ge=1, description="Longest response_id (the server issues 37-character ids).")
+    max_response_id_chars: int = Field(
+        64, ge=1, description="Longest response_id (the server issues 37-character ids)."
+    )
     max_feedback_token_chars: int = Field(1024, ge=1, description="Longest feedback_token, in characters.")
-    votes_per_minute: float = Field(60.0, gt=0, description="Sustained feedback rate per user; bursts up to vote_burst.")
+    votes_per_minute: float = Field(
+        60.0, gt=0, description="Sustained feedback rate per user; bursts up to vote_burst."
+    )
     vote_burst: int = Field(20, ge=1, description="Votes a user may send at once before the per-minute rate applies.")
     principal_votes_per_minute: float = Field(
-        6000.0, gt=0, description="Sustained feedback rate per principal (all its users); bursts up to principal_vote_burst."
+        6000.0,
+        gt=0,
+        description="Sustained feedback rate per principal (all its users); bursts up to principal_vote_burst.",
     )
-    principal_vote_burst: int = Field(500, ge=1, description="Votes a principal may send at once before its rate applies.")
+    principal_vote_burst: int = Field(
+        500, ge=1, description="Votes a principal may send at once before its rate applies."
+    )
     remembered_votes: int = Field(
-        100_000, ge=1, description="(response, principal, user) votes remembered for replaced_previous; oldest forgotten first."
+        100_000,
+        ge=1,
+        description="(response, principal, user) votes remembered for replaced_previous; oldest forgotten first.",
     )
 
 
 class TokenBucket:
     """Per-key token buckets; `allow(key)` spends one token if there is one."""
 
-    def __init__(self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
+    def __init__(
+        self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000
+    ):
         self._rate = rate_per_second
         self._burst = burst
         self._clock = clock
@@ -112,8 +124,12 @@ class FeedbackIntake:
         preferred_over = ""
         if request.HasField("preferred_over"):
             if request.preferred_over.response_id == response_id:
-                raise FeedbackRefused(Refusal.INVALID, "preferred_over.response_id: must differ from response.response_id")
-            preferred_over = self._verified(request.preferred_over, request.user_id, principal, "preferred_over").response_id
+                raise FeedbackRefused(
+                    Refusal.INVALID, "preferred_over.response_id: must differ from response.response_id"
+                )
+            preferred_over = self._verified(
+                request.preferred_over, request.user_id, principal, "preferred_over"
+            ).response_id
         # A principal's budget is spent only by votes its own users may still send.
         if not self._user_rate.allow(f"{principal}/{request.user_id}"):
             raise FeedbackRefused(
@@ -170,7 +186,9 @@ class FeedbackIntake:
                 Refusal.INVALID, f"rating: {request.rating} is not a Rating (RATING_UP = 1, RATING_DOWN = 2, or unset)"
             )
         if request.rating == serving_pb2.RATING_UNSPECIFIED and not request.HasField("preferred_over"):
-            raise FeedbackRefused(Refusal.INVALID, "rating: give RATING_UP or RATING_DOWN, or a preferred_over response")
+            raise FeedbackRefused(
+                Refusal.INVALID, "rating: give RATING_UP or RATING_DOWN, or a preferred_over response"
+            )
 
     def _verified(self, rated: serving_pb2.RatedResponse, user_id: str, principal: str, field: str) -> FeedbackClaims:
         try:

@@ -122,7 +122,9 @@ def fit_dead_letter(
 
 
 def _cut_reason(reason: str, kept: int, whole: int, max_message_bytes: int) -> str:
-    return f"{reason} [value cut to its first {kept} of {whole} bytes to fit kafka.max_message_bytes {max_message_bytes}]"
+    return (
+        f"{reason} [value cut to its first {kept} of {whole} bytes to fit kafka.max_message_bytes {max_message_bytes}]"
+    )
 
 
 def _record_bytes(dead_letter: events_pb2.DeadLetter, headers: list[tuple[str, bytes]]) -> int:
@@ -391,19 +393,29 @@ class EventProducer:
             if error is None:
                 self._metrics.events_dead_lettered.labels(event.topic, refusal.reason).inc()
                 log.warning(
-                    "Kafka refuses event %s of %s for good, dead-lettered: %s", event.event_id, event.topic, refusal.detail
+                    "Kafka refuses event %s of %s for good, dead-lettered: %s",
+                    event.event_id,
+                    event.topic,
+                    refusal.detail,
                 )
             elif await asyncio.to_thread(self._quarantine.append, quarantine_line(refusal, error, datetime.now(UTC))):
                 self._metrics.events_quarantined.labels(event.topic, refusal.reason).inc()
                 log.error(
                     "Kafka refuses event %s of %s for good (%s), and its dead letter (%s): quarantined in %s",
-                    event.event_id, event.topic, refusal.detail, error, self._spool_settings.directory / QUARANTINE_FILE,
+                    event.event_id,
+                    event.topic,
+                    refusal.detail,
+                    error,
+                    self._spool_settings.directory / QUARANTINE_FILE,
                 )
             else:
                 self._metrics.events_dropped.labels(event.topic, "quarantine_full").inc()
                 log.error(
                     "Kafka refuses event %s of %s for good (%s), and its dead letter (%s); the quarantine is full: dropped",
-                    event.event_id, event.topic, refusal.detail, error,
+                    event.event_id,
+                    event.topic,
+                    refusal.detail,
+                    error,
                 )
 
     async def _pause(self) -> None:

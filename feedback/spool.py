@@ -117,7 +117,9 @@ class Spool:
                 if not self._refusing:
                     log.warning(
                         "spool %s is full (%d of max_bytes %d); dropping events until Kafka takes some back",
-                        self._directory, self.size_bytes, self._settings.max_bytes,
+                        self._directory,
+                        self.size_bytes,
+                        self._settings.max_bytes,
                     )
                 self._refusing = True
                 break
@@ -177,7 +179,9 @@ class Spool:
         intact = max((end for _, end in unframe(data)), default=0)
         if intact < len(data):
             log.warning(
-                "spool segment %s ends in a torn record; ignoring its last %d bytes", self._path(number), len(data) - intact
+                "spool segment %s ends in a torn record; ignoring its last %d bytes",
+                self._path(number),
+                len(data) - intact,
             )
             with open(self._path(number), "r+b") as segment:
                 segment.truncate(intact)

@@ -39,12 +39,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", dest="server.metrics_port", type=int)
     parser.add_argument("--state-dir", dest="state_dir", type=Path)
     parser.add_argument("--log-level", dest="log_level")
-    parser.add_argument("--kafka", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers, host:port[,host:port]")
+    parser.add_argument(
+        "--kafka", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers, host:port[,host:port]"
+    )
 
 
 def _config_from(args: argparse.Namespace) -> FlywheelConfig:
     """The process config; a model directory's own flywheel.toml (the demo model has one) fills in what nothing else sets."""
-    flags = _nested({key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")})
+    flags = _nested(
+        {key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")}
+    )
     config = load_config(args.config, flags)
     config = load_config(args.config, flags, model_dir=_model_dir(config))
     configure_logging(config.log_level)
@@ -152,7 +156,13 @@ def _gate(args: argparse.Namespace) -> None:
     _limit_torch_threads(config.gate.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.gate.host, config.gate.metrics_port)
-    gate = Gate(config.gate, config.reward_model, config.trainer.checkpoint_dir, PolicyRegistry(config.registry_dir), GateMetrics(registry))
+    gate = Gate(
+        config.gate,
+        config.reward_model,
+        config.trainer.checkpoint_dir,
+        PolicyRegistry(config.registry_dir),
+        GateMetrics(registry),
+    )
     spool = config.spool.of_process("gate")
     event_metrics = EventMetrics.register(registry)
     _run_until_signal(lambda stopping: run_gate(gate, config.kafka, spool, event_metrics, stopping))
@@ -264,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # A flag not given is left out (SUPPRESS): flywheel.simulate.SimulationSettings holds the defaults.
     simulate = commands.add_parser(
-        "simulate", help="simulated users: ask demo questions, give thumbs by a hidden judge", argument_default=argparse.SUPPRESS
+        "simulate",
+        help="simulated users: ask demo questions, give thumbs by a hidden judge",
+        argument_default=argparse.SUPPRESS,
     )
     simulate.add_argument("--target", help="gRPC address of a Flywheel server")
     simulate.add_argument("--judge", help="module:function(prompt, answer) -> up/down/none")

@@ -25,20 +25,48 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_DIR_MAY_SET = {
     "ppo": (
-        "prompts_per_step", "responses_per_prompt", "max_new_tokens", "temperature", "epochs", "minibatch_size",
-        "clip_eps", "value_clip_eps", "gamma", "lam", "target_kl", "kl_horizon", "init_kl_coef",
-        "missing_eos_penalty", "policy_learning_rate", "critic_learning_rate", "max_grad_norm",
+        "prompts_per_step",
+        "responses_per_prompt",
+        "max_new_tokens",
+        "temperature",
+        "epochs",
+        "minibatch_size",
+        "clip_eps",
+        "value_clip_eps",
+        "gamma",
+        "lam",
+        "target_kl",
+        "kl_horizon",
+        "init_kl_coef",
+        "missing_eos_penalty",
+        "policy_learning_rate",
+        "critic_learning_rate",
+        "max_grad_norm",
         "candidate_every_steps",
     ),
     "reward_model": (
-        "model_path", "learning_rate", "batch_size", "pointwise_loss_weight", "heldout_fraction",
-        "update_every_labels", "max_grad_norm",
+        "model_path",
+        "learning_rate",
+        "batch_size",
+        "pointwise_loss_weight",
+        "heldout_fraction",
+        "update_every_labels",
+        "max_grad_norm",
     ),
     "trainer": (
-        "min_labels_before_ppo", "checkpoint_every_steps", "restart_after_rejections", "seed", "torch_threads",
+        "min_labels_before_ppo",
+        "checkpoint_every_steps",
+        "restart_after_rejections",
+        "seed",
+        "torch_threads",
     ),
     "gate": (
-        "thresholds", "safety", "golden_file", "heldout_prompts", "max_new_tokens", "kl_samples_per_prompt",
+        "thresholds",
+        "safety",
+        "golden_file",
+        "heldout_prompts",
+        "max_new_tokens",
+        "kl_samples_per_prompt",
         "torch_threads",
     ),
 }
@@ -80,7 +108,11 @@ class FlywheelConfig(BaseSettings):
     @model_validator(mode="after")
     def _paths_under_state_dir(self) -> "FlywheelConfig":
         def under(path: Path) -> Path:
-            return path if path.is_absolute() or path.parts[: len(self.state_dir.parts)] == self.state_dir.parts else self.state_dir / path
+            return (
+                path
+                if path.is_absolute() or path.parts[: len(self.state_dir.parts)] == self.state_dir.parts
+                else self.state_dir / path
+            )
 
         self.registry_dir = under(self.registry_dir)
         self.spool.directory = under(self.spool.directory)
@@ -195,7 +227,11 @@ def config_table(model: type[BaseModel] = FlywheelConfig, prefix: str = "") -> l
             rows += config_table(annotation, f"{key}.")
             continue
         default = field.get_default(call_default_factory=True)
-        shown = "" if default is None else json.dumps(default.get_secret_value() if isinstance(default, SecretStr) else default, default=str)
+        shown = (
+            ""
+            if default is None
+            else json.dumps(default.get_secret_value() if isinstance(default, SecretStr) else default, default=str)
+        )
         env = "FLYWHEEL_" + key.upper().replace(".", "__")
         rows.append(f"| `{key}` | `{env}` | `{shown}` | {field.description or ''} |")
     return rows

@@ -125,7 +125,9 @@ class PolicyVerdict(BaseModel):
     approved: bool = Field(description="True when the gate made it live.")
     checks: list[dict[str, Any]] = Field(description="Each check of the gate: name, value, threshold, passed, detail.")
     at: AwareDatetime = Field(description="When the verdict was recorded, UTC.")
-    judged_against: int | None = Field(None, description="The live version it was judged against; None if never judged.")
+    judged_against: int | None = Field(
+        None, description="The live version it was judged against; None if never judged."
+    )
     withheld: Withheld | None = Field(None, description="Why it is not live though no check failed; None otherwise.")
     withheld_detail: str = Field("", description="What happened, for the operator, when withheld is set.")
 
@@ -145,7 +147,11 @@ class LiveMoved(Exception):
         self.wanted = wanted
         self.expected = expected
         self.live = live
-        now = "no version" if live is None else f"version {live.version} ({live.kind}{', forced' if live.forced else ''}: {live.reason})"
+        now = (
+            "no version"
+            if live is None
+            else f"version {live.version} ({live.kind}{', forced' if live.forced else ''}: {live.reason})"
+        )
         super().__init__(
             f"live policy is {now}, not version {expected} as expected, so version {wanted} was not made live; "
             f"judge it again against the live version, or make it live by hand with `flywheel rollback --to {wanted}`"
@@ -156,7 +162,9 @@ class RegistryRetention(BaseModel):
     """Which versions keep their weights; every version keeps its manifest and verdict."""
 
     keep_approved: int = Field(
-        3, ge=1, description="Newest approved versions that keep their weights (rollback targets), besides the live one."
+        3,
+        ge=1,
+        description="Newest approved versions that keep their weights (rollback targets), besides the live one.",
     )
     keep_rejected: int = Field(
         3, ge=0, description="Newest versions the gate did not approve that keep their weights, to inspect why."
@@ -492,7 +500,12 @@ class PolicyRegistry:
         write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
         _append_line(self._history_path, line)
         log.info(
-            "live policy %s → %d (%s%s): %s", record.previous_version, version, kind, ", forced" if forced else "", reason
+            "live policy %s → %d (%s%s): %s",
+            record.previous_version,
+            version,
+            kind,
+            ", forced" if forced else "",
+            reason,
         )
         return record
 
@@ -679,7 +692,9 @@ class PolicyRegistry:
             live = self.live()
             if live is None:
                 manifest = self.publish(model_dir, parent_version=None, training_step=0, metrics={})
-                live = self.move_live(manifest.version, expected=None, reason=f"seeded from {model_dir}", kind="initial")
+                live = self.move_live(
+                    manifest.version, expected=None, reason=f"seeded from {model_dir}", kind="initial"
+                )
             return live
 
     @contextmanager

@@ -45,7 +45,9 @@ class SimulationSettings(BaseModel):
     judge: str = Field("flywheel.demo.task:judge_thumb", description="module:function(prompt, answer) -> up/down/none.")
     events: int = Field(3000, ge=1, description="Feedback events to send, then stop.")
     concurrency: int = Field(4, ge=1, description="Simulated users asking at once.")
-    rate: float | None = Field(None, gt=0, description="Most feedback events per second across all users; None for no limit.")
+    rate: float | None = Field(
+        None, gt=0, description="Most feedback events per second across all users; None for no limit."
+    )
     users: int = Field(200, ge=1, description="Distinct simulated user ids (each has its own feedback rate limit).")
     out_dir: Path = Field(Path("runs/simulate"), description="Folder for learning_curve.csv and learning_curve.png.")
     seed: int = 0
@@ -98,7 +100,10 @@ def trainer_gauges(url: str) -> dict[str, float]:
             text = response.read().decode()
     except OSError:
         return {}
-    wanted = {"flywheel_trainer_mean_score": "trainer_mean_score", "flywheel_trainer_kl_to_reference": "trainer_kl_to_reference"}
+    wanted = {
+        "flywheel_trainer_mean_score": "trainer_mean_score",
+        "flywheel_trainer_kl_to_reference": "trainer_kl_to_reference",
+    }
     return {
         wanted[family.name]: family.samples[0].value
         for family in text_string_to_metric_families(text)
@@ -148,7 +153,8 @@ class Simulation:
                 continue
             rated = pb.RatedResponse(response_id=answer.response_id, feedback_token=answer.feedback_token)
             await self.stub.SubmitFeedback(
-                pb.SubmitFeedbackRequest(response=rated, user_id=user_id, rating=RATINGS[verdict]), metadata=self.metadata
+                pb.SubmitFeedbackRequest(response=rated, user_id=user_id, rating=RATINGS[verdict]),
+                metadata=self.metadata,
             )
             self.sent += 1
             self.recent_thumbs.append(verdict == "up")
@@ -157,7 +163,9 @@ class Simulation:
         """Share of evaluation questions (never asked by the simulated users) whose greedy answer the judge likes."""
         questions = evaluation_questions()[: self.settings.heldout_questions]
         answers = await asyncio.gather(*(self.ask(q.prompt, "sim-evaluator", 0.0) for q in questions))
-        return sum(verdict_of(self.judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)) / len(questions)
+        return sum(verdict_of(self.judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)) / len(
+            questions
+        )
 
     async def measure(self) -> dict:
         policy = await self.stub.GetPolicy(pb.GetPolicyRequest(), metadata=self.metadata)
@@ -213,13 +221,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, rate_axis = pyplot.subplots(figsize=(8, 4.5))
     events = [row["feedback_events"] for row in rows]
-    rate_line = rate_axis.plot(events, [row["heldout_thumbs_up_rate"] for row in rows], marker="o", label="held-out thumbs-up rate (greedy)")
+    rate_line = rate_axis.plot(
+        events, [row["heldout_thumbs_up_rate"] for row in rows], marker="o", label="held-out thumbs-up rate (greedy)"
+    )
     rate_axis.set_xlabel("feedback events")
     rate_axis.set_ylabel("thumbs-up rate")
     rate_axis.set_ylim(0, 1)
     version_axis = rate_axis.twinx()
     version_line = version_axis.step(
-        events, [row["policy_version"] for row in rows], where="post", color="grey", alpha=0.6, label="live policy version"
+        events,
+        [row["policy_version"] for row in rows],
+        where="post",
+        color="grey",
+        alpha=0.6,
+        label="live policy version",
     )
     version_axis.set_ylabel("live policy version")
     rate_axis.legend(handles=rate_line + version_line, loc="center right")
@@ -237,7 +252,13 @@ def run_simulation(settings: SimulationSettings) -> int:
         print(f"flywheel simulate: {error}")
         return 2
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    columns = (TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]simulate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns) as progress:
         bar = progress.add_task("", total=settings.events)
 

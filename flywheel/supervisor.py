@@ -38,7 +38,9 @@ class Child:
 
     def start(self) -> None:
         self.log_file = self.log_file or self.log_path.open("ab")
-        self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.started_at = time.monotonic()
 
     def stop(self) -> None:
@@ -82,7 +84,9 @@ def run_up(config: FlywheelConfig, flags: list[str]) -> int:
     log_dir = config.state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     names = (["broker"] if broker_is_local(config) else []) + ["serve", "train", "gate"]
-    children = [Child(name, [sys.executable, "-m", "flywheel.cli", name, *flags], log_dir / f"{name}.log") for name in names]
+    children = [
+        Child(name, [sys.executable, "-m", "flywheel.cli", name, *flags], log_dir / f"{name}.log") for name in names
+    ]
 
     stopping = False
 
@@ -96,7 +100,11 @@ def run_up(config: FlywheelConfig, flags: list[str]) -> int:
     for child in children:
         child.start()
         if child.name == "broker" and not _wait_for_port(config.kafka.bootstrap_servers.split(",")[0], 30):
-            log.error("the embedded broker did not open %s within 30 s; see %s", config.kafka.bootstrap_servers, child.log_path)
+            log.error(
+                "the embedded broker did not open %s within 30 s; see %s",
+                config.kafka.bootstrap_servers,
+                child.log_path,
+            )
     server = config.server
     print(
         "Flywheel is up.\n"

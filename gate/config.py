@@ -16,7 +16,9 @@ class GateSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gate's /metrics binds.")
     metrics_port: int = Field(9402, description="Prometheus /metrics HTTP port of the gate; 0 picks a free one.")
     consumer_group: str = Field("flywheel-gate", description="Kafka consumer group of the gate.")
-    poll_seconds: float = Field(1.0, gt=0, description="Longest wait for events before the gate looks for candidates again.")
+    poll_seconds: float = Field(
+        1.0, gt=0, description="Longest wait for events before the gate looks for candidates again."
+    )
     thresholds: GateThresholds = Field(default_factory=GateThresholds)
     safety: SafetyRules = Field(default_factory=SafetyRules)
     golden_file: str = Field(
@@ -26,7 +28,9 @@ class GateSettings(BaseModel):
     )
     heldout_prompts: int = Field(32, ge=0, description="Recent held-out prompts from logged traffic in the eval set.")
     max_new_tokens: int = Field(32, ge=1, description="Longest answer generated during evaluation, in tokens.")
-    kl_samples_per_prompt: int = Field(2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate.")
+    kl_samples_per_prompt: int = Field(
+        2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate."
+    )
     auto_rollback: bool = Field(True, description="Roll back a live version whose thumbs are significantly worse.")
     max_principal_share: float = Field(
         0.5,

@@ -40,7 +40,10 @@ class ThumbsDownSPRT(BaseModel):
         0.01, gt=0, lt=0.5, description="α: chance of rolling back a new version that is no worse than its parent."
     )
     miss_rate: float = Field(
-        0.05, gt=0, lt=0.5, description="β: chance of keeping a new version whose thumbs-down rate is min_increase worse."
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="β: chance of keeping a new version whose thumbs-down rate is min_increase worse.",
     )
     min_increase: float = Field(
         0.10, gt=0, lt=0.5, description="δ: absolute rise of the thumbs-down rate that counts as significantly worse."

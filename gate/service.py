@@ -113,12 +113,17 @@ class HeldoutPrompts:
         if any(prompt.text == event.rendered_prompt for _, prompt in prompts):
             return
         self._offered += 1
-        prompts.append((self._offered, EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt, principal=principal)))
+        prompts.append(
+            (self._offered, EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt, principal=principal))
+        )
 
     def current(self) -> list[EvalPrompt]:
         newest_first = sorted((entry for prompts in self._by_principal.values() for entry in prompts), reverse=True)
         chosen = capped_per_principal(
-            [prompt for _, prompt in newest_first], lambda prompt: prompt.principal, self._max_principal_share, self._capacity
+            [prompt for _, prompt in newest_first],
+            lambda prompt: prompt.principal,
+            self._max_principal_share,
+            self._capacity,
         )
         distinct: dict[str, EvalPrompt] = {}
         for prompt in reversed(chosen):
@@ -187,12 +192,16 @@ class GateEvaluator:
         return self.reward_model.score(sequences).tolist()
 
     @torch.no_grad()
-    def kl_to_reference(self, candidate: PreTrainedModel, reference: PreTrainedModel, prompts: Sequence[EvalPrompt]) -> float:
+    def kl_to_reference(
+        self, candidate: PreTrainedModel, reference: PreTrainedModel, prompts: Sequence[EvalPrompt]
+    ) -> float:
         """KL(candidate ‖ reference) in nats per answer: Σ log-ratio over answers the candidate samples at temperature 1."""
         eos = end_of_sequence_ids(candidate.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         torch.manual_seed(KL_SAMPLING_SEED)
         repeated = [list(p.token_ids) for p in prompts for _ in range(self.settings.kl_samples_per_prompt)]
-        responses = TransformersSampler(candidate, self.tokenizer.pad_token_id, eos)(repeated, self.settings.max_new_tokens, 1.0)
+        responses = TransformersSampler(candidate, self.tokenizer.pad_token_id, eos)(
+            repeated, self.settings.max_new_tokens, 1.0
+        )
         rollout = Rollout(repeated, responses, [r[-1] in eos for r in responses], 0.0)
         batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
         logprobs, ref_logprobs = (
@@ -201,7 +210,9 @@ class GateEvaluator:
         )
         return kl_per_answer(logprobs, ref_logprobs, batch.response_mask).mean().item()
 
-    def judge(self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]) -> GateVerdict:
+    def judge(
+        self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]
+    ) -> GateVerdict:
         candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)
         live = load_without_dropout(AutoModelForCausalLM, live_path)
         evaluations = []
@@ -226,14 +237,24 @@ class GateMetrics:
             "flywheel_gate_decisions", "Gate verdicts on candidates: approved, rejected, or withheld (passed, but live moved).",
             ["decision"], registry=registry,
         )  # fmt: skip
-        self.check_value = Gauge("flywheel_gate_check_value", "Each check's value on the last candidate.", ["check"], registry=registry)
+        self.check_value = Gauge(
+            "flywheel_gate_check_value", "Each check's value on the last candidate.", ["check"], registry=registry
+        )
         self.check_threshold = Gauge(
-            "flywheel_gate_check_threshold", "Each check's threshold on the last candidate.", ["check"], registry=registry
+            "flywheel_gate_check_threshold",
+            "Each check's threshold on the last candidate.",
+            ["check"],
+            registry=registry,
         )
         self.check_passed = Gauge(
-            "flywheel_gate_check_passed", "1 when the last candidate passed the check, else 0.", ["check"], registry=registry
+            "flywheel_gate_check_passed",
+            "1 when the last candidate passed the check, else 0.",
+            ["check"],
+            registry=registry,
         )
-        self.rollbacks = Counter("flywheel_rollbacks", "Rollbacks of the live policy, by trigger.", ["trigger"], registry=registry)
+        self.rollbacks = Counter(
+            "flywheel_rollbacks", "Rollbacks of the live policy, by trigger.", ["trigger"], registry=registry
+        )
         self.approved_version = Gauge(
             "flywheel_approved_policy_version", "The version the registry's live pointer names.", registry=registry
         )
@@ -330,7 +351,9 @@ class Gate:
                 return None  # another gate is judging it, or has just judged it
             return self._judge(version)
 
-    def judge(self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]) -> GateVerdict:
+    def judge(
+        self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]
+    ) -> GateVerdict:
         """Run the gate's checks on a candidate against the live policy, with the trainer's latest reward model."""
         return self._evaluator().judge(candidate_path, live_path, reference_path, prompts)
 
@@ -343,7 +366,13 @@ class Gate:
         try:
             self.registry.verify(version)
         except CorruptPolicy as error:
-            return self._reject(version, manifest.parent_version, [{"name": "digest", "passed": False, "detail": str(error)}], [str(error)], live.version)
+            return self._reject(
+                version,
+                manifest.parent_version,
+                [{"name": "digest", "passed": False, "detail": str(error)}],
+                [str(error)],
+                live.version,
+            )
         prompts = self.heldout.current() + self._golden()
         verdict = self.judge(
             self.registry.path(version),
@@ -357,7 +386,13 @@ class Gate:
             self.metrics.check_threshold.labels(check=check.name).set(check.threshold)
             self.metrics.check_passed.labels(check=check.name).set(float(check.passed))
         if not verdict.approved:
-            return self._reject(version, live.version, checks, [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed], live.version)
+            return self._reject(
+                version,
+                live.version,
+                checks,
+                [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
+                live.version,
+            )
         try:
             self.registry.approve(version, judged_against=live.version, checks=checks, reason="approved by the gate")
         except LiveMoved as moved:
@@ -374,7 +409,9 @@ class Gate:
             checks=[_check_proto(c) for c in verdict.checks],
         )
 
-    def _withhold(self, version: int, judged_against: int, checks: list[dict], moved: LiveMoved) -> events_pb2.PolicyEvent:
+    def _withhold(
+        self, version: int, judged_against: int, checks: list[dict], moved: LiveMoved
+    ) -> events_pb2.PolicyEvent:
         """A candidate that passed against a version no longer live: not made live, and not judged again.
 
         Judging it again against the new live version could undo an operator's rollback, and a
@@ -382,7 +419,12 @@ class Gate:
         candidate is judged against the new live version.
         """
         self.registry.record_verdict(
-            version, False, checks, judged_against=judged_against, withheld=Withheld.LIVE_MOVED, withheld_detail=str(moved)
+            version,
+            False,
+            checks,
+            judged_against=judged_against,
+            withheld=Withheld.LIVE_MOVED,
+            withheld_detail=str(moved),
         )
         self.metrics.decisions.labels(decision="withheld").inc()
         log.warning("withheld policy %d: %s", version, moved)
@@ -425,8 +467,13 @@ class Gate:
         """Remove the weights of versions outside gate.retention, keeping the trainer's reference policy; None when skipped."""
         try:
             pinned = self._trainer_reference_versions()
-        except (OSError, ValueError) as error:  # a checkpoint being replaced: its reference is unknown, so remove nothing
-            log.warning("retention skipped: cannot read the trainer's reference policy from %s: %s", self.checkpoint_dir, error)
+        except (
+            OSError,
+            ValueError,
+        ) as error:  # a checkpoint being replaced: its reference is unknown, so remove nothing
+            log.warning(
+                "retention skipped: cannot read the trainer's reference policy from %s: %s", self.checkpoint_dir, error
+            )
             return None
         report = self.registry.retain(self.settings.retention, pinned=pinned)
         self.metrics.weights_removed.inc(len(report.removed))
@@ -453,9 +500,13 @@ class Gate:
         while True:
             checkpoint = latest_checkpoint(self.checkpoint_dir)
             if checkpoint is None:
-                raise RuntimeError(f"no trainer checkpoint in {self.checkpoint_dir}: the gate needs the trainer's reward model")
+                raise RuntimeError(
+                    f"no trainer checkpoint in {self.checkpoint_dir}: the gate needs the trainer's reward model"
+                )
             try:
-                reward_model = RewardModelTrainer.load(checkpoint / "reward_model", self.reward_model_settings, tokenizer.pad_token_id)
+                reward_model = RewardModelTrainer.load(
+                    checkpoint / "reward_model", self.reward_model_settings, tokenizer.pad_token_id
+                )
                 return GateEvaluator(tokenizer, reward_model, self.settings)
             except OSError:
                 attempts -= 1
@@ -465,7 +516,9 @@ class Gate:
 
 
 def _check_proto(check) -> events_pb2.GateCheck:
-    return events_pb2.GateCheck(name=check.name, value=check.value, threshold=check.threshold, passed=check.passed, detail=check.detail)
+    return events_pb2.GateCheck(
+        name=check.name, value=check.value, threshold=check.threshold, passed=check.passed, detail=check.detail
+    )
 
 
 async def run_gate(
@@ -479,7 +532,10 @@ async def run_gate(
     """
     producer = EventProducer(kafka, spool, event_metrics)
     consumer = EventConsumer(
-        kafka, gate.settings.consumer_group, event_metrics, [kafka.topics.generations, kafka.topics.feedback, kafka.topics.policy]
+        kafka,
+        gate.settings.consumer_group,
+        event_metrics,
+        [kafka.topics.generations, kafka.topics.feedback, kafka.topics.policy],
     )
     await producer.start()
     try:
@@ -490,7 +546,10 @@ async def run_gate(
                 batch = await consumer.poll(timeout_ms=int(gate.settings.poll_seconds * 1000))
                 for consumed, reason in gate.take(batch.events):
                     await consumer.dead_letter(consumed, "refused_by_gate", reason)
-                decisions = [await asyncio.to_thread(gate.decide_next), gate.rollback_due() if gate.settings.auto_rollback else None]
+                decisions = [
+                    await asyncio.to_thread(gate.decide_next),
+                    gate.rollback_due() if gate.settings.auto_rollback else None,
+                ]
                 for decided in decisions:
                     if decided is not None:
                         producer.publish(kafka.topics.policy, str(decided.policy_version), decided)
@@ -519,4 +578,3 @@ def publish_rollback(registry: PolicyRegistry, version: int, reason: str) -> eve
     """
     record = registry.set_live(version, reason=reason, kind="rollback")
     return policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, version, record.previous_version, reasons=[reason])
-

@@ -112,7 +112,10 @@ class FlywheelServer:
         serving_pb2_grpc.add_FlywheelServicer_to_server(service, grpc_server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            grpc_server,
+        )
         await grpc_server.start()
 
         metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
@@ -130,7 +133,10 @@ class FlywheelServer:
             admission=admission,
             server_id=server_id,
         )
-        log.info("serving", extra={"address": server.address, "metrics_url": server.metrics_url, "policy_version": policy_version})
+        log.info(
+            "serving",
+            extra={"address": server.address, "metrics_url": server.metrics_url, "policy_version": policy_version},
+        )
         return server
 
     async def stop(self, grace_seconds: float) -> None:
@@ -175,10 +181,16 @@ async def serve(
         engine,
         policy_version=version,
         policy_digest=manifest.digest,
-        events=producer, topics=kafka.topics, registry=registry
+        events=producer,
+        topics=kafka.topics,
+        registry=registry,
     )
-    swapper = PolicySwapper(engine, server.policy, server.admission, checker, server.metrics, producer, kafka.topics, server.server_id)
-    policy_events = EventConsumer(kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy])
+    swapper = PolicySwapper(
+        engine, server.policy, server.admission, checker, server.metrics, producer, kafka.topics, server.server_id
+    )
+    policy_events = EventConsumer(
+        kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy]
+    )
     following = asyncio.create_task(_follow_policies(swapper, policy_events, settings.policy_poll_seconds))
     freeze_startup_heap()
     try:

@@ -13,7 +13,9 @@ class EngineSettings(BaseModel):
     """How the vLLM engine runs the policy."""
 
     model: str = Field("", description="Hugging Face model directory to serve; empty means the built-in demo model.")
-    dtype: str = Field("auto", description="Weight and activation dtype passed to vLLM (auto, float32, bfloat16, float16).")
+    dtype: str = Field(
+        "auto", description="Weight and activation dtype passed to vLLM (auto, float32, bfloat16, float16)."
+    )
     max_model_len: int | None = Field(None, description="Context length in tokens; unset means the model's own.")
     kv_cache_bytes: int = Field(
         1 << 30, ge=0, description="KV-cache size in bytes; 0 lets vLLM size it from gpu_memory_utilization (GPU)."
@@ -46,14 +48,18 @@ class ServerSettings(BaseModel):
         description="Accepted API keys, as {principal, sha256}; none (and no api_keys_file) means no auth, one principal.",
     )
     api_keys_file: Path | None = Field(
-        None, description="File of accepted API keys, one `PRINCIPAL SHA256HEX` per line (`flywheel key new` makes one)."
+        None,
+        description="File of accepted API keys, one `PRINCIPAL SHA256HEX` per line (`flywheel key new` makes one).",
     )
     feedback_token_secret: SecretStr | None = Field(
-        None, description="HMAC key for feedback tokens; must be shared by all replicas. Unset: a random per-process key."
+        None,
+        description="HMAC key for feedback tokens; must be shared by all replicas. Unset: a random per-process key.",
     )
     feedback_token_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="How long a feedback token stays valid.")
     feedback: IntakeLimits = Field(default_factory=IntakeLimits)
-    log_generations: bool = Field(True, description="Log every answer to Kafka (GenerationLogged); the trainer needs it.")
+    log_generations: bool = Field(
+        True, description="Log every answer to Kafka (GenerationLogged); the trainer needs it."
+    )
     policy_poll_seconds: float = Field(
         5.0, gt=0, description="How often the server also checks the registry's live pointer, besides policy events."
     )
@@ -67,7 +73,8 @@ class ServerSettings(BaseModel):
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(
-        None, description="PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS)."
+        None,
+        description="PEM CA certificates; when set, every client must present a certificate they signed (mutual TLS).",
     )
 
     def principals_by_key_digest(self) -> dict[str, str]:

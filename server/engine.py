@@ -153,4 +153,3 @@ def refused_by_engine(refused: Exception) -> InvalidRequest:
     parameter = getattr(refused, "parameter", None) or message.split(" ", 1)[0]
     field = f"sampling.{parameter}" if parameter in SAMPLING_FIELDS else "request"
     return InvalidRequest(field, f"the engine refuses it: {message}")
-

@@ -57,7 +57,8 @@ async def _abort_unexpected(context: aio.ServicerContext, rpc: str, error: Excep
     log.error("%s failed unexpectedly", rpc, exc_info=error)
     request_id = request_id_var.get()
     await context.abort(
-        grpc.StatusCode.INTERNAL, "internal error; the server logged it" + (f" (request id {request_id})" if request_id else "")
+        grpc.StatusCode.INTERNAL,
+        "internal error; the server logged it" + (f" (request id {request_id})" if request_id else ""),
     )
 
 

@@ -10,12 +10,22 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.requests = Counter(
-            "flywheel_grpc_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "code"], registry=registry
+            "flywheel_grpc_requests",
+            "Finished RPCs by method and gRPC status code.",
+            ["rpc", "code"],
+            registry=registry,
         )
-        self.in_flight = Gauge("flywheel_requests_in_flight", "Generate requests running in the engine.", registry=registry)
-        self.queued = Gauge("flywheel_requests_queued", "Generate requests waiting for an engine slot.", registry=registry)
+        self.in_flight = Gauge(
+            "flywheel_requests_in_flight", "Generate requests running in the engine.", registry=registry
+        )
+        self.queued = Gauge(
+            "flywheel_requests_queued", "Generate requests waiting for an engine slot.", registry=registry
+        )
         self.queue_seconds = Histogram(
-            "flywheel_queue_seconds", "Time a request waited for an engine slot.", buckets=LATENCY_BUCKETS, registry=registry
+            "flywheel_queue_seconds",
+            "Time a request waited for an engine slot.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.time_to_first_token = Histogram(
             "flywheel_time_to_first_token_seconds",
@@ -45,7 +55,10 @@ class ServingMetrics:
             registry=registry,
         )
         self.policy_swaps = Counter(
-            "flywheel_policy_swaps", "Policy swaps by outcome (ok, digest_mismatch, failed).", ["outcome"], registry=registry
+            "flywheel_policy_swaps",
+            "Policy swaps by outcome (ok, digest_mismatch, failed).",
+            ["outcome"],
+            registry=registry,
         )
         self.policy_swap_seconds = Histogram(
             "flywheel_policy_swap_seconds",
@@ -53,7 +66,9 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.policy_version = Gauge("flywheel_policy_version", "Version of the policy this server answers with.", registry=registry)
+        self.policy_version = Gauge(
+            "flywheel_policy_version", "Version of the policy this server answers with.", registry=registry
+        )
 
 
 class PolicyCheckMetrics:

@@ -48,7 +48,6 @@ FINISH_REASONS = {
 RATING_LABELS = {serving_pb2.RATING_UP: "up", serving_pb2.RATING_DOWN: "down"}
 
 
-
 @dataclass(frozen=True)
 class ValidatedInput:
     """A request's prompt or chat messages, checked against the limits but not yet rendered."""
@@ -146,7 +145,9 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
 
     async def SubmitFeedback(self, request, context):
         if self._events is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this server does not log feedback (log_generations is off)")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this server does not log feedback (log_generations is off)"
+            )
         try:
             event, replaced = self._intake.accept(request, principal_var.get())
         except FeedbackRefused as refused:
@@ -155,7 +156,8 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         if not self._events.publish(self._topics.feedback, event.response_id, event):
             self._metrics.feedback_rejected.labels(reason="event_log_full").inc()
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the server cannot log feedback right now (its event queue is full); retry later"
+                grpc.StatusCode.UNAVAILABLE,
+                "the server cannot log feedback right now (its event queue is full); retry later",
             )
         rating = "preference" if event.preferred_over_response_id else RATING_LABELS[event.rating]
         self._metrics.feedback.labels(rating=rating, policy_version=str(event.policy_version)).inc()

@@ -113,7 +113,13 @@ class PolicyChecker:
             wait = refusal_backoff_seconds(refusals, self._first_retry_seconds, self._max_retry_seconds)
             self._refusals[version] = Refusal(str(error), refusals, self._clock() + wait)
             self._metrics.refusals.labels(policy_version=str(version)).inc()
-            log.error("refusing policy version %d (refusal %d in a row, next check in %.0f s): %s", version, refusals, wait, error)
+            log.error(
+                "refusing policy version %d (refusal %d in a row, next check in %.0f s): %s",
+                version,
+                refusals,
+                wait,
+                error,
+            )
             raise PolicyRefused(version, str(error)) from error
         if self._refusals.pop(version, None) is not None:
             log.info("policy version %d matches its manifest again", version)
@@ -206,9 +212,13 @@ class PolicySwapper:
         self._metrics.policy_swaps.labels(outcome="ok").inc()
         self._metrics.policy_swap_seconds.observe(paused_seconds)
         self._metrics.policy_version.set(version)
-        log.info("policy %d is live", version, extra={"policy_version": version, "paused_seconds": round(paused_seconds, 4)})
+        log.info(
+            "policy %d is live", version, extra={"policy_version": version, "paused_seconds": round(paused_seconds, 4)}
+        )
         if self._events is not None:
-            self._events.publish(self._topics.policy, str(version), self._live_event(version, manifest.digest, str(path)))
+            self._events.publish(
+                self._topics.policy, str(version), self._live_event(version, manifest.digest, str(path))
+            )
         return True
 
     def _live_event(self, version: int, digest: str, path: str) -> events_pb2.PolicyEvent:

@@ -47,7 +47,9 @@ class CertificateFiles:
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(), self._changed_configuration, require_client_authentication=self._client_ca_file is not None
+            self._configuration(),
+            self._changed_configuration,
+            require_client_authentication=self._client_ca_file is not None,
         )
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -67,7 +69,10 @@ class CertificateFiles:
             log.warning("TLS files unreadable, keeping the current certificate: %s", error)
             return None
         self._stamp = stamp
-        log.info("TLS certificate files changed: serving new connections with them", extra={"cert_file": str(self._cert_file)})
+        log.info(
+            "TLS certificate files changed: serving new connections with them",
+            extra={"cert_file": str(self._cert_file)},
+        )
         return configuration
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:

@@ -29,14 +29,18 @@ class RequestLimits(BaseModel):
 
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    max_message_chars: int = Field(16384, ge=1, description="Largest prompt, or content of one chat message, in characters.")
+    max_message_chars: int = Field(
+        16384, ge=1, description="Largest prompt, or content of one chat message, in characters."
+    )
     max_chat_messages: int = Field(64, ge=1, description="Most messages in one chat.")
     max_request_chars: int = Field(
         65536, ge=1, description="Most characters of prompt or chat text in one request, all messages together."
     )
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings a request may give.")
     max_stop_string_chars: int = Field(64, ge=1, description="Longest stop string, in characters.")
-    max_user_id_chars: int = Field(128, ge=1, description="Longest user_id, in characters (Generate and SubmitFeedback).")
+    max_user_id_chars: int = Field(
+        128, ge=1, description="Longest user_id, in characters (Generate and SubmitFeedback)."
+    )
     max_client_request_id_chars: int = Field(128, ge=0, description="Longest client_request_id, in characters.")
     max_tags: int = Field(16, ge=0, description="Most tags on one request.")
     max_tag_key_chars: int = Field(64, ge=1, description="Longest tag name, in characters.")
@@ -82,7 +86,9 @@ def validate_chat(chat: serving_pb2.ChatMessages, limits: RequestLimits) -> list
     messages = []
     for i, message in enumerate(chat.messages):
         if message.role not in CHAT_ROLES:
-            raise InvalidRequest(f"chat.messages[{i}].role", f"{shown(message.role)} is not one of {', '.join(CHAT_ROLES)}")
+            raise InvalidRequest(
+                f"chat.messages[{i}].role", f"{shown(message.role)} is not one of {', '.join(CHAT_ROLES)}"
+            )
         _at_most(f"chat.messages[{i}].content", len(message.content), limits.max_message_chars, "characters")
         total += len(message.content)
         messages.append({"role": message.role, "content": message.content})
@@ -150,7 +156,8 @@ def fit_to_context(sampling: Sampling, prompt_tokens: int, max_model_len: int, l
         filled = min(limits.default_max_tokens, room)
         if sampling.min_tokens > filled:
             raise InvalidRequest(
-                "sampling.min_tokens", f"is {sampling.min_tokens}, above the default max_tokens {filled}; set max_tokens too"
+                "sampling.min_tokens",
+                f"is {sampling.min_tokens}, above the default max_tokens {filled}; set max_tokens too",
             )
         return Sampling(**{**sampling.__dict__, "max_tokens": filled})
     if sampling.max_tokens > room:

@@ -41,7 +41,10 @@ def module_markers(path: Path) -> frozenset[str]:
     names = set()
     for statement in ast.parse(path.read_bytes(), filename=str(path)).body:
         targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
-        if not any(isinstance(target, ast.Name) and target.id == "pytestmark" for target in targets) or not statement.value:
+        if (
+            not any(isinstance(target, ast.Name) and target.id == "pytestmark" for target in targets)
+            or not statement.value
+        ):
             continue
         for node in ast.walk(statement.value):
             # pytest.mark.NAME, or pytest.mark.NAME(...) whose func is that attribute

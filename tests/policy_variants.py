@@ -13,7 +13,12 @@ from flywheel.demo.task import DemoQuestion, sample_questions
 
 
 def fine_tuned(
-    base: Path, out: Path, answer_for: Callable[[DemoQuestion], str], steps: int, learning_rate: float = 2e-3, seed: int = 0
+    base: Path,
+    out: Path,
+    answer_for: Callable[[DemoQuestion], str],
+    steps: int,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
 ) -> Path:
     """A copy of `base` trained for `steps` batches to answer each demo question with `answer_for(question)`."""
     torch.manual_seed(seed)

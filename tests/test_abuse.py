@@ -126,12 +126,23 @@ GENERATE_CASES = [
     ("prompt past its limit", generate("1" * 2001), ACME, INVALID, "prompt"),
     ("empty prompt", generate(" "), ACME, INVALID, "prompt"),
     ("no input", pb.GenerateRequest(), ACME, INVALID, "input"),
-    ("chat message past its limit", pb.GenerateRequest(chat=chat("x" * 2001)), ACME, INVALID, "chat.messages[0].content"),
+    (
+        "chat message past its limit",
+        pb.GenerateRequest(chat=chat("x" * 2001)),
+        ACME,
+        INVALID,
+        "chat.messages[0].content",
+    ),
     ("chat at its message count", pb.GenerateRequest(chat=chat(*["hi"] * 4), sampling=sampling()), ACME, OK, ""),
     ("chat past its message count", pb.GenerateRequest(chat=chat(*["hi"] * 5)), ACME, INVALID, "chat.messages"),
     ("chat past the request's text", pb.GenerateRequest(chat=chat(*["x" * 1000] * 4)), ACME, INVALID, "chat.messages"),
-    ("unknown role", pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="root" * 500, content="hi")])),
-     ACME, INVALID, "chat.messages[0].role"),
+    (
+        "unknown role",
+        pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="root" * 500, content="hi")])),
+        ACME,
+        INVALID,
+        "chat.messages[0].role",
+    ),
     ("user_id at its limit", generate(user_id="u" * 128), ACME, OK, ""),
     ("user_id past its limit", generate(user_id="u" * 129), ACME, INVALID, "user_id"),
     ("user_id of 1.1 MB", generate(user_id="u" * 1_100_000), ACME, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
@@ -146,8 +157,13 @@ GENERATE_CASES = [
     ("max_tokens past its limit", generate(sampling=sampling(max_tokens=65)), ACME, INVALID, "sampling.max_tokens"),
     ("max_tokens zero", generate(sampling=sampling(max_tokens=0)), ACME, INVALID, "sampling.max_tokens"),
     ("temperature at the engine's limit", generate(sampling=sampling(temperature=2.0)), ACME, OK, ""),
-    ("temperature past the engine's limit", generate(sampling=sampling(temperature=2.5)), ACME, INVALID,
-     "sampling.temperature"),
+    (
+        "temperature past the engine's limit",
+        generate(sampling=sampling(temperature=2.5)),
+        ACME,
+        INVALID,
+        "sampling.temperature",
+    ),
     ("temperature infinite", generate(sampling=sampling(temperature=math.inf)), ACME, INVALID, "sampling.temperature"),
     ("temperature NaN", generate(sampling=sampling(temperature=math.nan)), ACME, INVALID, "sampling.temperature"),
     ("temperature negative", generate(sampling=sampling(temperature=-0.1)), ACME, INVALID, "sampling.temperature"),
@@ -159,10 +175,20 @@ GENERATE_CASES = [
     ("seed extremes", generate(sampling=sampling(seed=-(2**63))), ACME, OK, ""),
     ("seed largest", generate(sampling=sampling(seed=2**63 - 1)), ACME, OK, ""),
     ("min_tokens at max_tokens", generate(sampling=sampling(max_tokens=4, min_tokens=4)), ACME, OK, ""),
-    ("min_tokens past max_tokens", generate(sampling=sampling(max_tokens=4, min_tokens=5)), ACME, INVALID,
-     "sampling.min_tokens"),
-    ("min_tokens past the default max_tokens", generate(sampling=pb.SamplingParams(min_tokens=1000)), ACME, INVALID,
-     "sampling.min_tokens"),
+    (
+        "min_tokens past max_tokens",
+        generate(sampling=sampling(max_tokens=4, min_tokens=5)),
+        ACME,
+        INVALID,
+        "sampling.min_tokens",
+    ),
+    (
+        "min_tokens past the default max_tokens",
+        generate(sampling=pb.SamplingParams(min_tokens=1000)),
+        ACME,
+        INVALID,
+        "sampling.min_tokens",
+    ),
     ("stop strings at their count", generate(sampling=sampling(stop=["a"] * 8)), ACME, OK, ""),
     ("stop strings past their count", generate(sampling=sampling(stop=["a"] * 9)), ACME, INVALID, "sampling.stop"),
     ("stop string past its limit", generate(sampling=sampling(stop=["s" * 65])), ACME, INVALID, "sampling.stop[0]"),
@@ -205,24 +231,64 @@ def test_feedback_forgeries_and_bounds_have_their_documented_status(abused):
         ("no user", vote(user_id=""), ACME, INVALID, "user_id"),
         ("user_id past its limit", vote(user_id="u" * 129), ACME, INVALID, "user_id"),
         ("comment past its limit", vote(comment="c" * 101), ACME, INVALID, "comment"),
-        ("response_id past its limit", vote(response=with_token(answer.feedback_token, "r" * 65)), ACME, INVALID,
-         "response.response_id"),
+        (
+            "response_id past its limit",
+            vote(response=with_token(answer.feedback_token, "r" * 65)),
+            ACME,
+            INVALID,
+            "response.response_id",
+        ),
         ("token past its limit", vote(response=with_token("t" * 1025)), ACME, INVALID, "response.feedback_token"),
-        ("malformed token", vote(response=with_token("not-a-token")), ACME, grpc.StatusCode.PERMISSION_DENIED,
-         "response.feedback_token"),
-        ("signed with another secret", vote(response=with_token(token("guessed"))), ACME,
-         grpc.StatusCode.PERMISSION_DENIED, "response.feedback_token"),
-        ("expired token", vote(response=with_token(token(expires_at=now - 1))), ACME, grpc.StatusCode.PERMISSION_DENIED,
-         "response.feedback_token"),
-        ("token of another response", vote(response=with_token(answer.feedback_token, mallorys.response_id)), ACME,
-         grpc.StatusCode.NOT_FOUND, "response.response_id"),
-        ("token of another user", vote(user_id="bob"), ACME, grpc.StatusCode.PERMISSION_DENIED,
-         "response.feedback_token"),
-        ("another principal's user of the same name", vote(), MALLORY, grpc.StatusCode.PERMISSION_DENIED,
-         "response.feedback_token"),
+        (
+            "malformed token",
+            vote(response=with_token("not-a-token")),
+            ACME,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "response.feedback_token",
+        ),
+        (
+            "signed with another secret",
+            vote(response=with_token(token("guessed"))),
+            ACME,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "response.feedback_token",
+        ),
+        (
+            "expired token",
+            vote(response=with_token(token(expires_at=now - 1))),
+            ACME,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "response.feedback_token",
+        ),
+        (
+            "token of another response",
+            vote(response=with_token(answer.feedback_token, mallorys.response_id)),
+            ACME,
+            grpc.StatusCode.NOT_FOUND,
+            "response.response_id",
+        ),
+        (
+            "token of another user",
+            vote(user_id="bob"),
+            ACME,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "response.feedback_token",
+        ),
+        (
+            "another principal's user of the same name",
+            vote(),
+            MALLORY,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "response.feedback_token",
+        ),
         ("preferred over itself", vote(preferred_over=rated), ACME, INVALID, "preferred_over.response_id"),
-        ("preferred over a forged answer", vote(preferred_over=with_token(token("guessed"), mallorys.response_id)), ACME,
-         grpc.StatusCode.PERMISSION_DENIED, "preferred_over.feedback_token"),
+        (
+            "preferred over a forged answer",
+            vote(preferred_over=with_token(token("guessed"), mallorys.response_id)),
+            ACME,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "preferred_over.feedback_token",
+        ),
         ("no key", vote(), (), grpc.StatusCode.UNAUTHENTICATED, ""),
         ("the real vote", vote(), ACME, OK, ""),
         ("the same vote again", vote(), ACME, OK, ""),
@@ -234,7 +300,9 @@ def test_feedback_forgeries_and_bounds_have_their_documented_status(abused):
         assert message.startswith(field), f"{case}: {message}"
 
     logged = consume(kafka, kafka.topics.feedback, 2)
-    assert len(logged) == 2, "only the real vote and its repeat were published; refused ones, the bad rating too, were not"
+    assert len(logged) == 2, (
+        "only the real vote and its repeat were published; refused ones, the bad rating too, were not"
+    )
     assert {(event.event.principal, event.event.user_id) for event in logged} == {("acme", "ada")}
 
 
@@ -247,4 +315,6 @@ def test_after_the_abuse_the_server_answers_and_its_events_reach_kafka(abused):
     assert answer.completion_tokens == 2
     logged = consume_until(kafka, kafka.topics.generations, lambda event: event.response_id == answer.response_id)
     assert logged.principal == "mallory" and logged.tags["phase"] == "after"
-    assert server.registry.get_sample_value("flywheel_grpc_requests_total", {"rpc": "Generate", "code": "UNKNOWN"}) is None
+    assert (
+        server.registry.get_sample_value("flywheel_grpc_requests_total", {"rpc": "Generate", "code": "UNKNOWN"}) is None
+    )

@@ -20,7 +20,9 @@ from trainer.reward_model import RewardModel, RewardModelTrainer
 @pytest.fixture(scope="module")
 def learner(model_path, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    reward_model = RewardModelTrainer(RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id)
+    reward_model = RewardModelTrainer(
+        RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id
+    )
     ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path), tokenizer, PPOSettings())
     join_store = JoinStore(tmp_path_factory.mktemp("store") / "join_store.sqlite3", 3600)
     yield ppo, reward_model, join_store, tokenizer.pad_token_id
@@ -55,7 +57,9 @@ def test_the_newest_checkpoints_stay_and_an_unchanged_reward_model_is_linked(lea
     weights = [checkpoint / REWARD_MODEL_DIR / "model.safetensors" for checkpoint in written[-3:]]
     assert inode(weights[0]) == inode(weights[1]), "linked while no update changed it"
     assert inode(weights[1]) != inode(weights[2]), "written again after an update"
-    assert {p.name for p in (written[-2] / REWARD_MODEL_DIR).iterdir()} == {p.name for p in (written[-1] / REWARD_MODEL_DIR).iterdir()}
+    assert {p.name for p in (written[-2] / REWARD_MODEL_DIR).iterdir()} == {
+        p.name for p in (written[-1] / REWARD_MODEL_DIR).iterdir()
+    }
 
     linked = RewardModelTrainer.load(written[-2] / REWARD_MODEL_DIR, RewardModelSettings(), pad_token_id)
     assert torch.allclose(linked.model.score_head.bias + 0.5, reward_model.model.score_head.bias)
@@ -69,7 +73,14 @@ def test_the_newest_checkpoints_stay_and_an_unchanged_reward_model_is_linked(lea
 def test_fewer_than_two_checkpoints_is_refused(learner, model_path, tmp_path):
     ppo, reward_model, join_store, _ = learner
     with pytest.raises(ValueError, match="keep=1: keep at least 2 checkpoints"):
-        save_checkpoint(tmp_path, TrainerState(reference_path=str(model_path), reference_version=1), ppo, reward_model, join_store, keep=1)
+        save_checkpoint(
+            tmp_path,
+            TrainerState(reference_path=str(model_path), reference_version=1),
+            ppo,
+            reward_model,
+            join_store,
+            keep=1,
+        )
 
 
 def test_a_save_cut_short_by_a_crash_is_removed_at_the_next_save(learner, model_path, tmp_path):

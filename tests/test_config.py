@@ -85,7 +85,9 @@ def test_a_model_directory_may_not_set_keys_secrets_addresses_or_the_processes_p
 
 def test_every_refused_setting_is_named_at_once(tmp_path):
     model_dir = model_dir_with(tmp_path, '[server]\nport = 1\napi_keys_file = "k"\n[gate]\nmetrics_port = 2\n')
-    with pytest.raises(ModelSettingsError, match=r"may not set server\.port, server\.api_keys_file, gate\.metrics_port\."):
+    with pytest.raises(
+        ModelSettingsError, match=r"may not set server\.port, server\.api_keys_file, gate\.metrics_port\."
+    ):
         load_config(model_dir=model_dir)
 
 
@@ -118,11 +120,19 @@ def test_a_model_directorys_training_and_gate_settings_apply(tmp_path):
         tmp_path,
         "[reward_model]\nbatch_size = 4\n"
         "[trainer]\nmin_labels_before_ppo = 7\ntorch_threads = 1\n"
-        "[gate]\nheldout_prompts = 5\nthresholds = { kl_budget = 2.5 }\n[gate.safety]\nbanned_phrases = [\"x\"]\n",
+        '[gate]\nheldout_prompts = 5\nthresholds = { kl_budget = 2.5 }\n[gate.safety]\nbanned_phrases = ["x"]\n',
     )
     config = load_config(model_dir=model_dir)
-    assert (config.reward_model.batch_size, config.trainer.min_labels_before_ppo, config.trainer.torch_threads) == (4, 7, 1)
-    assert (config.gate.heldout_prompts, config.gate.thresholds.kl_budget, config.gate.safety.banned_phrases) == (5, 2.5, ["x"])
+    assert (config.reward_model.batch_size, config.trainer.min_labels_before_ppo, config.trainer.torch_threads) == (
+        4,
+        7,
+        1,
+    )
+    assert (config.gate.heldout_prompts, config.gate.thresholds.kl_budget, config.gate.safety.banned_phrases) == (
+        5,
+        2.5,
+        ["x"],
+    )
 
 
 def test_the_demo_models_settings_are_all_a_model_directory_may_set():
@@ -149,14 +159,21 @@ def test_every_path_a_model_directory_may_set_is_checked():
         return found
 
     every_setting = settings(FlywheelConfig, "")
-    allowed = [(name, annotation) for name, annotation in every_setting if settings_a_model_may_not_set(
-        functools.reduce(lambda table, key: {key: table}, reversed(name.split(".")), 0)
-    ) == []]
+    allowed = [
+        (name, annotation)
+        for name, annotation in every_setting
+        if settings_a_model_may_not_set(functools.reduce(lambda table, key: {key: table}, reversed(name.split(".")), 0))
+        == []
+    ]
     # Every name on the list is a setting still: a rename must not quietly take it off.
     for section, names in MODEL_DIR_MAY_SET.items():
         for name in names:
-            assert any(setting == f"{section}.{name}" or setting.startswith(f"{section}.{name}.") for setting, _ in allowed), name
-    file_naming = {name for name, annotation in allowed if "Path" in str(annotation) or name.endswith(("_file", "_path", "_dir"))}
+            assert any(
+                setting == f"{section}.{name}" or setting.startswith(f"{section}.{name}.") for setting, _ in allowed
+            ), name
+    file_naming = {
+        name for name, annotation in allowed if "Path" in str(annotation) or name.endswith(("_file", "_path", "_dir"))
+    }
     assert file_naming == set(MODEL_DIR_PATHS)
 
 
@@ -177,10 +194,17 @@ def test_half_a_tls_configuration_is_refused_naming_the_settings(files, named):
 def test_ppo_refuses_more_answers_per_step_than_the_kl_horizon():
     # β ·= 1 + e · answers / kl_horizon with e in [−0.2, 0.2]: 8 prompts × 2 answers over a horizon
     # of 3 gives 1 − 0.2 · 16 / 3 = −0.0667 on a low KL, a negative β that pays the policy to drift.
-    with pytest.raises(ValueError, match=r"ppo.prompts_per_step × ppo.responses_per_prompt = 16 answers.*ppo.kl_horizon = 3"):
+    with pytest.raises(
+        ValueError, match=r"ppo.prompts_per_step × ppo.responses_per_prompt = 16 answers.*ppo.kl_horizon = 3"
+    ):
         load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 3}})
     # 16 answers over a horizon of 16: β moves by at most 20% a step
-    assert load_config(overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 16}}).ppo.kl_horizon == 16
+    assert (
+        load_config(
+            overrides={"ppo": {"prompts_per_step": 8, "responses_per_prompt": 2, "kl_horizon": 16}}
+        ).ppo.kl_horizon
+        == 16
+    )
 
 
 def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monkeypatch):
@@ -199,5 +223,14 @@ def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monke
     }  # fmt: skip
     flags = {"out_dir": "--out"}
     with pytest.raises(SystemExit):
-        cli.main(["simulate", *(str(part) for name, value in given.items() for part in (flags.get(name, "--" + name.replace("_", "-")), value))])
+        cli.main(
+            [
+                "simulate",
+                *(
+                    str(part)
+                    for name, value in given.items()
+                    for part in (flags.get(name, "--" + name.replace("_", "-")), value)
+                ),
+            ]
+        )
     assert ran[-1] == simulate.SimulationSettings(**given)

@@ -111,9 +111,7 @@ def test_question_from_prompt_round_trips(question):
     assert question_from_prompt(f"  {question.prompt}\n") == question
 
 
-@pytest.mark.parametrize(
-    "prompt", ["", "Hello", "What is 47*38?", "What is the capital of Atlantis?", "what is 47+38"]
-)
+@pytest.mark.parametrize("prompt", ["", "Hello", "What is 47*38?", "What is the capital of Atlantis?", "what is 47+38"])
 def test_question_from_prompt_rejects_other_text(prompt):
     assert question_from_prompt(prompt) is None
 
@@ -150,7 +148,9 @@ def test_simulated_users_never_ask_the_evaluation_questions():
 def test_the_gate_golden_prompts_never_include_an_evaluation_question():
     answered = [entry for entry in map(json.loads, GOLDEN_FILE.read_text().splitlines()) if "expected" in entry]
     golden_questions = [question_from_prompt(entry["prompt"]) for entry in answered]
-    assert all(q is not None and q.answer == entry["expected"] for q, entry in zip(golden_questions, answered, strict=True))
+    assert all(
+        q is not None and q.answer == entry["expected"] for q, entry in zip(golden_questions, answered, strict=True)
+    )
     # The gate selects policies on its golden prompts: one shared with the evaluation split
     # would let it select on the loop's own measure.
     assert not {q.prompt for q in golden_questions} & {q.prompt for q in evaluation_questions()}

@@ -49,7 +49,10 @@ def test_two_ranks_on_gloo_keep_identical_weights(model_path, tmp_path):
 
     for rank, report in enumerate(reports):
         assert (report["rank"], report["world_size"], report["backend"], report["ddp"]) == (
-            rank, 2, "gloo", "DistributedDataParallel"
+            rank,
+            2,
+            "gloo",
+            "DistributedDataParallel",
         )
         for step in report["steps"]:
             print(f"rank {rank}: {step['own']}")

@@ -18,7 +18,9 @@ class Clock:
         return self.now
 
 
-def rated(response_id: str, user_id: str = "alice", expires_at: float = NOW + 60, secret: bytes = SECRET) -> pb.RatedResponse:
+def rated(
+    response_id: str, user_id: str = "alice", expires_at: float = NOW + 60, secret: bytes = SECRET
+) -> pb.RatedResponse:
     token = issue_feedback_token(secret, FeedbackClaims(response_id, 4, user_id, int(expires_at)))
     return pb.RatedResponse(response_id=response_id, feedback_token=token)
 
@@ -40,7 +42,13 @@ def intake():
 
 def test_accepted_thumb_becomes_an_event(intake):
     event, replaced = intake.accept(thumb(rated("r1"), comment="nice"))
-    assert (event.response_id, event.user_id, event.rating, event.comment, event.policy_version) == ("r1", "alice", pb.RATING_UP, "nice", 4)
+    assert (event.response_id, event.user_id, event.rating, event.comment, event.policy_version) == (
+        "r1",
+        "alice",
+        pb.RATING_UP,
+        "nice",
+        4,
+    )
     assert event.event_id and not replaced
     assert event.given_at.seconds == int(NOW)
 

@@ -30,7 +30,9 @@ HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing a
 @pytest.fixture
 def logged_server(engine_loop, engine, kafka_settings, tmp_path):
     """A server on the shared engine that logs to this test's topics; yields (server, stub, kafka settings)."""
-    producer = EventProducer(kafka_settings, SpoolSettings(directory=tmp_path / "spool"), EventMetrics.register(CollectorRegistry()))
+    producer = EventProducer(
+        kafka_settings, SpoolSettings(directory=tmp_path / "spool"), EventMetrics.register(CollectorRegistry())
+    )
     engine_loop.run(producer.start())
     settings = ServerSettings(
         port=0,
@@ -79,7 +81,11 @@ def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(logged
     for index, (question, answer) in enumerate(zip(questions, answers)):
         event = logged[answer.response_id]
         assert isinstance(event, events_pb2.GenerationLogged)
-        assert (event.response_text, event.policy_version, event.user_id) == (answer.text, answer.policy_version, "alice")
+        assert (event.response_text, event.policy_version, event.user_id) == (
+            answer.text,
+            answer.policy_version,
+            "alice",
+        )
         assert event.chat.messages[0].content == question
         assert len(event.response_token_ids) == len(event.behavior_logprobs) == answer.completion_tokens
         assert len(event.prompt_token_ids) == answer.prompt_tokens
@@ -125,13 +131,24 @@ def test_feedback_round_trip_and_every_refusal_has_its_code(logged_server):
     assert changed.replaced_previous
     preference = submit(preferred_over=rated_other)
 
-    forged = issue_feedback_token(b"not-the-secret", FeedbackClaims(answer.response_id, 0, "alice", int(time.time()) + 60))
-    expired = issue_feedback_token(TOKEN_SECRET.encode(), FeedbackClaims(answer.response_id, 0, "alice", int(time.time()) - 1))
-    code, message = refused(response=pb.RatedResponse(response_id=answer.response_id, feedback_token=forged), rating=pb.RATING_UP)
+    forged = issue_feedback_token(
+        b"not-the-secret", FeedbackClaims(answer.response_id, 0, "alice", int(time.time()) + 60)
+    )
+    expired = issue_feedback_token(
+        TOKEN_SECRET.encode(), FeedbackClaims(answer.response_id, 0, "alice", int(time.time()) - 1)
+    )
+    code, message = refused(
+        response=pb.RatedResponse(response_id=answer.response_id, feedback_token=forged), rating=pb.RATING_UP
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED and "signature" in message
-    code, message = refused(response=pb.RatedResponse(response_id=answer.response_id, feedback_token=expired), rating=pb.RATING_UP)
+    code, message = refused(
+        response=pb.RatedResponse(response_id=answer.response_id, feedback_token=expired), rating=pb.RATING_UP
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED and "expired" in message
-    code, message = refused(response=pb.RatedResponse(response_id="resp-never-issued", feedback_token=answer.feedback_token), rating=pb.RATING_UP)
+    code, message = refused(
+        response=pb.RatedResponse(response_id="resp-never-issued", feedback_token=answer.feedback_token),
+        rating=pb.RATING_UP,
+    )
     assert code == grpc.StatusCode.NOT_FOUND and "resp-never-issued" in message
     assert refused(user_id="mallory", rating=pb.RATING_UP)[0] == grpc.StatusCode.PERMISSION_DENIED
     code, message = refused(rating=pb.RATING_UP, comment="x" * 21)

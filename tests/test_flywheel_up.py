@@ -118,7 +118,9 @@ def up(model_path, tmp_path_factory):
 
 def test_one_short_run_goes_through_every_stage(up):
     assert live_version(up.address) == 1
-    simulated = up.simulate("--events", "160", "--eval-every", "80", "--out", str(up.state_dir / "run"), "--heldout-questions", "10")
+    simulated = up.simulate(
+        "--events", "160", "--eval-every", "80", "--out", str(up.state_dir / "run"), "--heldout-questions", "10"
+    )
     assert simulated.returncode == 0, simulated.stdout + simulated.stderr
     curve = (up.state_dir / "run" / "learning_curve.csv").read_text().splitlines()
     assert curve[0].startswith("feedback_events,seconds,heldout_thumbs_up_rate") and len(curve) >= 3
@@ -126,7 +128,9 @@ def test_one_short_run_goes_through_every_stage(up):
 
     wait_for(lambda: live_version(up.address) > 1, "an approved candidate to go live")
     train_log, gate_log, serve_log = up.log("train"), up.log("gate"), up.log("serve")
-    assert "reward model updated" in train_log and "PPO step 1" in train_log and "candidate policy 2 proposed" in train_log
+    assert (
+        "reward model updated" in train_log and "PPO step 1" in train_log and "candidate policy 2 proposed" in train_log
+    )
     assert re.search(r"approved policy \d+", gate_log)
     assert re.search(r"policy \d+ is live", serve_log)
 
@@ -149,7 +153,11 @@ def test_a_judge_that_cannot_be_used_gets_a_clear_error(up):
     malformed = up.simulate("--judge", "flywheel.demo.task", "--events", "1")
     assert malformed.returncode == 2 and "expected module:function" in malformed.stdout
     invalid = up.simulate("--judge", "tests.judges:undecided", "--events", "1", "--out", str(up.state_dir / "invalid"))
-    assert invalid.returncode == 2 and "returned 'maybe'" in invalid.stdout and "expected 'up', 'down' or 'none'" in invalid.stdout
+    assert (
+        invalid.returncode == 2
+        and "returned 'maybe'" in invalid.stdout
+        and "expected 'up', 'down' or 'none'" in invalid.stdout
+    )
 
 
 def serving_versions(serve_log: str) -> list[int]:

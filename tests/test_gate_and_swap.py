@@ -62,10 +62,18 @@ def trainer_checkpoint(model_path, tmp_path_factory) -> Path:
     """A real trainer checkpoint holding the reward model the gate reads (untrained head: both policies get the same judge)."""
     directory = tmp_path_factory.mktemp("checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    reward_model = RewardModelTrainer(RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id)
+    reward_model = RewardModelTrainer(
+        RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id
+    )
     ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path), tokenizer, PPOSettings())
     join_store = JoinStore(directory / "join_store.sqlite3", 3600)
-    save_checkpoint(directory / "trainer", TrainerState(reference_path=str(model_path), reference_version=1), ppo, reward_model, join_store)
+    save_checkpoint(
+        directory / "trainer",
+        TrainerState(reference_path=str(model_path), reference_version=1),
+        ppo,
+        reward_model,
+        join_store,
+    )
     join_store.close()
     return directory / "trainer"
 
@@ -89,7 +97,9 @@ def flip_a_byte(path: Path) -> None:
         ("far_from_reference", "kl_to_reference"),
     ],
 )
-def test_planted_bad_candidates_are_rejected(model_path, variants, trainer_checkpoint, tmp_path, variant, failing_check):
+def test_planted_bad_candidates_are_rejected(
+    model_path, variants, trainer_checkpoint, tmp_path, variant, failing_check
+):
     registry = PolicyRegistry(tmp_path / "registry")
     registry.seed(model_path)
     candidate = registry.publish(variants[variant], parent_version=1, training_step=1, metrics={})
@@ -170,8 +180,12 @@ def swapping(engine_loop, engine, model_path, variants, tmp_path_factory):
     registry.publish(variants["banned_phrase"], parent_version=1, training_step=1, metrics={})
     settings = ServerSettings(port=0, metrics_port=0, max_in_flight=4, max_queued=64)
     server = engine_loop.run(FlywheelServer.start(settings, engine, policy_version=1))
-    checker = PolicyChecker(registry, PolicyCheckMetrics(server.registry), first_retry_seconds=60, max_retry_seconds=300)
-    swapper = PolicySwapper(engine, server.policy, server.admission, checker, server.metrics, None, TopicNames(), "test")
+    checker = PolicyChecker(
+        registry, PolicyCheckMetrics(server.registry), first_retry_seconds=60, max_retry_seconds=300
+    )
+    swapper = PolicySwapper(
+        engine, server.policy, server.admission, checker, server.metrics, None, TopicNames(), "test"
+    )
     yield registry, server, swapper
     registry.set_live(1, reason="restore the shared engine", kind="rollback")
     engine_loop.run(swapper.sync())
@@ -183,7 +197,9 @@ def greedy(stub, prompt: str) -> pb.GenerateResponse:
     return stub.Generate(pb.GenerateRequest(chat=messages, sampling=pb.SamplingParams(max_tokens=16, temperature=0)))
 
 
-def swap_to(engine_loop, registry: PolicyRegistry, swapper: PolicySwapper, version: int, kind: str = "approved") -> bool:
+def swap_to(
+    engine_loop, registry: PolicyRegistry, swapper: PolicySwapper, version: int, kind: str = "approved"
+) -> bool:
     registry.set_live(version, reason="test", kind=kind)
     return engine_loop.run(swapper.sync())
 

@@ -152,7 +152,9 @@ def failed_checks(candidate: PolicyEval, kl_to_reference: float = 2.0) -> list[s
 
 
 def test_a_good_candidate_is_approved_and_every_check_explains_itself():
-    verdict = decide(evaluate(scores=CANDIDATE_SCORES), evaluate(), THRESHOLDS, kl_to_reference=2.0, reference_golden_accuracy=1.0)
+    verdict = decide(
+        evaluate(scores=CANDIDATE_SCORES), evaluate(), THRESHOLDS, kl_to_reference=2.0, reference_golden_accuracy=1.0
+    )
     assert verdict.approved
     assert [check.name for check in verdict.checks] == CHECK_NAMES
     by_name = {check.name: check for check in verdict.checks}

@@ -27,7 +27,9 @@ PASSED = GateVerdict(approved=True, checks=[GateCheck("reward_score", 0.1, -0.25
 class ScriptedGate(Gate):
     """A gate whose judgement passes every candidate after running `while_judging` (the test's hook)."""
 
-    def __init__(self, registry: PolicyRegistry, while_judging=lambda: None, checkpoint_dir: Path = Path("/nonexistent")):
+    def __init__(
+        self, registry: PolicyRegistry, while_judging=lambda: None, checkpoint_dir: Path = Path("/nonexistent")
+    ):
         settings = GateSettings(golden_file="", heldout_prompts=0)
         super().__init__(settings, RewardModelSettings(), checkpoint_dir, registry, GateMetrics(CollectorRegistry()))
         self.while_judging = while_judging
@@ -68,12 +70,17 @@ def test_an_operator_rollback_made_while_a_candidate_is_judged_is_kept(tmp_path)
 
     assert gate.judged == [("v000003", "v000002")]
     live = registry.live()
-    assert (live.version, live.kind, live.forced, live.previous_version) == (1, "rollback", True, 2), "the rollback stands"
+    assert (live.version, live.kind, live.forced, live.previous_version) == (1, "rollback", True, 2), (
+        "the rollback stands"
+    )
     assert [r.version for r in registry.history()] == [1, 2, 1], "the gate made no move after it"
     verdict = registry.verdict(3)
     assert verdict["approved"] is False and verdict["judged_against"] == 2
     assert Withheld(verdict["withheld"]) is Withheld.LIVE_MOVED
-    assert "live policy is version 1 (rollback, forced: operator: answers got worse), not version 2" in verdict["withheld_detail"]
+    assert (
+        "live policy is version 1 (rollback, forced: operator: answers got worse), not version 2"
+        in verdict["withheld_detail"]
+    )
     assert all(check["passed"] for check in verdict["checks"])
     assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == 3
     assert gate.metrics.registry.get_sample_value("flywheel_gate_decisions_total", {"decision": "withheld"}) == 1
@@ -97,7 +104,9 @@ def test_two_gates_racing_on_one_candidate_give_one_verdict_and_one_move(tmp_pat
     judgements = tmp_path / "judgements.log"
     context = multiprocessing.get_context("fork")
     start, results = context.Barrier(2), context.Queue()
-    gates = [context.Process(target=_race, args=(str(registry.root), str(judgements), start, results)) for _ in range(2)]
+    gates = [
+        context.Process(target=_race, args=(str(registry.root), str(judgements), start, results)) for _ in range(2)
+    ]
     for gate in gates:
         gate.start()
     for gate in gates:

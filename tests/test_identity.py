@@ -87,7 +87,9 @@ def test_held_out_prompts_of_a_flooding_principal_do_not_push_out_the_others():
     for n in range(3):
         heldout.offer(events_pb2.GenerationLogged(prompt_token_ids=[n], rendered_prompt=f"acme {n}", principal="acme"))
     for n in range(500):
-        heldout.offer(events_pb2.GenerationLogged(prompt_token_ids=[n], rendered_prompt=f"spam {n}", principal="mallory"))
+        heldout.offer(
+            events_pb2.GenerationLogged(prompt_token_ids=[n], rendered_prompt=f"spam {n}", principal="mallory")
+        )
     texts = [prompt.text for prompt in heldout.current()]
     assert sorted(t for t in texts if t.startswith("acme")) == ["acme 0", "acme 1", "acme 2"]
     assert sum(t.startswith("spam") for t in texts) == 3

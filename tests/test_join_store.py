@@ -35,7 +35,9 @@ def store(tmp_path, clock) -> JoinStore:
     opened.close()
 
 
-def generation(response_id: str, prompt: str = "What is 1+1?", answer: tuple[int, ...] = (7, 2)) -> events_pb2.GenerationLogged:
+def generation(
+    response_id: str, prompt: str = "What is 1+1?", answer: tuple[int, ...] = (7, 2)
+) -> events_pb2.GenerationLogged:
     return events_pb2.GenerationLogged(
         event_id=f"gen-{response_id}",
         response_id=response_id,
@@ -125,7 +127,9 @@ def test_a_vote_trains_once_however_often_it_is_changed_or_repeated(store):
     for given_at, rating in enumerate([UP, DOWN, UP, UP], start=3):  # flips, and a repeat through another replica
         assert store.add_feedback(vote("r1", rating, given_at=given_at, event_id=f"again-{given_at}"))
         assert store.labelled_examples() == []
-    assert store.labelled_examples("heldout", heldout_fraction=1.0)[0].thumbs_up, "the standing vote is still the latest"
+    assert store.labelled_examples("heldout", heldout_fraction=1.0)[0].thumbs_up, (
+        "the standing vote is still the latest"
+    )
 
 
 def test_a_vote_becomes_a_label_once_settled_with_the_value_standing_then(tmp_path, clock):
@@ -329,9 +333,13 @@ def test_a_vote_changed_within_the_settle_time_trains_with_its_latest_value(tmp_
     settle_seconds = 30.0
     clock = [1000.0]
     store = JoinStore(tmp_path / "join.sqlite3", 1e9, lambda: clock[0], vote_settle_seconds=settle_seconds)
-    store.add_generation(events_pb2.GenerationLogged(event_id="g", response_id="r", rendered_prompt="q", prompt_token_ids=[1]))
+    store.add_generation(
+        events_pb2.GenerationLogged(event_id="g", response_id="r", rendered_prompt="q", prompt_token_ids=[1])
+    )
     for n, rating in enumerate([UP, DOWN]):
-        event = events_pb2.FeedbackGiven(event_id=f"v{n}", response_id="r", user_id="ada", rating=rating, principal="acme")
+        event = events_pb2.FeedbackGiven(
+            event_id=f"v{n}", response_id="r", user_id="ada", rating=rating, principal="acme"
+        )
         event.given_at.FromSeconds(n + 1)
         store.add_feedback(event)
         clock[0] += settle_seconds / 3
@@ -346,7 +354,9 @@ def test_a_principal_with_one_label_waiting_does_not_stall_the_updates(tmp_path)
     store = JoinStore(tmp_path / "join.sqlite3", 1e9)
     for n in range(101):
         principal = "big" if n < 100 else "small"
-        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
+        store.add_generation(
+            events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}")
+        )
         store.add_feedback(events_pb2.FeedbackGiven(
             event_id=f"v{n}", response_id=f"r{n}", user_id="u", rating=UP, principal=principal
         ))  # fmt: skip

@@ -122,7 +122,10 @@ def test_decode_types_by_header_then_by_topic_and_says_why_not():
 def test_an_outgoing_event_survives_the_spool_record_encoding():
     outgoing = OutgoingEvent.of("flywheel.generations", "r1", generation("r1"))
     assert OutgoingEvent.from_record(outgoing.to_record()) == outgoing
-    assert dict(outgoing.headers()) == {"event_id": outgoing.event_id.encode(), "event_type": b"flywheel.v1.GenerationLogged"}
+    assert dict(outgoing.headers()) == {
+        "event_id": outgoing.event_id.encode(),
+        "event_type": b"flywheel.v1.GenerationLogged",
+    }
     with pytest.raises(ValueError, match="event_id is empty"):
         OutgoingEvent.of("flywheel.feedback", "r1", events_pb2.FeedbackGiven())
 

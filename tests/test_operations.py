@@ -61,12 +61,14 @@ LOCKED_DOWN = {
         "grpcFrom": [{"namespaceSelector": {"matchLabels": {"flywheel/client": "true"}}}],
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
     },
-    "config": {"kafka": {
-        "bootstrap_servers": "kafka-bootstrap.kafka:9093",
-        "security_protocol": "SASL_SSL",
-        "sasl_mechanism": "SCRAM-SHA-512",
-        "sasl_username": "flywheel",
-    }},
+    "config": {
+        "kafka": {
+            "bootstrap_servers": "kafka-bootstrap.kafka:9093",
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "flywheel",
+        }
+    },
     "kafkaAuth": {
         "caSecret": {"name": "kafka-cluster-ca-cert", "key": "ca.crt"},
         "clientCertSecret": {"name": "flywheel-user", "certKey": "user.crt", "keyKey": "user.key"},
@@ -102,7 +104,9 @@ def render(values: dict) -> list[dict]:
 
 def find(objects: list[dict], kind: str, name: str) -> dict:
     matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(matches) == 1, f"expected one {kind} {name}, got {[o['metadata']['name'] for o in objects if o['kind'] == kind]}"
+    assert len(matches) == 1, (
+        f"expected one {kind} {name}, got {[o['metadata']['name'] for o in objects if o['kind'] == kind]}"
+    )
     return matches[0]
 
 
@@ -188,14 +192,29 @@ def test_default_render_has_no_custom_resources():
     kinds = {(o["apiVersion"], o["kind"]) for o in render({})}
     assert not kinds & CUSTOM_RESOURCES
     assert {kind for _, kind in kinds} == {
-        "ConfigMap", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
+        "ConfigMap",
+        "Secret",
+        "ServiceAccount",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
     }
 
 
 def test_config_file_is_the_values_config_block():
-    awkward = {"config": {"gate": {"ratio": 1e-05, "quoted key": 3, "safety": {
-        "must_not_contain": ["<b>&", 'naïve "quote"\n'], "rules": [{"name": "x", "limit": 2, "weight": 0.5}, {}],
-    }}}}
+    awkward = {
+        "config": {
+            "gate": {
+                "ratio": 1e-05,
+                "quoted key": 3,
+                "safety": {
+                    "must_not_contain": ["<b>&", 'naïve "quote"\n'],
+                    "rules": [{"name": "x", "limit": 2, "weight": 0.5}, {}],
+                },
+            }
+        }
+    }
     for values in ({}, gpu_values(), awkward):
         with helm.Chart.load(CHART) as chart:
             merged = chart.merge_values(values)
@@ -301,7 +320,9 @@ def test_gpu_values_ask_for_a_gpu_and_the_cuda_image():
         main = container(find(objects, "Deployment", name))
         assert main["image"] == "flywheel:0.1.0-cuda"
         gpus = main["resources"].get("limits", {}).get("nvidia.com/gpu")
-        assert gpus == (1 if name == "fw-flywheel-server" else None), "the trainer and gate keep their models on the CPU"
+        assert gpus == (1 if name == "fw-flywheel-server" else None), (
+            "the trainer and gate keep their models on the CPU"
+        )
     cpu_server = container(find(render({}), "Deployment", "fw-flywheel-server"))
     assert cpu_server["image"] == "flywheel:0.1.0"
     assert "nvidia.com/gpu" not in cpu_server["resources"].get("limits", {})
@@ -312,14 +333,22 @@ def test_secrets_reach_the_servers_environment():
     objects = render({"secrets": {"feedbackTokenSecret": "k" * 32, "apiKeys": api_keys, "kafkaSaslPassword": "pw"}})
     secret = find(objects, "Secret", "fw-flywheel-secrets")
     keys = ServerSettings.model_validate({"api_keys": json.loads(base64.b64decode(secret["data"]["api-keys"]))})
-    assert keys.principals_by_key_digest() == {"a" * 64: "acme", "b" * 64: "globex"}, "the server reads what the chart writes"
+    assert keys.principals_by_key_digest() == {"a" * 64: "acme", "b" * 64: "globex"}, (
+        "the server reads what the chart writes"
+    )
     assert {"feedback-token-secret", "api-keys", "kafka-sasl-password"} == set(secret["data"])
     env = {e["name"]: e for e in container(find(objects, "Deployment", "fw-flywheel-server"))["env"]}
-    secret_refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+    secret_refs = {
+        name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert secret_refs == {
         "FLYWHEEL_SERVER__FEEDBACK_TOKEN_SECRET": {"name": "fw-flywheel-secrets", "key": "feedback-token-secret"},
         "FLYWHEEL_SERVER__API_KEYS": {"name": "fw-flywheel-secrets", "key": "api-keys", "optional": True},
-        "FLYWHEEL_KAFKA__SASL_PASSWORD": {"name": "fw-flywheel-secrets", "key": "kafka-sasl-password", "optional": True},
+        "FLYWHEEL_KAFKA__SASL_PASSWORD": {
+            "name": "fw-flywheel-secrets",
+            "key": "kafka-sasl-password",
+            "optional": True,
+        },
     }
     trainer_env = {e["name"] for e in container(find(objects, "Deployment", "fw-flywheel-trainer"))["env"]}
     assert "FLYWHEEL_KAFKA__SASL_PASSWORD" in trainer_env
@@ -362,11 +391,14 @@ def test_tls_mounts_the_certificate_secret_and_the_server_serves_it(tmp_path, mo
     settings = config_in_pod(objects, server, tmp_path, monkeypatch).server
     files = volume_files(server, "/etc/flywheel-tls")
     assert files == {
-        "tls.crt": ("fw-grpc-tls", "tls.crt"), "tls.key": ("fw-grpc-tls", "tls.key"),
+        "tls.crt": ("fw-grpc-tls", "tls.crt"),
+        "tls.key": ("fw-grpc-tls", "tls.key"),
         "client-ca.crt": ("fw-grpc-clients", "ca.crt"),
     }
     assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == (
-        Path("/etc/flywheel-tls/tls.crt"), Path("/etc/flywheel-tls/tls.key"), Path("/etc/flywheel-tls/client-ca.crt")
+        Path("/etc/flywheel-tls/tls.crt"),
+        Path("/etc/flywheel-tls/tls.key"),
+        Path("/etc/flywheel-tls/client-ca.crt"),
     )
     # The kubelet's gRPC probes speak no TLS: with TLS on they only connect.
     main = container(server)
@@ -400,17 +432,24 @@ def test_kafka_sasl_and_tls_reach_every_pod_from_their_secrets(tmp_path, monkeyp
             "client.key": ("flywheel-user", "user.key"),
         }, name
         kafka = config_in_pod(objects, deployment, tmp_path, monkeypatch).kafka
-        assert (kafka.security_protocol, kafka.sasl_mechanism, kafka.sasl_username) == ("SASL_SSL", "SCRAM-SHA-512", "flywheel")
+        assert (kafka.security_protocol, kafka.sasl_mechanism, kafka.sasl_username) == (
+            "SASL_SSL",
+            "SCRAM-SHA-512",
+            "flywheel",
+        )
         assert kafka.sasl_password.get_secret_value() == "from-a-secret"
         assert (kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile) == (
-            Path("/etc/flywheel-kafka-tls/ca.crt"), Path("/etc/flywheel-kafka-tls/client.crt"),
+            Path("/etc/flywheel-kafka-tls/ca.crt"),
+            Path("/etc/flywheel-kafka-tls/client.crt"),
             Path("/etc/flywheel-kafka-tls/client.key"),
         ), name
 
     # The chart's own Secret when no Secret of yours is named; optional while Kafka asks no password.
     plain = env_of(find(render({}), "Deployment", "fw-flywheel-gate"))
     assert plain["FLYWHEEL_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-        "name": "fw-flywheel-secrets", "key": "kafka-sasl-password", "optional": True,
+        "name": "fw-flywheel-secrets",
+        "key": "kafka-sasl-password",
+        "optional": True,
     }
     assert not {name for name in plain if name.startswith("FLYWHEEL_KAFKA__SSL_")}
 
@@ -429,18 +468,25 @@ def test_network_policy_opens_grpc_to_clients_metrics_to_prometheus_and_kafka():
     policy = find(objects, "NetworkPolicy", "fw-flywheel")["spec"]
     deployments = [o for o in objects if o["kind"] == "Deployment"]
     for deployment in deployments:
-        assert policy["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            policy["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
     assert policy["policyTypes"] == ["Ingress", "Egress"]
 
     grpc_rule, metrics_rule = policy["ingress"]
-    assert grpc_rule == {"ports": [{"port": "grpc", "protocol": "TCP"}], "from": LOCKED_DOWN["networkPolicy"]["grpcFrom"]}
+    assert grpc_rule == {
+        "ports": [{"port": "grpc", "protocol": "TCP"}],
+        "from": LOCKED_DOWN["networkPolicy"]["grpcFrom"],
+    }
     # Named ports: only the servers name one grpc; every pod names its metrics port.
     named = {d["metadata"]["name"]: {p["name"] for p in container(d)["ports"]} for d in deployments}
     assert {name for name, ports in named.items() if "grpc" in ports} == {"fw-flywheel-server"}
     assert all("metrics" in ports for ports in named.values())
     assert metrics_rule == {
         "ports": [{"port": "metrics", "protocol": "TCP"}],
-        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}],
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {}}
+        ],
     }
 
     dns, kafka = policy["egress"]
@@ -470,8 +516,10 @@ def test_optional_objects_match_the_chart_files():
 
     monitor = find(objects, "ServiceMonitor", "fw-flywheel")
     selected = [
-        o["metadata"]["name"] for o in objects
-        if o["kind"] == "Service" and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()
     ]
     assert sorted(selected) == ["fw-flywheel-gate-metrics", "fw-flywheel-server-metrics", "fw-flywheel-trainer-metrics"]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
@@ -536,7 +584,10 @@ def test_dashboard_panels_have_a_datasource_and_queries():
     panels = dashboard_panels()
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert {p["title"] for p in dashboard["panels"] if p["type"] == "row"} == {
-        "Serving", "Feedback", "Training", "Gate and swaps"
+        "Serving",
+        "Feedback",
+        "Training",
+        "Gate and swaps",
     }
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
@@ -550,9 +601,14 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
         expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$namespace", ".*")
         for expr in dashboard_expressions()
     ]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{number}", "expr": expr} for number, expr in enumerate(filled)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{number}", "expr": expr} for number, expr in enumerate(filled)],
+            }
+        ]
+    }
     rules_file = tmp_path / "dashboard-queries.yaml"
     rules_file.write_text(yaml.safe_dump(rules))
     result = subprocess.run([promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True)
@@ -597,7 +653,8 @@ def test_every_metric_in_dashboard_and_rules_is_registered_in_code():
     used = metric_names_used()
     assert len(used) > 30
     missing = {
-        name: sorted(where) for name, where in sorted(used.items())
+        name: sorted(where)
+        for name, where in sorted(used.items())
         if name not in literals and f"{name}_total" not in literals
     }
     assert not missing, (

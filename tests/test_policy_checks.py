@@ -164,5 +164,7 @@ def test_flywheel_serve_exits_naming_the_refused_live_version_and_why(tmp_path):
     )  # fmt: skip
     assert serve.returncode == 1, serve.stderr
     last_line = serve.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("flywheel serve: refusing to serve live policy version 1: policy version 1: file 'model.safetensors'")
+    assert last_line.startswith(
+        "flywheel serve: refusing to serve live policy version 1: policy version 1: file 'model.safetensors'"
+    )
     assert "no other version" in last_line

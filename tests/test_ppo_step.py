@@ -73,15 +73,23 @@ def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer,
     torch.manual_seed(0)
     assert len({len(ids) for ids in prompt_ids}) == 1
     trainer = trainer_for(
-        model_path, tokenizer, max_new_tokens=8, minibatch_size=4, epochs=4,
-        policy_learning_rate=3e-4, critic_learning_rate=1e-3, missing_eos_penalty=0.0,
+        model_path,
+        tokenizer,
+        max_new_tokens=8,
+        minibatch_size=4,
+        epochs=4,
+        policy_learning_rate=3e-4,
+        critic_learning_rate=1e-3,
+        missing_eos_penalty=0.0,
     )
     toy_reward = favoured_share(len(prompt_ids[0]))
     before = favoured_probability(trainer, prompt_ids)
     history = [trainer.ppo_step(trainer.rollout(prompt_ids), toy_reward) for _ in range(6)]
     after = favoured_probability(trainer, prompt_ids)
-    print(f"P(favoured first token) {before:.3f} -> {after:.3f}; "
-          f"score {[round(h.mean_score, 2) for h in history]}; KL {[round(h.kl_to_reference, 2) for h in history]}")
+    print(
+        f"P(favoured first token) {before:.3f} -> {after:.3f}; "
+        f"score {[round(h.mean_score, 2) for h in history]}; KL {[round(h.kl_to_reference, 2) for h in history]}"
+    )
     assert after > before + 0.1
     assert all(0 <= h.kl_to_reference < 10.0 for h in history)
 

@@ -67,9 +67,7 @@ def unreachable(kafka: KafkaSettings) -> KafkaSettings:
 
 def mixed_traffic(keys: list[str], count: int) -> list[events_pb2.GenerationLogged]:
     """`count` answers over `keys` in turn; every seventh too large."""
-    return [
-        (oversized if number % 7 == 3 else generation)(keys[number % len(keys)], number) for number in range(count)
-    ]
+    return [(oversized if number % 7 == 3 else generation)(keys[number % len(keys)], number) for number in range(count)]
 
 
 def is_oversized(event: events_pb2.GenerationLogged) -> bool:
@@ -93,14 +91,21 @@ def assert_each_arrived_once_in_order_per_key(received: list[ConsumedEvent], sen
 
 def assert_dead_lettered(records: list, refused: list[events_pb2.GenerationLogged], topic: str) -> None:
     """One dead letter per refused event, under its id and key, with why, its value cut to fit and saying so."""
-    assert sorted(dict(record.headers)["event_id"].decode() for record in records) == sorted(e.event_id for e in refused)
+    assert sorted(dict(record.headers)["event_id"].decode() for record in records) == sorted(
+        e.event_id for e in refused
+    )
     by_id = {event.event_id: event for event in refused}
     for record in records:
         assert len(record.value) < MAX_MESSAGE_BYTES
         letter = events_pb2.DeadLetter.FromString(record.value)
         event = by_id[dict(record.headers)["event_id"].decode()]
         whole = event.SerializeToString()
-        assert (letter.source_topic, letter.key, letter.partition, letter.offset) == (topic, event.response_id.encode(), -1, -1)
+        assert (letter.source_topic, letter.key, letter.partition, letter.offset) == (
+            topic,
+            event.response_id.encode(),
+            -1,
+            -1,
+        )
         assert letter.reason.startswith("message_too_large: [Error 10] MessageSizeTooLargeError: The message is ")
         assert f"value cut to its first {len(letter.value)} of {len(whole)} bytes" in letter.reason
         assert whole.startswith(letter.value) and len(letter.value) > MAX_MESSAGE_BYTES // 2
@@ -124,7 +129,10 @@ def test_only_errors_about_the_record_itself_are_permanent():
 def test_a_dead_letter_too_large_keeps_reason_and_key_and_cuts_its_value_to_fit():
     headers = dead_letter_headers("event-1")
     letter = events_pb2.DeadLetter(
-        source_topic="flywheel.generations", key=b"resp-1", value=bytes(range(256)) * 20, reason="message_too_large: big"
+        source_topic="flywheel.generations",
+        key=b"resp-1",
+        value=bytes(range(256)) * 20,
+        reason="message_too_large: big",
     )
     assert fit_dead_letter(letter, headers, 8000) is letter  # 5120 bytes of value fit: left whole
 
@@ -156,7 +164,9 @@ def test_the_quarantine_is_bounded_and_drops_a_torn_last_line(tmp_path):
 
 
 def test_the_gate_refuses_a_vote_without_its_user_or_response_and_uses_the_rest(tmp_path):
-    good = events_pb2.FeedbackGiven(event_id="v1", response_id="r1", user_id="alice", policy_version=1, rating=RATING_UP)
+    good = events_pb2.FeedbackGiven(
+        event_id="v1", response_id="r1", user_id="alice", policy_version=1, rating=RATING_UP
+    )
     no_user = events_pb2.FeedbackGiven(event_id="v2", response_id="r2", policy_version=1, rating=RATING_UP)
     no_response = events_pb2.FeedbackGiven(event_id="v3", user_id="bob", policy_version=1, rating=RATING_UP)
     assert unusable_reason(good) is None
@@ -165,8 +175,12 @@ def test_the_gate_refuses_a_vote_without_its_user_or_response_and_uses_the_rest(
     assert unusable_reason(generation("r1")) is None
 
     registry = PolicyRegistry(tmp_path / "registry")
-    gate = Gate(GateSettings(), RewardModelSettings(), tmp_path / "checkpoints", registry, GateMetrics(CollectorRegistry()))
-    batch = [ConsumedEvent("feedback", 0, offset, e.response_id, e) for offset, e in enumerate([no_user, good, no_response])]
+    gate = Gate(
+        GateSettings(), RewardModelSettings(), tmp_path / "checkpoints", registry, GateMetrics(CollectorRegistry())
+    )
+    batch = [
+        ConsumedEvent("feedback", 0, offset, e.response_id, e) for offset, e in enumerate([no_user, good, no_response])
+    ]
     refused = gate.take(batch)
     assert [(consumed.offset, reason) for consumed, reason in refused] == [
         (0, "FeedbackGiven: user_id must be set"), (2, "FeedbackGiven: response_id must be set"),
@@ -202,7 +216,9 @@ def test_oversized_events_are_dead_lettered_and_every_other_arrives_once_in_orde
     assert len(refused) == 9
     assert_each_arrived_once_in_order_per_key(received, delivered)
     assert_dead_lettered(dead, refused, topic)
-    assert sample(registry, "flywheel_events_dead_lettered_total", topic=topic, reason="message_too_large") == len(refused)
+    assert sample(registry, "flywheel_events_dead_lettered_total", topic=topic, reason="message_too_large") == len(
+        refused
+    )
     assert sample(registry, "flywheel_events_produced_total", topic=topic) == len(delivered)
     assert sample(registry, "flywheel_events_spooled_total", topic=topic) == 0  # nothing waited for Kafka
     assert sample(registry, "flywheel_events_quarantined_total", topic=topic, reason="message_too_large") == 0
@@ -242,7 +258,9 @@ def test_an_oversized_event_already_in_the_spool_is_moved_past_on_replay(kafka_s
     assert_each_arrived_once_in_order_per_key(received, delivered)
     assert_dead_lettered(dead, refused, topic)
     assert sample(registry, "flywheel_events_replayed_total", topic=topic) == len(delivered)
-    assert sample(registry, "flywheel_events_dead_lettered_total", topic=topic, reason="message_too_large") == len(refused)
+    assert sample(registry, "flywheel_events_dead_lettered_total", topic=topic, reason="message_too_large") == len(
+        refused
+    )
     assert sample(registry, "flywheel_spool_bytes") == 0
 
 

@@ -264,7 +264,9 @@ def two_versions(registry, model_dir):
 def test_move_live_refuses_when_live_is_not_the_expected_version(two_versions):
     registry = two_versions
     before = registry.history()
-    with pytest.raises(LiveMoved, match=r"live policy is version 1 \(initial.*not version 2 as expected.*version 1 was not"):
+    with pytest.raises(
+        LiveMoved, match=r"live policy is version 1 \(initial.*not version 2 as expected.*version 1 was not"
+    ):
         registry.move_live(1, expected=2, reason="stale mover", kind="rollback")
     assert registry.history() == before and registry.live() == before[-1]
 
@@ -281,8 +283,12 @@ def test_a_forced_move_records_that_it_overrode_the_live_version(two_versions):
     record = registry.set_live(1, reason="operator rollback", kind="rollback")
     assert (record.version, record.previous_version, record.forced, record.kind) == (1, 2, True, "rollback")
     assert registry.history()[-1] == record
-    assert LiveRecord.model_validate_json('{"version": 1, "kind": "initial", "reason": "", "at": "2024-01-01T00:00:00Z", '
-                                          '"previous_version": null}').forced is False  # history written before the field
+    assert (
+        LiveRecord.model_validate_json(
+            '{"version": 1, "kind": "initial", "reason": "", "at": "2024-01-01T00:00:00Z", "previous_version": null}'
+        ).forced
+        is False
+    )  # history written before the field
 
 
 def test_approve_writes_the_verdict_and_moves_live_only_if_live_is_what_was_judged_against(two_versions, model_dir):
@@ -381,7 +387,10 @@ def test_versions_to_keep_by_hand():
     # pinned 3 keeps it and its parent 2
     assert versions_to_keep(standings, history[-1], history, retention, now, pinned={3}) == {1, 2, 3, 5, 7, 8, 9}
     # an operator rolled back to 2 an hour ago and 8 is live again since: 2 and the 2→… move stay in the window
-    history += [live_record(2, 8, now - timedelta(minutes=50), "rollback"), live_record(8, 2, now - timedelta(minutes=40))]
+    history += [
+        live_record(2, 8, now - timedelta(minutes=50), "rollback"),
+        live_record(8, 2, now - timedelta(minutes=40)),
+    ]
     wider = RegistryRetention(keep_approved=1, keep_rejected=0, recently_live_seconds=3600)
     assert versions_to_keep(standings, history[-1], history, wider, now) == {1, 2, 5, 8, 9}
 
@@ -396,11 +405,20 @@ def test_a_removed_version_keeps_its_manifest_and_verdict_and_says_why_it_cannot
     assert report.removed == [2, 3] and report.kept == [1]
     assert registry.versions() == [1, 2, 3] and registry.versions_with_weights() == [1]
     assert registry.manifest(2).parent_version == 1 and registry.verdict(2)["checks"][0]["name"] == "kl_to_reference"
-    for refused in (lambda: registry.path(3), lambda: registry.verify(3), lambda: registry.set_live(3, reason="", kind="rollback")):
-        with pytest.raises(PolicyRemoved, match=r"policy version 3: its weights were removed by the registry's retention.*versions with weights: \[1\]"):
+    for refused in (
+        lambda: registry.path(3),
+        lambda: registry.verify(3),
+        lambda: registry.set_live(3, reason="", kind="rollback"),
+    ):
+        with pytest.raises(
+            PolicyRemoved,
+            match=r"policy version 3: its weights were removed by the registry's retention.*versions with weights: \[1\]",
+        ):
             refused()
     assert not list(registry.root.glob(".tmp-*")), "the renamed-away directories are deleted"
-    assert registry.publish(model_dir, parent_version=1, training_step=3, metrics={}).version == 4, "numbers are never reused"
+    assert registry.publish(model_dir, parent_version=1, training_step=3, metrics={}).version == 4, (
+        "numbers are never reused"
+    )
 
 
 def test_a_version_removed_while_it_is_verified_is_reported_removed_not_corrupt(registry, model_dir, monkeypatch):

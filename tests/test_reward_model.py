@@ -44,7 +44,10 @@ def demo_pairs(tokenizer, rng: random.Random, questions: list[DemoQuestion]) -> 
     for question in questions:
         wrong = wrong_answer(rng, question)
         assert (judge_thumb(question.prompt, question.answer), judge_thumb(question.prompt, wrong)) == ("up", "down")
-        chosen, rejected = logged_answer(tokenizer, question, question.answer), logged_answer(tokenizer, question, wrong)
+        chosen, rejected = (
+            logged_answer(tokenizer, question, question.answer),
+            logged_answer(tokenizer, question, wrong),
+        )
         pairs.append(PreferencePair(chosen, rejected, principal="default"))
     return pairs
 

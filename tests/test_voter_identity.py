@@ -87,7 +87,9 @@ def vote(stub, answer: pb.GenerateResponse, user_id: str, rating, metadata) -> g
 
 
 def ask(stub, user_id: str, metadata, n: int = 0) -> pb.GenerateResponse:
-    request = pb.GenerateRequest(prompt=f"What is {n % 50}+{n // 50}?", sampling=pb.SamplingParams(max_tokens=1), user_id=user_id)
+    request = pb.GenerateRequest(
+        prompt=f"What is {n % 50}+{n // 50}?", sampling=pb.SamplingParams(max_tokens=1), user_id=user_id
+    )
     return stub.Generate(request, metadata=metadata, timeout=HANG_GUARD_S)
 
 
@@ -100,12 +102,16 @@ def test_one_key_speaking_as_a_thousand_users_stays_within_its_share(engine_loop
             mallory = key_of("mallory")
             with ThreadPoolExecutor(16) as pool:
                 socks = list(pool.map(lambda n: ask(stub, f"sock-{n}", mallory, n), range(1000)))
-                verdicts = list(pool.map(lambda a: vote(stub, a[1], f"sock-{a[0]}", pb.RATING_DOWN, mallory), enumerate(socks)))
+                verdicts = list(
+                    pool.map(lambda a: vote(stub, a[1], f"sock-{a[0]}", pb.RATING_DOWN, mallory), enumerate(socks))
+                )
             assert verdicts.count(grpc.StatusCode.OK) == 1000
 
             # Mallory votes as "ada", acme's real user, until the limit: it is Mallory's ada it limits.
             posing = [ask(stub, "ada", mallory, n) for n in range(5)]
-            assert [vote(stub, a, "ada", pb.RATING_DOWN, mallory) for a in posing][-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [vote(stub, a, "ada", pb.RATING_DOWN, mallory) for a in posing][
+                -1
+            ] == grpc.StatusCode.RESOURCE_EXHAUSTED
             tenant_votes = 0
             for tenant in TENANTS:
                 for n in range(10):

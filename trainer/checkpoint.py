@@ -83,7 +83,9 @@ def save_checkpoint(
     the reward model) can finish. Returns the new checkpoint's directory.
     """
     if keep < 2:
-        raise ValueError(f"keep={keep}: keep at least 2 checkpoints, the latest and the one a reader may still be reading")
+        raise ValueError(
+            f"keep={keep}: keep at least 2 checkpoints, the latest and the one a reader may still be reading"
+        )
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     previous = latest_checkpoint(checkpoint_dir)
     name = f"step-{state.ppo_steps:08d}-rm-{state.reward_model_updates:06d}-{uuid.uuid4().hex[:6]}"

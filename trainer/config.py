@@ -17,7 +17,10 @@ class RewardModelSettings(BaseModel):
         0.5, ge=0, description="Weight of the thumbs' logistic loss beside the pairs' Bradley–Terry loss."
     )
     heldout_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of prompts (by a stable hash of their text) kept out of training for evaluation."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of prompts (by a stable hash of their text) kept out of training for evaluation.",
     )
     update_every_labels: int = Field(
         64, ge=1, description="Update the reward model after this many new standing votes have been joined."
@@ -42,8 +45,12 @@ class PPOSettings(BaseModel):
     epochs: int = Field(4, ge=1, description="Passes over one rollout's answers.")
     minibatch_size: int = Field(8, ge=1, description="Answers per gradient step.")
     clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip: updates are cut outside [1 − ε, 1 + ε].")
-    value_clip_eps: float = Field(0.2, gt=0, description="How far one update may move a value prediction before clipping.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token; 1 because the score only arrives at the end.")
+    value_clip_eps: float = Field(
+        0.2, gt=0, description="How far one update may move a value prediction before clipping."
+    )
+    gamma: float = Field(
+        1.0, ge=0, le=1, description="Discount per token; 1 because the score only arrives at the end."
+    )
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ: bias (0) against variance (1) of the advantages.")
     target_kl: float = Field(
         3.0, gt=0, description="KL to the reference, in nats per answer, that the adaptive coefficient steers toward."
@@ -59,8 +66,12 @@ class PPOSettings(BaseModel):
         1.0, ge=0, description="Subtracted from the score of an answer cut at max_new_tokens without end-of-sequence."
     )
     policy_learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy.")
-    critic_learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the critic (the value head on the policy's features).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Policy and value-head gradients are each clipped to this L2 norm.")
+    critic_learning_rate: float = Field(
+        1e-3, gt=0, description="AdamW learning rate of the critic (the value head on the policy's features)."
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Policy and value-head gradients are each clipped to this L2 norm."
+    )
     candidate_every_steps: int = Field(
         10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
     )
@@ -107,7 +118,9 @@ class TrainerSettings(BaseModel):
     metrics_port: int = Field(9401, description="Prometheus /metrics HTTP port of the trainer; 0 picks a free one.")
     host: str = Field("127.0.0.1", description="Address the trainer's /metrics binds.")
     consumer_group: str = Field("flywheel-trainer", description="Kafka consumer group of the trainer.")
-    checkpoint_dir: Path = Field(Path("trainer/checkpoint"), description="Where checkpoints live. Relative to state_dir.")
+    checkpoint_dir: Path = Field(
+        Path("trainer/checkpoint"), description="Where checkpoints live. Relative to state_dir."
+    )
     checkpoint_every_steps: int = Field(
         1, ge=1, description="Checkpoint (and commit Kafka offsets) after this many PPO steps or reward-model updates."
     )

@@ -100,7 +100,9 @@ class Trainer:
         if checkpoint is None:
             live = registry.live()
             if live is None:
-                raise RuntimeError(f"the policy registry {config.registry_dir} has no live policy to start training from")
+                raise RuntimeError(
+                    f"the policy registry {config.registry_dir} has no live policy to start training from"
+                )
             policy_path = registry.path(live.version)
             state = TrainerState(reference_path=str(policy_path), reference_version=live.version)
             tokenizer = AutoTokenizer.from_pretrained(policy_path)
@@ -117,14 +119,21 @@ class Trainer:
         else:
             state = load_state(checkpoint)
             tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
-            reward_model = RewardModelTrainer.load(checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id)
+            reward_model = RewardModelTrainer.load(
+                checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id
+            )
             policy = load_without_dropout(AutoModelForCausalLM, checkpoint / "policy")
             if (checkpoint / VALUE_HEAD_FILE).exists():
                 value_head = ValueHead.load(checkpoint / VALUE_HEAD_FILE, policy.config.hidden_size)
             else:
-                log.warning("checkpoint %s predates the value head (its critic was a separate model): starting a new one", checkpoint.name)
+                log.warning(
+                    "checkpoint %s predates the value head (its critic was a separate model): starting a new one",
+                    checkpoint.name,
+                )
                 value_head = ValueHead(policy.config.hidden_size)
-            models = PolicyWithValue(policy, value_head, load_without_dropout(AutoModelForCausalLM, state.reference_path))
+            models = PolicyWithValue(
+                policy, value_head, load_without_dropout(AutoModelForCausalLM, state.reference_path)
+            )
             restore_join_store(checkpoint, config.join_store.path)
             log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
         ppo = PPOTrainer(models, tokenizer, config.ppo)
@@ -224,7 +233,8 @@ class Trainer:
         verdicts = [
             self.registry.verdict(version)
             for version in self.registry.versions()
-            if version > self.state.restarted_after_version and self.registry.manifest(version).parent_version is not None
+            if version > self.state.restarted_after_version
+            and self.registry.manifest(version).parent_version is not None
         ]
         return rejections_in_a_row(verdicts) >= needed
 
@@ -308,7 +318,9 @@ class Trainer:
         with live_display() as display:
             await self._run(consumer, producer, stopping, display)
 
-    async def _run(self, consumer: EventConsumer, producer: EventProducer, stopping: asyncio.Event, display: Live | None) -> None:
+    async def _run(
+        self, consumer: EventConsumer, producer: EventProducer, stopping: asyncio.Event, display: Live | None
+    ) -> None:
         uncommitted: dict[TopicPartition, int] = {}
         updates_since_checkpoint = 0
         while not stopping.is_set():
@@ -332,7 +344,9 @@ class Trainer:
             for topic, behind in (await consumer.lag()).items():
                 self.metrics.consumer_lag.labels(topic=topic).set(behind)
             if display is not None:
-                display.update(progress_table(self.state, self.events_consumed, self.last_step, self.last_reward_model_eval))
+                display.update(
+                    progress_table(self.state, self.events_consumed, self.last_step, self.last_reward_model_eval)
+                )
         if uncommitted or updates_since_checkpoint:
             await self._checkpoint_then_commit(consumer, uncommitted)
 
@@ -387,12 +401,17 @@ def rejections_in_a_row(verdicts: list[dict | None]) -> int:
     return count
 
 
-async def run_trainer(config: TrainerConfig, metrics: TrainerMetrics, event_metrics: EventMetrics, stopping: asyncio.Event) -> None:
+async def run_trainer(
+    config: TrainerConfig, metrics: TrainerMetrics, event_metrics: EventMetrics, stopping: asyncio.Event
+) -> None:
     """Open (or resume) the trainer and run it against Kafka until `stopping` is set."""
     trainer = await asyncio.to_thread(Trainer.open, config, metrics)
     producer = EventProducer(config.kafka, config.spool, event_metrics)
     consumer = EventConsumer(
-        config.kafka, config.trainer.consumer_group, event_metrics, [config.kafka.topics.generations, config.kafka.topics.feedback]
+        config.kafka,
+        config.trainer.consumer_group,
+        event_metrics,
+        [config.kafka.topics.generations, config.kafka.topics.feedback],
     )
     await producer.start()
     try:

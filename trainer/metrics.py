@@ -8,15 +8,33 @@ STEP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 PPO_GAUGES = {
     "mean_reward": ("flywheel_trainer_mean_reward", "Mean per-answer reward of the last PPO step (score − β·KL)."),
     "mean_score": ("flywheel_trainer_mean_score", "Mean reward-model score of the last PPO step's answers."),
-    "kl_to_reference": ("flywheel_trainer_kl_to_reference", "KL to the reference policy of the last PPO step, nats per answer."),
+    "kl_to_reference": (
+        "flywheel_trainer_kl_to_reference",
+        "KL to the reference policy of the last PPO step, nats per answer.",
+    ),
     "kl_coef": ("flywheel_trainer_kl_coef", "KL coefficient β used in the last PPO step."),
-    "approx_kl": ("flywheel_trainer_approx_kl", "Approximate KL between the policy before and after the last PPO step's updates, per token."),
-    "clip_fraction": ("flywheel_trainer_clip_fraction", "Share of tokens whose ratio was clipped in the last PPO step."),
+    "approx_kl": (
+        "flywheel_trainer_approx_kl",
+        "Approximate KL between the policy before and after the last PPO step's updates, per token.",
+    ),
+    "clip_fraction": (
+        "flywheel_trainer_clip_fraction",
+        "Share of tokens whose ratio was clipped in the last PPO step.",
+    ),
     "entropy": ("flywheel_trainer_entropy", "Policy entropy per answer token in the last PPO step, nats."),
     "value_loss": ("flywheel_trainer_value_loss", "Critic loss of the last PPO step."),
-    "value_clip_fraction": ("flywheel_trainer_value_clip_fraction", "Share of tokens whose value prediction was clipped in the last PPO step."),
-    "explained_variance": ("flywheel_trainer_explained_variance", "Share of the returns' variance the critic explained in the last PPO step."),
-    "tokens_per_second": ("flywheel_trainer_tokens_per_second", "Answer tokens per second of the last PPO step (scoring and updates)."),
+    "value_clip_fraction": (
+        "flywheel_trainer_value_clip_fraction",
+        "Share of tokens whose value prediction was clipped in the last PPO step.",
+    ),
+    "explained_variance": (
+        "flywheel_trainer_explained_variance",
+        "Share of the returns' variance the critic explained in the last PPO step.",
+    ),
+    "tokens_per_second": (
+        "flywheel_trainer_tokens_per_second",
+        "Answer tokens per second of the last PPO step (scoring and updates).",
+    ),
 }
 
 
@@ -24,14 +42,23 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.events_consumed = Counter(
-            "flywheel_trainer_events_consumed", "Events read from Kafka, repeats included.", ["topic"], registry=registry
+            "flywheel_trainer_events_consumed",
+            "Events read from Kafka, repeats included.",
+            ["topic"],
+            registry=registry,
         )
         self.consumer_lag = Gauge(
-            "flywheel_trainer_consumer_lag", "Records in Kafka not yet read by the trainer.", ["topic"], registry=registry
+            "flywheel_trainer_consumer_lag",
+            "Records in Kafka not yet read by the trainer.",
+            ["topic"],
+            registry=registry,
         )
         self.ppo_steps = Counter("flywheel_trainer_ppo_steps", "PPO steps taken.", registry=registry)
         self.step_seconds = Histogram(
-            "flywheel_trainer_step_seconds", "Wall time of one PPO step, rollout included.", buckets=STEP_BUCKETS, registry=registry
+            "flywheel_trainer_step_seconds",
+            "Wall time of one PPO step, rollout included.",
+            buckets=STEP_BUCKETS,
+            registry=registry,
         )
         self.last_step_timestamp = Gauge(
             "flywheel_trainer_last_step_timestamp_seconds",
@@ -39,19 +66,25 @@ class TrainerMetrics:
             registry=registry,
         )
         self.last_step_timestamp.set_to_current_time()
-        self.ppo = {field: Gauge(name, description, registry=registry) for field, (name, description) in PPO_GAUGES.items()}
+        self.ppo = {
+            field: Gauge(name, description, registry=registry) for field, (name, description) in PPO_GAUGES.items()
+        }
         self.reward_model_updates = Counter(
             "flywheel_reward_model_updates", "Reward-model updates from new labels.", registry=registry
         )
         self.reward_model_accuracy = Gauge(
-            "flywheel_reward_model_pairwise_accuracy", "Reward model's pairwise accuracy on held-out feedback.", registry=registry
+            "flywheel_reward_model_pairwise_accuracy",
+            "Reward model's pairwise accuracy on held-out feedback.",
+            registry=registry,
         )
         self.reward_model_calibration_error = Gauge(
             "flywheel_reward_model_calibration_error",
             "Expected calibration error of the reward model's thumbs-up probability on held-out thumbs.",
             registry=registry,
         )
-        self.candidates = Counter("flywheel_trainer_candidates", "Candidate policies proposed to the gate.", registry=registry)
+        self.candidates = Counter(
+            "flywheel_trainer_candidates", "Candidate policies proposed to the gate.", registry=registry
+        )
         self.policy_restarts = Counter(
             "flywheel_trainer_policy_restarts",
             "Restarts of the trained policy from the live one after candidates rejected in a row.",

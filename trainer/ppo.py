@@ -70,7 +70,11 @@ class TransformersSampler:
         generated = self.policy.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}),
+            **(
+                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if temperature > 0
+                else {"do_sample": False}
+            ),
             max_new_tokens=max_new_tokens,
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
@@ -268,14 +272,20 @@ class PPOTrainer:
         self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
         self.sampler = sampler or TransformersSampler(models.policy, tokenizer.pad_token_id, self.eos_token_ids)
         # fused: one kernel per step over all parameters, instead of several per parameter tensor.
-        self.policy_optimizer = torch.optim.AdamW(models.policy.parameters(), lr=settings.policy_learning_rate, fused=True)
-        self.critic_optimizer = torch.optim.AdamW(models.critic.parameters(), lr=settings.critic_learning_rate, fused=True)
+        self.policy_optimizer = torch.optim.AdamW(
+            models.policy.parameters(), lr=settings.policy_learning_rate, fused=True
+        )
+        self.critic_optimizer = torch.optim.AdamW(
+            models.critic.parameters(), lr=settings.critic_learning_rate, fused=True
+        )
         self.kl_controller = AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
 
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample `responses_per_prompt` answers to each of this rank's share of `prompts` (all of
         them in one process); a prompt's answers are adjacent rows."""
-        repeated = [list(prompt) for prompt in self.ranks.shard(prompts) for _ in range(self.settings.responses_per_prompt)]
+        repeated = [
+            list(prompt) for prompt in self.ranks.shard(prompts) for _ in range(self.settings.responses_per_prompt)
+        ]
         started = time.perf_counter()
         responses = self.sampler(repeated, self.settings.max_new_tokens, self.settings.temperature)
         seconds = time.perf_counter() - started

@@ -149,9 +149,7 @@ def per_token_rewards(
     return rewards.index_put((rows, last_true_indices(mask)), score.to(rewards.dtype), accumulate=True)
 
 
-def apply_missing_eos_penalty(
-    scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float
-) -> torch.Tensor:
+def apply_missing_eos_penalty(scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract `penalty` from the score of every answer that never produced end-of-sequence.
 
     scores: `(batch,)` reward-model scores. ended_with_eos: `(batch,)` bool.

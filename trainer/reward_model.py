@@ -127,7 +127,9 @@ class RewardModelTrainer:
         for step in range(steps):
             pair_batch = pairs[step * batch_size : (step + 1) * batch_size]
             example_batch = examples[step * batch_size : (step + 1) * batch_size]
-            sequences = [pair.chosen.token_ids for pair in pair_batch] + [pair.rejected.token_ids for pair in pair_batch]
+            sequences = [pair.chosen.token_ids for pair in pair_batch] + [
+                pair.rejected.token_ids for pair in pair_batch
+            ]
             scores = self._scores(sequences + [example.answer.token_ids for example in example_batch])
             chosen, rejected, thumbs = scores.split([len(pair_batch), len(pair_batch), len(example_batch)])
             loss = torch.zeros(())

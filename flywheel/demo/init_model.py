@@ -282,7 +282,9 @@ def save_model_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
+            staging
+        )
         tokenizer.save_pretrained(staging)
         (staging / MODEL_SETTINGS_FILE).write_text(DEMO_SETTINGS)
         (staging / MARKER_FILE).write_text(report.model_dump_json(indent=2) + "\n")

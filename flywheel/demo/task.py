@@ -162,11 +162,7 @@ def question_from_prompt(prompt: str) -> DemoQuestion | None:
 
 def _mentioned_capitals(text: str) -> set[str]:
     words = " ".join(text.split())
-    return {
-        city
-        for city in capitals().values()
-        if re.search(rf"\b{re.escape(city)}\b", words, flags=re.IGNORECASE)
-    }
+    return {city for city in capitals().values() if re.search(rf"\b{re.escape(city)}\b", words, flags=re.IGNORECASE)}
 
 
 def is_correct(question: DemoQuestion, answer_text: str) -> bool:
