@@ -8,8 +8,9 @@ exactly `new_tokens` tokens per answer (end-of-sequence suppressed: `min_new_tok
 The trainer's policy changes every PPO step, and transformers samples from it directly, while vLLM holds its own
 copy of the weights. So every vLLM round first pays the weight sync a trainer would pay: the policy is nudged (a
 stand-in for an update), `save_pretrained` to a temporary directory, then
-`llm.collective_rpc("reload_weights", kwargs={"weights_path": DIR})`, checked by comparing a weight checksum read
-back from vLLM's worker. The sync cost does not depend on the batch; it is reported beside each row.
+the server's reload (`server.vllm_worker`: vLLM's `reload_weights`, then the tied LM head re-packed) and a prefix
+cache reset, checked by comparing a weight checksum read back from vLLM's worker. The sync cost does not depend on
+the batch; it is reported beside each row.
 
     .venv/bin/python -m benchmarks.rollouts [--model DIR] [--batch 16 64] [--new-tokens 16 32] [--rounds 5] [--threads N]
 
@@ -115,6 +116,8 @@ class VLLMSampler:
             kv_cache_memory_bytes=KV_CACHE_BYTES,
             max_model_len=512,
             seed=seed,
+            # The server's reload: on CPU vLLM's own left a tied LM head on the start-up weights.
+            worker_extension_cls="server.vllm_worker.PolicyWorkerExtension",
         )
 
     def sample(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -130,7 +133,8 @@ class VLLMSampler:
         started = time.perf_counter()
         policy.save_pretrained(directory)
         saved = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+        self.llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": str(directory)})
+        self.llm.reset_prefix_cache()  # blocks cached by the old weights must not answer for the new
         return saved - started, time.perf_counter() - saved
 
     @torch.no_grad()
