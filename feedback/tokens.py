@@ -33,7 +33,24 @@ def _b64encode(raw: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode unpadded base64url; raise ValueError for any other spelling of the same bytes (padding,
+    characters outside the alphabet, the standard alphabet's + and /), so one token has one form."""
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(raw) != text:
+        raise ValueError("not canonical unpadded base64url")
+    return raw
+
+
+INT64 = range(-(2**63), 2**63)
+
+
+def _well_typed(claims: FeedbackClaims) -> bool:
+    """Every claim of its declared type (a JSON true is not an int here), integers within int64."""
+    for claim in fields(FeedbackClaims):
+        value = getattr(claims, claim.name)
+        if type(value) is not claim.type or (claim.type is int and value not in INT64):
+            return False
+    return True
 
 
 def _signature(secret: bytes, payload: bytes) -> bytes:
@@ -56,7 +73,7 @@ def verify_feedback_token(secret: bytes, token: str, *, now: float | None = None
         raise InvalidFeedbackToken("feedback_token signature does not match")
     try:
         claims = FeedbackClaims(**json.loads(payload))
-        if any(not isinstance(getattr(claims, f.name), f.type) for f in fields(FeedbackClaims)):
+        if not _well_typed(claims):
             raise TypeError("a claim has the wrong type")
     except (ValueError, TypeError) as error:
         raise InvalidFeedbackToken("feedback_token is malformed") from error

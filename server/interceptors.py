@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from feedback.identity import DEFAULT_PRINCIPAL, key_digest
@@ -54,6 +55,10 @@ def principal_of(metadata: tuple[tuple[str, str | bytes], ...], principals_by_di
 
 
 async def _abort_unexpected(context: aio.ServicerContext, rpc: str, error: Exception) -> None:
+    if context.done():
+        # The call already ended (its deadline passed, or the client left) while the handler was
+        # answering it, e.g. with an abort: nothing went wrong, and nothing more can be sent.
+        raise asyncio.CancelledError from error
     log.error("%s failed unexpectedly", rpc, exc_info=error)
     request_id = request_id_var.get()
     await context.abort(
@@ -63,7 +68,13 @@ async def _abort_unexpected(context: aio.ServicerContext, rpc: str, error: Excep
 
 
 class FlywheelInterceptor(aio.ServerInterceptor):
-    """Wraps every Flywheel RPC (not health or reflection) with auth, status accounting and the INTERNAL fallback."""
+    """Wraps every Flywheel RPC (not health or reflection) with auth, decoding, status accounting and the
+    INTERNAL fallback.
+
+    The request is decoded here rather than by gRPC: gRPC answers a message that does not parse
+    (bad UTF-8, truncated, a malformed tag) with UNKNOWN and the parser's exception, before any
+    handler or this interceptor's wrapper runs.
+    """
 
     def __init__(self, metrics: ServingMetrics, principals_by_digest: dict[str, str]):
         self._metrics = metrics
@@ -82,26 +93,22 @@ class FlywheelInterceptor(aio.ServerInterceptor):
         principal = principal_of(handler_call_details.invocation_metadata, self._principals_by_digest)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary, principal),
-                request_deserializer=handler.request_deserializer,
+                self._unary(rpc, handler.unary_unary, handler.request_deserializer, principal),
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_stream_rpc_method_handler(
-            self._streaming(rpc, handler.unary_stream, principal),
-            request_deserializer=handler.request_deserializer,
+            self._streaming(rpc, handler.unary_stream, handler.request_deserializer, principal),
             response_serializer=handler.response_serializer,
         )
 
     def _count(self, rpc: str, context: aio.ServicerContext, error: BaseException | None) -> None:
         self._metrics.requests.labels(rpc=rpc, code=_status_of(context, error).name).inc()
 
-    def _unary(self, rpc, behavior, principal):
-        async def call(request, context):
+    def _unary(self, rpc, behavior, deserialize, principal):
+        async def call(raw_request: bytes, context):
             error = None
             try:
-                if principal is None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-                principal_var.set(principal)
+                request = await _admit(context, raw_request, deserialize, principal)
                 try:
                     return await behavior(request, context)
                 except (aio.AbortError, asyncio.CancelledError):
@@ -116,13 +123,11 @@ class FlywheelInterceptor(aio.ServerInterceptor):
 
         return call
 
-    def _streaming(self, rpc, behavior, principal):
-        async def call(request, context):
+    def _streaming(self, rpc, behavior, deserialize, principal):
+        async def call(raw_request: bytes, context):
             error = None
             try:
-                if principal is None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-                principal_var.set(principal)
+                request = await _admit(context, raw_request, deserialize, principal)
                 try:
                     async for message in behavior(request, context):
                         yield message
@@ -137,3 +142,19 @@ class FlywheelInterceptor(aio.ServerInterceptor):
                 self._count(rpc, context, error)
 
         return call
+
+
+async def _admit(context: aio.ServicerContext, raw_request: bytes, deserialize, principal: str | None):
+    """The decoded request of an authenticated caller, whose principal the RPC then runs as; aborts otherwise."""
+    if principal is None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    try:
+        request = deserialize(raw_request)
+    except DecodeError:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request: not a valid protobuf message of this RPC's request type (truncated, malformed, or a string "
+            "field that is not UTF-8)",
+        )
+    principal_var.set(principal)
+    return request

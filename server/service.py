@@ -181,7 +181,13 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
                 answer.admitted_at = time.monotonic()
                 self._metrics.queue_seconds.observe(answer.admitted_at - answer.arrived_at)
                 prompt = await self._render(validated)
-                sampling = fit_to_context(sampling, len(prompt.token_ids), self._engine.max_model_len, self._limits)
+                sampling = fit_to_context(
+                    sampling,
+                    len(prompt.token_ids),
+                    self._engine.max_model_len,
+                    self._limits,
+                    request.WhichOneof("input"),
+                )
                 policy = self._policy.current
                 async for delta in self._engine.stream(answer.response_id, prompt, sampling, whole=whole):
                     answer.add(delta)

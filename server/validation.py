@@ -145,12 +145,18 @@ def too_long_for_context(chars: int, max_prompt_chars: int, input_field: str) ->
         )
 
 
-def fit_to_context(sampling: Sampling, prompt_tokens: int, max_model_len: int, limits: RequestLimits) -> Sampling:
-    """Check the prompt and answer fit the model's context; fill in the default max_tokens."""
+def fit_to_context(
+    sampling: Sampling, prompt_tokens: int, max_model_len: int, limits: RequestLimits, input_field: str = "prompt"
+) -> Sampling:
+    """Check the prompt and answer fit the model's context; fill in the default max_tokens.
+
+    `input_field`: which input the request gave ("prompt" or "chat"), named when it does not fit.
+    """
     room = max_model_len - prompt_tokens
     if room < 1:
         raise InvalidRequest(
-            "prompt", f"is {prompt_tokens} tokens; the model's context holds {max_model_len} including the answer"
+            "chat.messages" if input_field == "chat" else "prompt",
+            f"is {prompt_tokens} tokens; the model's context holds {max_model_len} including the answer",
         )
     if sampling.max_tokens is None:
         filled = min(limits.default_max_tokens, room)

@@ -134,6 +134,7 @@ GENERATE_CASES = [
         "chat.messages[0].content",
     ),
     ("chat at its message count", pb.GenerateRequest(chat=chat(*["hi"] * 4), sampling=sampling()), ACME, OK, ""),
+    ("chat longer than the context", pb.GenerateRequest(chat=chat("1+1=" * 500)), ACME, INVALID, "chat.messages"),
     ("chat past its message count", pb.GenerateRequest(chat=chat(*["hi"] * 5)), ACME, INVALID, "chat.messages"),
     ("chat past the request's text", pb.GenerateRequest(chat=chat(*["x" * 1000] * 4)), ACME, INVALID, "chat.messages"),
     (

@@ -64,3 +64,32 @@ def test_each_call_runs_as_the_principal_of_its_key():
     assert outcomes[1][3] == "acme"
     refused = asyncio.run(call_through({key_digest("acme-key"): "acme"}, (("x-api-key", "other"),)))
     assert [outcome[1] for outcome in refused] == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
+
+
+def test_a_message_that_does_not_parse_is_an_invalid_argument_not_a_parser_exception():
+    async def send_raw(payloads: list[bytes]) -> list[tuple[str, str]]:
+        metrics = ServingMetrics(CollectorRegistry())
+        server = aio.server(interceptors=[FlywheelInterceptor(metrics, {})])
+        serving_pb2_grpc.add_FlywheelServicer_to_server(FaultyService(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        outcomes = []
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                raw = channel.unary_stream(
+                    "/flywheel.v1.Flywheel/GenerateStream", request_serializer=None, response_deserializer=None
+                )
+                for payload in payloads:
+                    try:
+                        async for _ in raw(payload):
+                            pass
+                    except aio.AioRpcError as error:
+                        outcomes.append((error.code().name, error.details()))
+        finally:
+            await server.stop(0)
+        return outcomes
+
+    bad_utf8, truncated, tag_zero = b"\x0a\x03\xff\xfe\x48", b"\x0a\x05ab", b"\x00\x00"
+    for code, message in asyncio.run(send_raw([bad_utf8, truncated, tag_zero])):
+        assert code == "INVALID_ARGUMENT" and message.startswith("request:"), message
+        assert "DecodeError" not in message and "class" not in message
