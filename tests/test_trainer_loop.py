@@ -55,7 +55,7 @@ from tests.test_kafka_events import read_raw
 from tests.test_reward_model import wrong_answer
 from trainer.checkpoint import JOIN_STORE_FILE, LATEST, TrainerState, latest_checkpoint, load_state
 from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
-from trainer.join_store import JoinStore, PreferencePair
+from trainer.join_store import JoinStore, PairBounds, PreferencePair
 from trainer.loop import Trainer, TrainerConfig, rejections_in_a_row
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, Rollout, Sampler, TokenBatch, TransformersSampler, end_of_sequence_ids
@@ -173,9 +173,11 @@ def unused_train_labels(store: JoinStore) -> int:
     )
 
 
-def train_labels(events: Sequence[Message], directory: Path) -> tuple[int, list[PreferencePair]]:
+def train_labels(
+    events: Sequence[Message], directory: Path, pair_bounds: PairBounds | None = None
+) -> tuple[int, list[PreferencePair]]:
     """How many train-split labels the join store makes of `events`, and its held-out pairs (a scratch store's)."""
-    store = JoinStore(directory / "expected.sqlite3", ttl_seconds=1e9)
+    store = JoinStore(directory / "expected.sqlite3", ttl_seconds=1e9, pair_bounds=pair_bounds or PairBounds())
     try:
         for event in events:
             if isinstance(event, events_pb2.GenerationLogged):
@@ -339,7 +341,7 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
     torch.manual_seed(0)
     PolicyRegistry(tmp_path / "registry").seed(model_path)
     questions = traffic_questions(random.Random(2), 40)
-    ppo_steps, max_new_tokens = 5, 16
+    ppo_steps, max_new_tokens = 8, 16
     # Users thumb the live policy's own answers, and the right and wrong answers of other sources.
     traffic = DemoTraffic(tokenizer, seed=2)
     policy = load_without_dropout(AutoModelForCausalLM, model_path)
@@ -353,10 +355,14 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
         "predates the hedged demo model (flywheel/demo/init_model.py); remove that directory to rebuild it"
     )
     events = traffic.labelled(questions) + own
-    expected_train, _ = train_labels(events, tmp_path)
+    # Benign traffic that asks each question many times: every pair its votes make is a label, as
+    # before pairs were bounded against floods (the bounds are the join store's tests').
+    unbounded = PairBounds(per_answer=10**6, per_prompt=10**6)
+    expected_train, _ = train_labels(events, tmp_path, unbounded)
     update_every_labels = 48
     config = trainer_config(
         tmp_path, kafka_settings, model_path,
+        join_store={"max_pairs_per_answer": unbounded.per_answer, "max_pairs_per_prompt": unbounded.per_prompt},
         reward_model={"learning_rate": 5e-4, "update_every_labels": update_every_labels},
         # PPO starts once the reward model has learnt from (nearly) every label.
         trainer={"min_labels_before_ppo": expected_train - update_every_labels + 1, "checkpoint_every_steps": 1000},
