@@ -71,6 +71,12 @@ def principals_by_digest(keys: Sequence[ApiKey]) -> dict[str, str]:
 Item = TypeVar("Item")
 
 
+def effective_share(max_share: float, principals: int) -> float:
+    """The most one of `principals` may weigh: max_share, or an equal share when there are too few to
+    honour it (one principal alone keeps everything: there is nobody to weigh it against)."""
+    return max(max_share, 1 / principals)
+
+
 def capped_per_principal(
     items: Sequence[Item], principal_of: Callable[[Item], str], max_share: float, limit: int | None = None
 ) -> list[Item]:
@@ -87,7 +93,7 @@ def capped_per_principal(
     counts = Counter(principal_of(item) for item in items)
     if not counts:
         return []
-    share = max(max_share, 1 / len(counts))
+    share = effective_share(max_share, len(counts))
 
     def total(q: int) -> int:
         return sum(min(count, q) for count in counts.values())
@@ -114,7 +120,7 @@ def capped_shares(counts: dict[str, int], max_share: float) -> dict[str, float]:
     equal share when fewer than 1 / max_share principals have any), the rest spread proportionally
     over the others. The shares sum to 1."""
     active = {principal: count for principal, count in counts.items() if count > 0}
-    cap = max(max_share, 1 / len(active))
+    cap = effective_share(max_share, len(active))
     shares: dict[str, float] = {}
     while True:
         free_mass = 1 - cap * len(shares)

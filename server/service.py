@@ -54,7 +54,13 @@ class ValidatedInput:
 
     prompt: str | None
     messages: list[dict[str, str]] | None
-    chars: int
+
+    @property
+    def chars(self) -> int:
+        """Characters of text the request gives: its prompt, or its messages' contents together."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(message["content"]) for message in self.messages)
 
 
 @dataclass
@@ -232,10 +238,10 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         match request.WhichOneof("input"):
             case "prompt":
                 prompt = validate_prompt(request.prompt, self._limits)
-                validated = ValidatedInput(prompt, None, len(prompt))
+                validated = ValidatedInput(prompt, None)
             case "chat":
                 messages = validate_chat(request.chat, self._limits)
-                validated = ValidatedInput(None, messages, sum(len(m["content"]) for m in messages))
+                validated = ValidatedInput(None, messages)
             case _:
                 raise InvalidRequest("input", "set either prompt or chat")
         too_long_for_context(validated.chars, self._engine.max_prompt_chars, request.WhichOneof("input"))

@@ -132,6 +132,11 @@ def validate_sampling(sampling: serving_pb2.SamplingParams, limits: RequestLimit
     )
 
 
+def text_field(input_field: str) -> str:
+    """The field an error about a request's text names: its prompt, or its chat's messages."""
+    return "chat.messages" if input_field == "chat" else "prompt"
+
+
 def too_long_for_context(chars: int, max_prompt_chars: int, input_field: str) -> None:
     """Refuse, untokenized, a text that cannot fit the model's context however it tokenizes.
 
@@ -139,9 +144,9 @@ def too_long_for_context(chars: int, max_prompt_chars: int, input_field: str) ->
     token stands for.
     """
     if chars > max_prompt_chars:
-        field = "chat.messages" if input_field == "chat" else "prompt"
         raise InvalidRequest(
-            field, f"is {chars} characters; the model's context cannot hold more than {max_prompt_chars}"
+            text_field(input_field),
+            f"is {chars} characters; the model's context cannot hold more than {max_prompt_chars}",
         )
 
 
@@ -155,7 +160,7 @@ def fit_to_context(
     room = max_model_len - prompt_tokens
     if room < 1:
         raise InvalidRequest(
-            "chat.messages" if input_field == "chat" else "prompt",
+            text_field(input_field),
             f"is {prompt_tokens} tokens; the model's context holds {max_model_len} including the answer",
         )
     if sampling.max_tokens is None:
