@@ -5,7 +5,7 @@ Everything vLLM-specific in the server lives here, so the gRPC layer never touch
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from transformers import AutoTokenizer
 from vllm import SamplingParams
@@ -144,7 +144,7 @@ class PolicyEngine:
         self._llm.shutdown()
 
 
-SAMPLING_FIELDS = {"max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+SAMPLING_FIELDS = {field.name for field in fields(Sampling)}
 
 
 def refused_by_engine(refused: Exception) -> InvalidRequest:
