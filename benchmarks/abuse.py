@@ -25,9 +25,8 @@ import time
 
 import grpc
 
-from benchmarks.common import invocation, markdown_table, percentile, report
+from benchmarks.common import REPO_ROOT, invocation, markdown_table, percentile, report
 from feedback.broker import free_port
-from flywheel.config import REPO_ROOT
 from flywheel.demo.init_model import ensure_demo_model
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc

@@ -11,6 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from flywheel.demo.task import sample_questions
 from flywheel.prompts import PromptRenderer
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 
 def demo_prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int, seed: int) -> list[list[int]]:
     """`count` demo-task training questions, rendered with the chat template as a chat client sends them."""
@@ -46,6 +48,4 @@ def report(lines: list[str], results_md: Path, write: bool) -> None:
 def invocation(module: str, argv: list[str] | None) -> str:
     """The command line that ran benchmark `module`, with this interpreter relative to the repository."""
     arguments = argv if argv is not None else sys.argv[1:]
-    # Not flywheel.config.REPO_ROOT: the TRL benchmark's venv runs without the project's dependencies.
-    repo_root = Path(__file__).resolve().parent.parent
-    return shlex.join([os.path.relpath(sys.executable, repo_root), "-m", module, *arguments])
+    return shlex.join([os.path.relpath(sys.executable, REPO_ROOT), "-m", module, *arguments])

@@ -21,12 +21,11 @@ from pathlib import Path
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import percentile
+from benchmarks.common import REPO_ROOT, percentile
 from feedback.broker import EmbeddedBroker
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
-from flywheel.config import REPO_ROOT
 from flywheel.demo.init_model import ensure_demo_model
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import REPO_ROOT
 from feedback.broker import free_port
-from flywheel.config import MODEL_SETTINGS_FILE, REPO_ROOT
 from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, InitModelReport, init_model
-from flywheel.registry import PolicyRegistry
+from flywheel.registry import MODEL_SETTINGS_FILE, PolicyRegistry
 
 SERVER_START_TIMEOUT_S = 600
 
@@ -47,7 +47,7 @@ def start_up(state_dir: Path, model_dir: Path) -> tuple[subprocess.Popen, dict[s
         "FLYWHEEL_GATE__METRICS_PORT": str(ports["gate_metrics"]),
     }
     command = [
-        sys.executable, "-m", "flywheel.cli", "up", "--model", str(model_dir), "--state-dir", str(state_dir),
+        sys.executable, "-m", "cli", "up", "--model", str(model_dir), "--state-dir", str(state_dir),
         "--port", str(ports["grpc"]), "--metrics-port", str(ports["server_metrics"]), "--kafka", addresses["kafka"],
     ]  # fmt: skip
     output = (state_dir / "up.out").open("wb")
@@ -110,7 +110,7 @@ def main() -> None:
         loop_started = time.monotonic()
         subprocess.run(
             [
-                sys.executable, "-m", "flywheel.cli", "simulate", "--target", addresses["grpc"],
+                sys.executable, "-m", "cli", "simulate", "--target", addresses["grpc"],
                 "--events", str(args.events), "--rate", str(args.events / (args.minutes * 60)),
                 "--eval-every", str(args.eval_every), "--out", str(args.out / "curve"), "--seed", str(args.seed),
                 "--trainer-metrics-url", addresses["trainer_metrics"],

@@ -50,9 +50,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import invocation
+from benchmarks.common import REPO_ROOT, invocation
 from feedback.broker import free_port
-from flywheel.config import REPO_ROOT
 from flywheel.v1 import serving_pb2, serving_pb2_grpc
 from server.config import EngineSettings, ServerSettings
 

@@ -30,12 +30,11 @@ from grpc import aio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import percentile
+from benchmarks.common import REPO_ROOT, percentile
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.config import SpoolSettings
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
-from flywheel.config import REPO_ROOT
 from flywheel.demo.init_model import ensure_demo_model
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
@@ -55,7 +54,7 @@ def serve_keeping_caches(argv: list[str]) -> None:
         await self._llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": weights_dir})
 
     PolicyEngine.reload_weights = reload_keeping_caches
-    from flywheel.cli import main
+    from cli.main import main
 
     main(["serve", *argv])
 
@@ -75,7 +74,7 @@ class Replica:
         serve = (
             [sys.executable, "-m", "benchmarks.swap", SERVE_KEEPING_CACHES]
             if keep_caches
-            else [sys.executable, "-m", "flywheel.cli", "serve"]
+            else [sys.executable, "-m", "cli", "serve"]
         )
         command = [
             *serve, "--model", model, "--state-dir", str(state_dir),

@@ -53,7 +53,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST_NAME = "manifest.json"
 MODEL_SETTINGS_FILE = "flywheel.toml"
 """A model directory may carry the training and gate settings that suit it (the demo model does):
-flywheel.config reads it as the lowest-priority file, limited to MODEL_DIR_MAY_SET. Named here, in
+cli.config reads it as the lowest-priority file, limited to MODEL_DIR_MAY_SET. Named here, in
 the ground, so that what writes a model directory (flywheel.demo.init_model) needs not the command line."""
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600.0

@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flywheel.config import REPO_ROOT
+from cli.config import REPO_ROOT
 from server.config import EngineSettings
 
 if TYPE_CHECKING:

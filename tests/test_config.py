@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from flywheel.config import (
+from cli.config import (
     MODEL_DIR_MAY_SET,
     MODEL_DIR_PATHS,
     MODEL_SETTINGS_FILE,
@@ -208,7 +208,8 @@ def test_ppo_refuses_more_answers_per_step_than_the_kl_horizon():
 
 
 def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monkeypatch):
-    from flywheel import cli, simulate
+    from cli import main as cli
+    from cli import simulate
 
     ran: list[simulate.SimulationSettings] = []
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)

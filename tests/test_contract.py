@@ -4,7 +4,7 @@ import filecmp
 import importlib.util
 from pathlib import Path
 
-from flywheel.config import REPO_ROOT
+from cli.config import REPO_ROOT
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path):

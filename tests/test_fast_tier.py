@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flywheel.config import REPO_ROOT
+from cli.config import REPO_ROOT
 from tests.conftest import module_markers
 
 # Collect the fast tier; if vLLM gets imported, print the repository's frames that imported it.

@@ -65,7 +65,7 @@ class Up:
     def start(self) -> None:
         self.output = (self.state_dir / f"up-{uuid.uuid4().hex[:6]}.out").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "up", *self.flags],
+            [sys.executable, "-m", "cli", "up", *self.flags],
             stdout=self.output, stderr=subprocess.STDOUT, env={**os.environ, **SMALL_LOOP},
         )  # fmt: skip
         wait_for(self.serving, "the server to answer health checks")
@@ -90,7 +90,7 @@ class Up:
 
     def simulate(self, *arguments: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "flywheel.cli", "simulate", "--target", self.address, "--trainer-metrics-url", "", *arguments],
+            [sys.executable, "-m", "cli", "simulate", "--target", self.address, "--trainer-metrics-url", "", *arguments],
             capture_output=True, text=True, timeout=HANG_GUARD_S,
         )  # fmt: skip
 

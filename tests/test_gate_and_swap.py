@@ -311,7 +311,7 @@ def test_rollback_brings_back_the_exact_previous_outputs(engine_loop, swapping, 
 
         state_dir = registry.root.parent
         rollback = subprocess.run(
-            [sys.executable, "-m", "flywheel.cli", "rollback", "--to", "1", "--reason", "test rollback",
+            [sys.executable, "-m", "cli", "rollback", "--to", "1", "--reason", "test rollback",
              "--state-dir", str(state_dir), "--kafka", kafka_broker.bootstrap_servers],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -324,7 +324,7 @@ def test_rollback_brings_back_the_exact_previous_outputs(engine_loop, swapping, 
     assert {response.policy_version for response in after} == {1}
 
     bad_version = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli", "rollback", "--to", "99", "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "cli", "rollback", "--to", "99", "--state-dir", str(state_dir)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad_version.returncode != 0 and "no policy version 99" in bad_version.stderr

@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from flywheel.config import REPO_ROOT, FlywheelConfig, load_config
+from cli.config import REPO_ROOT, FlywheelConfig, load_config
 from server.config import ServerSettings
 
 CHART = REPO_ROOT / "helm" / "flywheel"

@@ -159,7 +159,7 @@ def test_flywheel_serve_exits_naming_the_refused_live_version_and_why(tmp_path):
     registry.seed(make_model_dir(tmp_path / "model"))
     corrupt(registry, 1)
     serve = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli", "serve", "--state-dir", str(tmp_path / "state"), "--port", "0", "--metrics-port", "0"],
+        [sys.executable, "-m", "cli", "serve", "--state-dir", str(tmp_path / "state"), "--port", "0", "--metrics-port", "0"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert serve.returncode == 1, serve.stderr

@@ -1,7 +1,7 @@
-from flywheel.config import REPO_ROOT, config_markdown
+from cli.config import REPO_ROOT, config_markdown
 
 
 def test_readme_lists_every_setting():
     assert config_markdown() in (REPO_ROOT / "README.md").read_text(), (
-        "README's configuration table is stale: paste the output of flywheel.config.config_markdown()"
+        "README's configuration table is stale: paste the output of cli.config.config_markdown()"
     )

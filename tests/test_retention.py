@@ -69,7 +69,7 @@ def test_rolling_back_to_a_removed_version_from_the_command_line_says_which_vers
     registry = PolicyRegistry(tmp_path / "state" / "registry")
     long_run(registry, make_model_dir(tmp_path / "model"), WINDOWS.model_copy(update={"recently_live_seconds": 0}))
     refused = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli", "rollback", "--to", "12", "--state-dir", str(tmp_path / "state")],
+        [sys.executable, "-m", "cli", "rollback", "--to", "12", "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode != 0

@@ -33,13 +33,13 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from cli.config import REPO_ROOT, load_config
+from cli.main import trainer_config_of
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.connection import connection_options
 from feedback.consumer import EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
-from flywheel.cli import trainer_config_of
-from flywheel.config import REPO_ROOT, load_config
 from flywheel.demo.task import (
     DemoQuestion,
     evaluation_questions,
@@ -569,7 +569,7 @@ class TrainProcess:
 
     def __init__(self, config_file: Path):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "train", "--config", str(config_file)],
+            [sys.executable, "-m", "cli", "train", "--config", str(config_file)],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: list[dict] = []

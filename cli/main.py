@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.config import FlywheelConfig, load_config
+from cli.config import FlywheelConfig, load_config
 from flywheel.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ async def _announce(config: FlywheelConfig, event) -> None:
 
 
 def _up(args: argparse.Namespace) -> None:
-    from flywheel.supervisor import run_up
+    from cli.supervisor import run_up
 
     config = _config_from(args)
     seed_registry(config)
@@ -225,7 +225,7 @@ def _up(args: argparse.Namespace) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from flywheel.simulate import SimulationSettings, run_simulation
+    from cli.simulate import SimulationSettings, run_simulation
 
     configure_logging("WARNING")
     # The flags given, by their settings' names; SimulationSettings holds the defaults.
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     rollback.add_argument("--reason", default="operator rollback", help="why, for the audit history")
     rollback.set_defaults(handler=_rollback)
 
-    # A flag not given is left out (SUPPRESS): flywheel.simulate.SimulationSettings holds the defaults.
+    # A flag not given is left out (SUPPRESS): cli.simulate.SimulationSettings holds the defaults.
     simulate = commands.add_parser(
         "simulate",
         help="simulated users: ask demo questions, give thumbs by a hidden judge",

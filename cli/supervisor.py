@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from flywheel.config import FlywheelConfig
+from cli.config import FlywheelConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def run_up(config: FlywheelConfig, flags: list[str]) -> int:
     log_dir = config.state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     names = (["broker"] if broker_is_local(config) else []) + ["serve", "train", "gate"]
-    children = [
-        Child(name, [sys.executable, "-m", "flywheel.cli", name, *flags], log_dir / f"{name}.log") for name in names
-    ]
+    children = [Child(name, [sys.executable, "-m", "cli", name, *flags], log_dir / f"{name}.log") for name in names]
 
     stopping = False
 
