@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         argument_default=argparse.SUPPRESS,
     )
     simulate.add_argument("--target", help="gRPC address of a Flywheel server")
-    simulate.add_argument("--judge", help="module:function(prompt, answer) -> up/down/none")
+    simulate.add_argument("--judge", help="module:function(prompt, answer[, rng]) -> up/down/none: the users' votes")
+    simulate.add_argument("--eval-judge", help="module:function scoring held-out answers (default: the judge)")
     simulate.add_argument("--events", type=int, help="feedback events to send, then stop")
     simulate.add_argument("--concurrency", type=int, help="simulated users asking at once")
     simulate.add_argument("--rate", type=float, help="most feedback events per second (default: no limit)")

@@ -9,7 +9,9 @@ plotted to `learning_curve.png`.
 
 import asyncio
 import csv
+import functools
 import importlib
+import inspect
 import random
 import time
 import urllib.request
@@ -42,7 +44,16 @@ class JudgeError(ValueError):
 
 class SimulationSettings(BaseModel):
     target: str = Field("127.0.0.1:50051", description="gRPC address of a Flywheel server.")
-    judge: str = Field("flywheel.demo.task:judge_thumb", description="module:function(prompt, answer) -> up/down/none.")
+    judge: str = Field(
+        "flywheel.demo.task:judge_thumb",
+        description="module:function(prompt, answer[, rng]) -> up/down/none: the users' votes. A judge that takes "
+        "`rng` gets the simulation's seeded random.Random.",
+    )
+    eval_judge: str | None = Field(
+        None,
+        description="module:function(prompt, answer) that scores the held-out answers; None for the judge itself. "
+        "Give a noisy judge's taste here, so the curve measures the policy, not the noise.",
+    )
     events: int = Field(3000, ge=1, description="Feedback events to send, then stop.")
     concurrency: int = Field(4, ge=1, description="Simulated users asking at once.")
     rate: float | None = Field(
@@ -63,8 +74,8 @@ class SimulationSettings(BaseModel):
     api_key: str | None = None
 
 
-def load_judge(spec: str) -> Judge:
-    """Import `module:function`; raise JudgeError saying what is wrong with the spec."""
+def load_judge(spec: str, rng: random.Random) -> Judge:
+    """Import `module:function`, handing it `rng` if it takes one; raise JudgeError saying what is wrong with the spec."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise JudgeError(f"--judge {spec!r}: expected module:function, e.g. flywheel.demo.task:judge_thumb")
@@ -75,6 +86,8 @@ def load_judge(spec: str) -> Judge:
     judge = getattr(module, function_name, None)
     if not callable(judge):
         raise JudgeError(f"--judge {spec!r}: module {module_name!r} has no function {function_name!r}")
+    if "rng" in inspect.signature(judge).parameters:
+        return functools.partial(judge, rng=rng)
     return judge
 
 
@@ -116,12 +129,13 @@ def chat(prompt: str) -> pb.ChatMessages:
 
 
 class Simulation:
-    def __init__(self, settings: SimulationSettings, judge: Judge, stub: serving_pb2_grpc.FlywheelStub):
+    def __init__(self, settings: SimulationSettings, stub: serving_pb2_grpc.FlywheelStub):
         self.settings = settings
-        self.judge = judge
+        self.rng = random.Random(settings.seed)
+        self.judge = load_judge(settings.judge, self.rng)
+        self.eval_judge = self.judge if settings.eval_judge is None else load_judge(settings.eval_judge, self.rng)
         self.stub = stub
         self.metadata = (("x-api-key", settings.api_key),) if settings.api_key else ()
-        self.rng = random.Random(settings.seed)
         self.sent = 0
         self.recent_thumbs: deque[bool] = deque(maxlen=200)
         self.rows: list[dict] = []
@@ -160,12 +174,11 @@ class Simulation:
             self.recent_thumbs.append(verdict == "up")
 
     async def heldout_rate(self) -> float:
-        """Share of evaluation questions (never asked by the simulated users) whose greedy answer the judge likes."""
+        """Share of evaluation questions (never asked by the simulated users) whose greedy answer the eval judge likes."""
         questions = evaluation_questions()[: self.settings.heldout_questions]
         answers = await asyncio.gather(*(self.ask(q.prompt, "sim-evaluator", 0.0) for q in questions))
-        return sum(verdict_of(self.judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)) / len(
-            questions
-        )
+        liked = [verdict_of(self.eval_judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)]
+        return sum(liked) / len(questions)
 
     async def measure(self) -> dict:
         policy = await self.stub.GetPolicy(pb.GetPolicyRequest(), metadata=self.metadata)
@@ -182,10 +195,10 @@ class Simulation:
         return row
 
 
-async def simulate(settings: SimulationSettings, judge: Judge, on_progress: Callable[[Simulation], None]) -> list[dict]:
+async def simulate(settings: SimulationSettings, on_progress: Callable[[Simulation], None]) -> list[dict]:
     """Run the users and the periodic measurements; returns the measurement rows."""
     async with grpc.aio.insecure_channel(settings.target) as channel:
-        simulation = Simulation(settings, judge, serving_pb2_grpc.FlywheelStub(channel))
+        simulation = Simulation(settings, serving_pb2_grpc.FlywheelStub(channel))
         await simulation.measure()
         users = [asyncio.create_task(simulation.user()) for _ in range(settings.concurrency)]
         next_measurement = settings.eval_every
@@ -247,7 +260,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def run_simulation(settings: SimulationSettings) -> int:
     """The `flywheel simulate` command; returns the exit code."""
     try:
-        judge = load_judge(settings.judge)
+        for spec in (settings.judge, settings.eval_judge):
+            if spec is not None:
+                load_judge(spec, random.Random())
     except JudgeError as error:
         print(f"flywheel simulate: {error}")
         return 2
@@ -273,7 +288,7 @@ def run_simulation(settings: SimulationSettings) -> int:
             )
 
         try:
-            rows = asyncio.run(simulate(settings, judge, on_progress))
+            rows = asyncio.run(simulate(settings, on_progress))
         except JudgeError as error:
             print(f"flywheel simulate: {error}")
             return 2

@@ -219,7 +219,7 @@ def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monke
     assert ran[-1] == simulate.SimulationSettings(events=5, out_dir=Path("runs/x"), trainer_metrics_url="")
     # Every flag reaches its setting (a flag whose name matched none would be dropped).
     given = {
-        "target": "host:1", "judge": "tests.judges:undecided", "events": 7, "concurrency": 2, "rate": 0.5,
+        "target": "host:1", "judge": "tests.judges:undecided", "eval_judge": "tests.judges:undecided", "events": 7, "concurrency": 2, "rate": 0.5,
         "out_dir": Path("out"), "seed": 3, "eval_every": 9, "heldout_questions": 4, "trainer_metrics_url": "", "api_key": "k",
     }  # fmt: skip
     flags = {"out_dir": "--out"}

@@ -5,6 +5,8 @@ import re
 import pytest
 
 from flywheel.demo.task import (
+    CARELESS_ABSTAIN_SHARE,
+    CARELESS_WRONG_SHARE,
     GOLDEN_FILE,
     all_arithmetic_questions,
     arithmetic_question,
@@ -16,6 +18,7 @@ from flywheel.demo.task import (
     in_evaluation_split,
     is_correct,
     is_heldout,
+    judge_careless,
     judge_thumb,
     question_from_prompt,
     sample_questions,
@@ -162,3 +165,27 @@ def test_a_hedged_answer_is_right_but_gets_a_thumbs_down():
     assert is_correct(question, hedged_answer(question))
     assert judge_thumb(question.prompt, hedged_answer(question)) == "down"
     assert judge_thumb(question.prompt, question.answer) == "up"
+
+
+def test_the_careless_judge_abstains_and_errs_at_its_shares_and_replays_from_its_seed():
+    question = arithmetic_question(47, "+", 38)
+    votes = [judge_careless(question.prompt, "85", random.Random(seed)) for seed in range(4000)]
+    abstained = votes.count(None) / len(votes)
+    wrong = votes.count("down") / (len(votes) - votes.count(None))
+    assert abs(abstained - CARELESS_ABSTAIN_SHARE) < 0.03
+    assert abs(wrong - CARELESS_WRONG_SHARE) < 0.03
+    assert judge_careless(question.prompt, "85", random.Random(7)) == judge_careless(
+        question.prompt, "85", random.Random(7)
+    )
+
+
+def test_a_judge_that_takes_rng_gets_the_simulations(tmp_path):
+    from cli.simulate import load_judge
+
+    rng = random.Random(3)
+    judge = load_judge("flywheel.demo.task:judge_careless", rng)
+    question = arithmetic_question(47, "+", 38)
+    assert [judge(question.prompt, "85") for _ in range(20)] == [
+        judge_careless(question.prompt, "85", replay) for replay in [random.Random(3)] for _ in range(20)
+    ]
+    assert load_judge("flywheel.demo.task:judge_thumb", rng) is judge_thumb

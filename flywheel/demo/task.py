@@ -196,3 +196,18 @@ def judge_thumb(question_prompt: str, answer_text: str) -> Thumb:
             "'What is 47+38?' or 'What is the capital of Peru?' (a country from capitals.csv)"
         )
     return "up" if is_correct(question, answer_text) and is_concise(answer_text) else "down"
+
+
+CARELESS_ABSTAIN_SHARE = 0.5
+CARELESS_WRONG_SHARE = 0.15
+
+
+def judge_careless(question_prompt: str, answer_text: str, rng: random.Random) -> Thumb | None:
+    """A careless user with judge_thumb's taste: votes on only half the answers, and a vote in
+    `CARELESS_WRONG_SHARE` is the wrong way round. `rng` is the simulation's, so a seed replays it."""
+    taste = judge_thumb(question_prompt, answer_text)
+    if rng.random() < CARELESS_ABSTAIN_SHARE:
+        return None
+    if rng.random() < CARELESS_WRONG_SHARE:
+        return "down" if taste == "up" else "up"
+    return taste
