@@ -76,7 +76,7 @@ def gate_decisions(registry: PolicyRegistry) -> dict[str, int]:
         if registry.manifest(version).parent_version is None:
             continue
         verdict = registry.verdict(version)
-        decisions["undecided" if verdict is None else "approved" if verdict["approved"] else "rejected"] += 1
+        decisions["undecided" if verdict is None else "approved" if verdict.approved else "rejected"] += 1
     return decisions
 
 

@@ -5,6 +5,7 @@ safety gate (reads them, records verdicts, moves the live pointer) and the serve
 live pointer, verify a version, load it). Its layout:
 
     v000001/               one complete version: the model's files and manifest.json
+    v000001/reward_model/  the reward model the trainer published with it, which the gate judges it by
     v000001.verdict.json   the gate's verdict on it, outside the version so its digest stays put
     v000001.manifest.json  the manifest of a version whose weights retention removed
     v000001.claim          flock target of the gate judging the version (removed once it has a verdict)
@@ -28,7 +29,6 @@ before deleting it, so a reader finds a version whole or gone (PolicyRemoved), n
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, Field
 
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST_NAME = "manifest.json"
+REWARD_MODEL_DIR = "reward_model"
 MODEL_SETTINGS_FILE = "flywheel.toml"
 """A model directory may carry the training and gate settings that suit it (the demo model does):
 cli.config reads it as the lowest-priority file, limited to MODEL_DIR_MAY_SET. Named here, in
@@ -79,6 +80,13 @@ def weights_digest(model_dir: Path) -> str:
 # ---------------------------------------------------------------- records
 
 
+class RewardModelFiles(BaseModel):
+    """The reward model published with a version, in its reward_model/ folder: what the gate scores it with."""
+
+    files: dict[str, str] = Field(description="File name (relative to reward_model/, flat) → sha256 hex.")
+    digest: str = Field(description="sha256 hex over the sorted 'name\\0sha256\\n' lines of files.")
+
+
 class PolicyManifest(BaseModel):
     """What one policy version holds, written last into its directory."""
 
@@ -91,6 +99,12 @@ class PolicyManifest(BaseModel):
     training_step: int = Field(ge=0, description="Trainer step (PPO steps) at which the weights were saved.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Trainer metrics at that step.")
     created_at: AwareDatetime = Field(description="When the version was published, UTC.")
+    reward_model: RewardModelFiles | None = Field(
+        None, description="The reward model published with the version (reward_model/); None for a base model."
+    )
+    reference_version: int | None = Field(
+        None, description="The version the trainer's KL penalty was taken against; retention keeps its weights."
+    )
 
 
 class LiveRecord(BaseModel):
@@ -118,18 +132,40 @@ class Withheld(StrEnum):
     before it could go live (an operator's rollback, the automatic rollback, another approval)."""
 
 
+class VerdictCheck(BaseModel):
+    """One check of the gate's verdict: what was measured, what it was held to, and whether it passed."""
+
+    name: str = Field(description="The check, e.g. kl_to_reference; `superseded` or `digest` for one never measured.")
+    value: float | None = Field(None, description="What was measured; None when nothing was.")
+    threshold: float | None = Field(None, description="What it was held to; None when nothing was.")
+    passed: bool = Field(False, description="Whether the candidate passed it.")
+    detail: str = Field("", description="What happened, for the operator.")
+
+
 class PolicyVerdict(BaseModel):
     """The gate's verdict on a version, stored beside it as v000001.verdict.json."""
 
     version: int = Field(ge=1, description="The version judged.")
     approved: bool = Field(description="True when the gate made it live.")
-    checks: list[dict[str, Any]] = Field(description="Each check of the gate: name, value, threshold, passed, detail.")
+    checks: list[VerdictCheck] = Field(description="Each check of the gate, in the gate's order.")
     at: AwareDatetime = Field(description="When the verdict was recorded, UTC.")
     judged_against: int | None = Field(
         None, description="The live version it was judged against; None if never judged."
     )
     withheld: Withheld | None = Field(None, description="Why it is not live though no check failed; None otherwise.")
     withheld_detail: str = Field("", description="What happened, for the operator, when withheld is set.")
+
+    @property
+    def judged_on_checks(self) -> bool:
+        """Whether its checks decided it: not withheld for another reason (superseded, live moved)."""
+        # A verdict written before `withheld` existed marked a superseded candidate by its one check's name.
+        never_judged = [check.name for check in self.checks] == [Withheld.SUPERSEDED.value]
+        return self.withheld is None and not never_judged
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the checks that failed."""
+        return [check.name for check in self.checks if not check.passed]
 
 
 class CorruptPolicy(Exception):
@@ -185,6 +221,8 @@ class VersionStanding:
     parent_version: int | None
     approved: bool | None
     """The gate's verdict: True approved, False not approved, None still waiting for the gate."""
+    reference_version: int | None = None
+    """The version the trainer's KL penalty was taken against when it published this one."""
 
 
 def versions_to_keep(
@@ -201,7 +239,8 @@ def versions_to_keep(
     - every version the live pointer named within `recently_live_seconds` (a server may be loading it);
     - candidates waiting for the gate, and the newest `keep_approved` approved and `keep_rejected`
       not approved versions;
-    - `pinned` (the trainer's reference policy, say).
+    - `pinned`, and the trainer's reference policy as the newest version names it (it loads those
+      weights when it resumes).
     Parents are kept one level deep, so the chain of approvals does not keep everything; lineage
     roots are kept because the gate measures a candidate's KL against its root.
     """
@@ -209,6 +248,9 @@ def versions_to_keep(
     approved = sorted(s.version for s in standings if s.approved)
     rejected = sorted(s.version for s in standings if s.approved is False)
     kept = set(pinned) | {s.version for s in standings if s.approved is None}
+    naming_a_reference = [s for s in standings if s.reference_version is not None]
+    if naming_a_reference:
+        kept.add(max(naming_a_reference, key=lambda s: s.version).reference_version)
     kept |= set(approved[-retention.keep_approved :])
     kept |= set(rejected[-retention.keep_rejected :]) if retention.keep_rejected else set()
     if live is not None:
@@ -311,6 +353,28 @@ def _source_files(source_dir: Path) -> list[Path]:
     return entries
 
 
+def _check_files(
+    directory: Path, files: Mapping[str, str], what: str, digest: str | None = None, skipped: Collection[str] = ()
+) -> None:
+    """Raise CorruptPolicy naming the first file, in name order, of `directory` missing, extra or different from `files`.
+
+    `digest`, when given, must be files_digest(files). Names in `skipped` are not looked at.
+    """
+    if digest is not None and files_digest(files) != digest:
+        raise CorruptPolicy(f"{what}: its files do not match its digest in {MANIFEST_NAME}")
+    on_disk = {p.name: p for p in directory.iterdir() if p.name not in skipped}
+    for name in sorted(set(on_disk) | set(files)):
+        if name not in on_disk:
+            raise CorruptPolicy(f"{what}: file {name!r} is missing")
+        if name not in files:
+            raise CorruptPolicy(f"{what}: file {name!r} is not in the manifest")
+        if not on_disk[name].is_file():
+            raise CorruptPolicy(f"{what}: {name!r} is not a regular file")
+        actual = file_sha256(on_disk[name])
+        if actual != files[name]:
+            raise CorruptPolicy(f"{what}: file {name!r} has sha256 {actual}, manifest says {files[name]}")
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -329,9 +393,20 @@ class PolicyRegistry:
     # -------------------------------------------------------- versions
 
     def publish(
-        self, source_dir: Path, *, parent_version: int | None, training_step: int, metrics: Mapping[str, float]
+        self,
+        source_dir: Path,
+        *,
+        parent_version: int | None,
+        training_step: int,
+        metrics: Mapping[str, float],
+        reward_model_dir: Path | None = None,
+        reference_version: int | None = None,
     ) -> PolicyManifest:
         """Copy a flat model directory into the registry as the next version and return its manifest.
+
+        `reward_model_dir` (flat) goes into the version's reward_model/ folder: the gate judges the
+        version with it. A reward model file with the same name and bytes as the newest earlier
+        version's is hard-linked from there, not copied again (registry files are never written in place).
 
         The copy happens outside the lock (it can be gigabytes); only numbering the version,
         writing its manifest and renaming it into place happen under the lock, so two
@@ -339,10 +414,18 @@ class PolicyRegistry:
         """
         if parent_version is not None:
             self._require(parent_version)
+        if reference_version is not None:
+            self._require(reference_version)
         sources = _source_files(Path(source_dir))
+        reward_model_sources = _source_files(Path(reward_model_dir)) if reward_model_dir is not None else None
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=TEMP_PREFIX))
         try:
             files = {source.name: _copy_and_hash(source, staging / source.name) for source in sources}
+            reward_model = None
+            if reward_model_sources is not None:
+                (staging / REWARD_MODEL_DIR).mkdir()
+                reward_model_files = self._copy_reward_model(reward_model_sources, staging / REWARD_MODEL_DIR)
+                reward_model = RewardModelFiles(files=reward_model_files, digest=files_digest(reward_model_files))
             with self._lock():
                 version = self._highest_version_number() + 1
                 manifest = PolicyManifest(
@@ -353,8 +436,12 @@ class PolicyRegistry:
                     training_step=training_step,
                     metrics=dict(metrics),
                     created_at=_utc_now(),
+                    reward_model=reward_model,
+                    reference_version=reference_version,
                 )
                 write_atomically(staging / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode(), TEMP_PREFIX)
+                if reward_model is not None:
+                    fsync_path(staging / REWARD_MODEL_DIR)
                 os.rename(staging, self._version_dir(version))
                 fsync_path(self.root)
         except BaseException:
@@ -362,6 +449,58 @@ class PolicyRegistry:
             raise
         log.info("published policy version %d (parent %s, digest %s)", version, parent_version, manifest.digest)
         return manifest
+
+    def _copy_reward_model(self, sources: Sequence[Path], target: Path) -> dict[str, str]:
+        """Put the reward model files into `target`: hard links to the newest earlier version's identical files, copies otherwise.
+
+        Returns file name → sha256 hex.
+        """
+        earlier = self._newest_reward_model()
+        files = {}
+        for source in sources:
+            sha256 = file_sha256(source)
+            if earlier is not None and earlier[1].files.get(source.name) == sha256:
+                try:
+                    os.link(earlier[0] / source.name, target / source.name)
+                    files[source.name] = sha256
+                    continue
+                except OSError as error:  # retention removed it meanwhile, or a filesystem without hard links
+                    log.debug("copying %s instead of linking it: %s", source.name, error)
+            files[source.name] = _copy_and_hash(source, target / source.name)
+        return files
+
+    def _newest_reward_model(self) -> tuple[Path, RewardModelFiles] | None:
+        """The reward_model/ folder and record of the newest version with weights that has one."""
+        for version in reversed(self.versions_with_weights()):
+            try:
+                manifest = self.manifest(version)
+            except ValueError:
+                continue
+            if manifest.reward_model is not None:
+                return self._version_dir(version) / REWARD_MODEL_DIR, manifest.reward_model
+        return None
+
+    def reward_model_path(self, version: int) -> Path:
+        """The reward model published with `version`, every file checked against its manifest.
+
+        Raises CorruptPolicy when a file is missing, extra or different, or the version has none;
+        PolicyRemoved when retention removed the version.
+        """
+        manifest = self.manifest(version)
+        if manifest.reward_model is None:
+            raise CorruptPolicy(f"policy version {version} was published without a reward model to judge it by")
+        directory = self.path(version) / REWARD_MODEL_DIR
+        try:
+            _check_files(
+                directory,
+                manifest.reward_model.files,
+                f"policy version {version}'s reward model",
+                manifest.reward_model.digest,
+            )
+        except FileNotFoundError as error:
+            self.path(version)  # raises PolicyRemoved when retention took it meanwhile
+            raise CorruptPolicy(f"policy version {version}'s reward model: {error}") from error
+        return directory
 
     def versions(self) -> list[int]:
         """Every published version, ascending, whether retention kept its weights or not."""
@@ -422,19 +561,8 @@ class PolicyRegistry:
             raise CorruptPolicy(f"policy version {version}: unreadable {MANIFEST_NAME}: {error}") from error
         if manifest.version != version or files_digest(manifest.files) != manifest.digest:
             raise CorruptPolicy(f"policy version {version}: {MANIFEST_NAME} does not match its own version or digest")
-        on_disk = {p.name: p for p in directory.iterdir() if p.name != MANIFEST_NAME}
-        for name in sorted(set(on_disk) | set(manifest.files)):
-            if name not in on_disk:
-                raise CorruptPolicy(f"policy version {version}: file {name!r} is missing")
-            if name not in manifest.files:
-                raise CorruptPolicy(f"policy version {version}: file {name!r} is not in the manifest")
-            if not on_disk[name].is_file():
-                raise CorruptPolicy(f"policy version {version}: {name!r} is not a regular file")
-            actual = file_sha256(on_disk[name])
-            if actual != manifest.files[name]:
-                raise CorruptPolicy(
-                    f"policy version {version}: file {name!r} has sha256 {actual}, manifest says {manifest.files[name]}"
-                )
+        skipped = {MANIFEST_NAME} | ({REWARD_MODEL_DIR} if manifest.reward_model is not None else set())
+        _check_files(directory, manifest.files, f"policy version {version}", skipped=skipped)
         return manifest
 
     # -------------------------------------------------------- live pointer
@@ -459,7 +587,7 @@ class PolicyRegistry:
         with self._lock():
             return self._move_live_locked(version, reason=reason, kind=kind, forced=True)
 
-    def approve(self, version: int, *, judged_against: int, checks: list[dict[str, Any]], reason: str) -> LiveRecord:
+    def approve(self, version: int, *, judged_against: int, checks: Sequence[VerdictCheck], reason: str) -> LiveRecord:
         """Record the gate's approval of `version` and make it live, both only if `judged_against` is still live.
 
         Raises LiveMoved, writing nothing, when the pointer moved while the candidate was judged.
@@ -468,7 +596,7 @@ class PolicyRegistry:
             self._expect_live(judged_against, version)
             self._require_weights(version)
             verdict = PolicyVerdict(
-                version=version, approved=True, checks=checks, at=_utc_now(), judged_against=judged_against
+                version=version, approved=True, checks=list(checks), at=_utc_now(), judged_against=judged_against
             )
             write_atomically(self._verdict_path(version), verdict.model_dump_json(indent=2).encode(), TEMP_PREFIX)
             return self._move_live_locked(version, reason=reason, kind="approved", forced=False)
@@ -535,7 +663,7 @@ class PolicyRegistry:
         self,
         version: int,
         approved: bool,
-        checks: list[dict[str, Any]],
+        checks: Sequence[VerdictCheck],
         *,
         judged_against: int | None = None,
         withheld: Withheld | None = None,
@@ -549,7 +677,7 @@ class PolicyRegistry:
         verdict = PolicyVerdict(
             version=version,
             approved=approved,
-            checks=checks,
+            checks=list(checks),
             at=_utc_now(),
             judged_against=judged_against,
             withheld=withheld,
@@ -557,10 +685,10 @@ class PolicyRegistry:
         )
         write_atomically(self._verdict_path(version), verdict.model_dump_json(indent=2).encode(), TEMP_PREFIX)
 
-    def verdict(self, version: int) -> dict[str, Any] | None:
-        """The gate's verdict on a version, PolicyVerdict's fields as JSON values, or None if not judged yet."""
+    def verdict(self, version: int) -> PolicyVerdict | None:
+        """The gate's verdict on a version, or None if not judged yet."""
         try:
-            return json.loads(self._verdict_path(version).read_bytes())
+            return PolicyVerdict.model_validate_json(self._verdict_path(version).read_bytes())
         except FileNotFoundError:
             return None
 
@@ -614,20 +742,28 @@ class PolicyRegistry:
         return RetentionReport(kept=kept_with_weights, removed=removed)
 
     def size_bytes(self) -> int:
-        """Bytes of every file under the root: weights, manifests, verdicts, logs and writes in progress."""
-        total = 0
+        """Bytes of every file under the root: weights, manifests, verdicts, logs and writes in progress.
+
+        A file hard-linked into several versions (an unchanged reward model) is counted once.
+        """
+        sizes: dict[tuple[int, int], int] = {}
         for directory, _, files in os.walk(self.root):
             for name in files:
                 try:
-                    total += os.lstat(os.path.join(directory, name)).st_size
+                    status = os.lstat(os.path.join(directory, name))
                 except FileNotFoundError:
                     continue  # removed while walked
-        return total
+                sizes[status.st_dev, status.st_ino] = status.st_size
+        return sum(sizes.values())
 
     def _standing(self, version: int) -> VersionStanding:
         verdict = self.verdict(version)
+        manifest = self.manifest(version)
         return VersionStanding(
-            version, self.manifest(version).parent_version, None if verdict is None else bool(verdict["approved"])
+            version,
+            manifest.parent_version,
+            None if verdict is None else verdict.approved,
+            manifest.reference_version,
         )
 
     def _retire(self, version: int) -> Path:

@@ -12,6 +12,9 @@ judgement that started before it, and the verdict says why the candidate was wit
 live version's thumbs-down rate is significantly worse than its parent's (a sequential test),
 the gate moves the pointer back and announces a rollback. After each decision the gate removes
 the weights of versions outside the retention windows (gate.retention).
+
+A candidate is judged with the reward model the trainer published with it, in its registry
+version and checked against its manifest like the weights: the gate reads nothing of the trainer's own.
 """
 
 import asyncio
@@ -34,23 +37,24 @@ from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
 from flywheel.prompts import PromptRenderer
-from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, Withheld
+from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, VerdictCheck, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
 from gate.checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
 from gate.config import GateSettings
 from gate.rollback import sprt_decision
-from trainer.checkpoint import latest_checkpoint, load_state
 from trainer.config import RewardModelSettings
 from trainer.join_store import is_heldout_prompt
 from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
 from trainer.ppo_math import kl_per_answer, logprobs_from_logits
-from trainer.reward_model import RewardModelTrainer, load_without_dropout
+from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
 log = logging.getLogger(__name__)
 
 KL_SAMPLING_SEED = 0
 AUTOMATIC_ROLLBACK = "automatic-"
 """Prefix of the event id of a rollback the gate made itself; an operator's has none."""
+DIGEST_CHECK = "digest"
+"""The check a candidate whose files (weights or reward model) do not match its manifest fails."""
 
 
 @dataclass(frozen=True)
@@ -291,13 +295,11 @@ class Gate:
         self,
         settings: GateSettings,
         reward_model_settings: RewardModelSettings,
-        checkpoint_dir: Path,
         registry: PolicyRegistry,
         metrics: GateMetrics,
     ):
         self.settings = settings
         self.reward_model_settings = reward_model_settings
-        self.checkpoint_dir = checkpoint_dir
         self.registry = registry
         self.metrics = metrics
         self.heldout = HeldoutPrompts(
@@ -342,7 +344,7 @@ class Gate:
                 if claimed and self.registry.verdict(superseded) is None:  # one being judged elsewhere is left to it
                     detail = f"a newer candidate {waiting[-1]} waits"
                     self.registry.record_verdict(
-                        superseded, False, [{"name": Withheld.SUPERSEDED.value, "detail": detail}],
+                        superseded, False, [VerdictCheck(name=Withheld.SUPERSEDED.value, detail=detail)],
                         withheld=Withheld.SUPERSEDED, withheld_detail=detail,
                     )  # fmt: skip
         version = waiting[-1]
@@ -352,10 +354,21 @@ class Gate:
             return self._judge(version)
 
     def judge(
-        self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]
+        self,
+        candidate_path: Path,
+        live_path: Path,
+        reference_path: Path,
+        reward_model_path: Path,
+        prompts: Sequence[EvalPrompt],
     ) -> GateVerdict:
-        """Run the gate's checks on a candidate against the live policy, with the trainer's latest reward model."""
-        return self._evaluator().judge(candidate_path, live_path, reference_path, prompts)
+        """Run the gate's checks on a candidate against the live policy, scored by the reward model published with it."""
+        tokenizer = self._tokenizer()
+        reward_model = RewardModelTrainer(
+            RewardModel.from_pretrained(reward_model_path), self.reward_model_settings, tokenizer.pad_token_id
+        )
+        return GateEvaluator(tokenizer, reward_model, self.settings).judge(
+            candidate_path, live_path, reference_path, prompts
+        )
 
     def _judge(self, version: int) -> events_pb2.PolicyEvent:
         """Judge a claimed candidate against the live version and approve it if live has not moved since."""
@@ -365,11 +378,12 @@ class Gate:
             raise RuntimeError("the registry has no live policy to compare candidates with")
         try:
             self.registry.verify(version)
+            reward_model_path = self.registry.reward_model_path(version)
         except CorruptPolicy as error:
             return self._reject(
                 version,
                 manifest.parent_version,
-                [{"name": "digest", "passed": False, "detail": str(error)}],
+                [VerdictCheck(name=DIGEST_CHECK, detail=str(error))],
                 [str(error)],
                 live.version,
             )
@@ -378,9 +392,10 @@ class Gate:
             self.registry.path(version),
             self.registry.path(live.version),
             self.registry.path(lineage_root(self.registry, version)),
+            reward_model_path,
             prompts,
         )
-        checks = [asdict(check) for check in verdict.checks]
+        checks = [VerdictCheck(**asdict(check)) for check in verdict.checks]
         for check in verdict.checks:
             self.metrics.check_value.labels(check=check.name).set(check.value)
             self.metrics.check_threshold.labels(check=check.name).set(check.threshold)
@@ -399,7 +414,7 @@ class Gate:
             return self._withhold(version, live.version, checks, moved)
         self.metrics.decisions.labels(decision="approved").inc()
         self.metrics.approved_version.set(version)
-        log.info("approved policy %d", version, extra={"checks": checks})
+        log.info("approved policy %d", version, extra={"checks": [check.model_dump() for check in checks]})
         return policy_event(
             events_pb2.POLICY_EVENT_KIND_APPROVED,
             version,
@@ -410,7 +425,7 @@ class Gate:
         )
 
     def _withhold(
-        self, version: int, judged_against: int, checks: list[dict], moved: LiveMoved
+        self, version: int, judged_against: int, checks: list[VerdictCheck], moved: LiveMoved
     ) -> events_pb2.PolicyEvent:
         """A candidate that passed against a version no longer live: not made live, and not judged again.
 
@@ -431,7 +446,7 @@ class Gate:
         return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, version, judged_against, reasons=[str(moved)])
 
     def _reject(
-        self, version: int, parent: int | None, checks: list[dict], reasons: list[str], judged_against: int
+        self, version: int, parent: int | None, checks: list[VerdictCheck], reasons: list[str], judged_against: int
     ) -> events_pb2.PolicyEvent:
         self.registry.record_verdict(version, False, checks, judged_against=judged_against)
         self.metrics.decisions.labels(decision="rejected").inc()
@@ -463,27 +478,12 @@ class Gate:
         event.event_id = f"{AUTOMATIC_ROLLBACK}{event.event_id}"
         return event
 
-    def retain(self) -> RetentionReport | None:
-        """Remove the weights of versions outside gate.retention, keeping the trainer's reference policy; None when skipped."""
-        try:
-            pinned = self._trainer_reference_versions()
-        except (
-            OSError,
-            ValueError,
-        ) as error:  # a checkpoint being replaced: its reference is unknown, so remove nothing
-            log.warning(
-                "retention skipped: cannot read the trainer's reference policy from %s: %s", self.checkpoint_dir, error
-            )
-            return None
-        report = self.registry.retain(self.settings.retention, pinned=pinned)
+    def retain(self) -> RetentionReport:
+        """Remove the weights of versions outside gate.retention; the registry keeps the trainer's reference policy."""
+        report = self.registry.retain(self.settings.retention)
         self.metrics.weights_removed.inc(len(report.removed))
         self.metrics.registry_bytes.set(self.registry.size_bytes())
         return report
-
-    def _trainer_reference_versions(self) -> set[int]:
-        """The version the trainer's KL penalty is taken against (it loads those weights when it resumes)."""
-        checkpoint = latest_checkpoint(self.checkpoint_dir)
-        return set() if checkpoint is None else {load_state(checkpoint).reference_version}
 
     def _golden(self) -> list[EvalPrompt]:
         path = self.settings.golden_path()
@@ -492,27 +492,6 @@ class Gate:
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         live = self.registry.live()
         return AutoTokenizer.from_pretrained(self.registry.path(live.version))
-
-    def _evaluator(self) -> GateEvaluator:
-        """The evaluator with the trainer's latest reward model."""
-        tokenizer = self._tokenizer()
-        attempts = 3
-        while True:
-            checkpoint = latest_checkpoint(self.checkpoint_dir)
-            if checkpoint is None:
-                raise RuntimeError(
-                    f"no trainer checkpoint in {self.checkpoint_dir}: the gate needs the trainer's reward model"
-                )
-            try:
-                reward_model = RewardModelTrainer.load(
-                    checkpoint / "reward_model", self.reward_model_settings, tokenizer.pad_token_id
-                )
-                return GateEvaluator(tokenizer, reward_model, self.settings)
-            except OSError:
-                attempts -= 1
-                if attempts == 0:
-                    raise
-                # The trainer replaced that checkpoint while it was read: take the newer one.
 
 
 def _check_proto(check) -> events_pb2.GateCheck:

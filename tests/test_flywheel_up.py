@@ -136,7 +136,7 @@ def test_one_short_run_goes_through_every_stage(up):
 
     registry = PolicyRegistry(up.state_dir / "registry")
     version = live_version(up.address)
-    assert registry.live().version == version and registry.verdict(version)["approved"]
+    assert registry.live().version == version and registry.verdict(version).approved
     with grpc.insecure_channel(up.address) as channel:
         messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is 12+34?")])
         answer = serving_pb2_grpc.FlywheelStub(channel).Generate(pb.GenerateRequest(chat=messages))

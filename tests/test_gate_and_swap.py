@@ -5,6 +5,7 @@ degenerately, to leak a banned phrase, or to drift far from the reference.
 """
 
 import concurrent.futures
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
-from transformers import AutoTokenizer
 
 from feedback.config import TopicNames
 from feedback.consumer import ConsumedEvent
 from flywheel.prompts import RenderedPrompt
-from flywheel.registry import PolicyRegistry
+from flywheel.registry import PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
 from gate.checks import SafetyRules
@@ -32,11 +33,8 @@ from server.swap import PolicyChecker, PolicySwapper
 from server.validation import Sampling
 from tests import policy_variants
 from tests.engine_fixtures import start_engine
-from trainer.checkpoint import TrainerState, save_checkpoint
-from trainer.config import PPOSettings, RewardModelSettings
-from trainer.join_store import JoinStore
-from trainer.ppo import PolicyWithValue, PPOTrainer
-from trainer.reward_model import RewardModel, RewardModelTrainer
+from trainer.config import RewardModelSettings
+from trainer.reward_model import RewardModel
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
 
@@ -57,30 +55,30 @@ def variants(model_path, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def reward_model_dir(model_path: Path, directory: Path, score_head: str = "untrained") -> Path:
+    """The demo model as a reward model, as the trainer publishes it with a candidate; `score_head` "zero" scores all 0."""
+    reward_model = RewardModel.from_pretrained(model_path)
+    if score_head == "zero":
+        with torch.no_grad():
+            for parameter in reward_model.score_head.parameters():
+                parameter.zero_()
+    reward_model.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
-def trainer_checkpoint(model_path, tmp_path_factory) -> Path:
-    """A real trainer checkpoint holding the reward model the gate reads (untrained head: both policies get the same judge)."""
-    directory = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    reward_model = RewardModelTrainer(
-        RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id
-    )
-    ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path), tokenizer, PPOSettings())
-    join_store = JoinStore(directory / "join_store.sqlite3", 3600)
-    save_checkpoint(
-        directory / "trainer",
-        TrainerState(reference_path=str(model_path), reference_version=1),
-        ppo,
-        reward_model,
-        join_store,
-    )
-    join_store.close()
-    return directory / "trainer"
+def published_reward_model(model_path, tmp_path_factory) -> Path:
+    """The reward model candidates are published with (untrained head: both policies get the same judge)."""
+    return reward_model_dir(model_path, tmp_path_factory.mktemp("reward_model") / "reward_model")
 
 
-def new_gate(registry: PolicyRegistry, checkpoint_dir: Path) -> Gate:
+def new_gate(registry: PolicyRegistry) -> Gate:
     settings = GateSettings(safety=SafetyRules(banned_phrases=["hunter2"]), max_new_tokens=24, heldout_prompts=0)
-    return Gate(settings, RewardModelSettings(), checkpoint_dir, registry, GateMetrics(CollectorRegistry()))
+    return Gate(settings, RewardModelSettings(), registry, GateMetrics(CollectorRegistry()))
+
+
+def publish_candidate(registry: PolicyRegistry, policy: Path, reward_model: Path) -> PolicyManifest:
+    return registry.publish(policy, parent_version=1, training_step=1, metrics={}, reward_model_dir=reward_model)
 
 
 def flip_a_byte(path: Path) -> None:
@@ -98,51 +96,65 @@ def flip_a_byte(path: Path) -> None:
     ],
 )
 def test_planted_bad_candidates_are_rejected(
-    model_path, variants, trainer_checkpoint, tmp_path, variant, failing_check
+    model_path, variants, published_reward_model, tmp_path, variant, failing_check
 ):
     registry = PolicyRegistry(tmp_path / "registry")
     registry.seed(model_path)
-    candidate = registry.publish(variants[variant], parent_version=1, training_step=1, metrics={})
-    event = new_gate(registry, trainer_checkpoint).decide_next()
+    candidate = publish_candidate(registry, variants[variant], published_reward_model)
+    event = new_gate(registry).decide_next()
     assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == candidate.version
     verdict = registry.verdict(candidate.version)
-    failed = [check["name"] for check in verdict["checks"] if not check["passed"]]
-    assert not verdict["approved"] and failing_check in failed, failed
+    assert not verdict.approved and failing_check in verdict.failed, verdict.failed
     assert any(reason.startswith(failing_check) for reason in event.reasons)
     assert registry.live().version == 1
 
 
-def test_a_corrupted_candidate_is_rejected_by_its_digest(model_path, trainer_checkpoint, tmp_path):
+def test_a_corrupted_candidate_is_rejected_by_its_digest(model_path, published_reward_model, tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     registry.seed(model_path)
-    candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
+    candidate = publish_candidate(registry, model_path, published_reward_model)
     flip_a_byte(registry.path(candidate.version) / "model.safetensors")
-    event = new_gate(registry, trainer_checkpoint).decide_next()
+    event = new_gate(registry).decide_next()
     assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED
     assert "model.safetensors" in event.reasons[0]
     assert registry.live().version == 1
 
 
-def test_a_good_candidate_is_approved_and_goes_live(model_path, variants, trainer_checkpoint, tmp_path):
+def test_a_good_candidate_is_approved_and_goes_live(model_path, variants, published_reward_model, tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     registry.seed(model_path)
-    candidate = registry.publish(variants["slightly_better"], parent_version=1, training_step=1, metrics={})
-    event = new_gate(registry, trainer_checkpoint).decide_next()
+    candidate = publish_candidate(registry, variants["slightly_better"], published_reward_model)
+    event = new_gate(registry).decide_next()
     failed = [check.name for check in event.checks if not check.passed]
     assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED, failed
     assert [check.name for check in event.checks] == [
         "reward_score", "kl_to_reference", "safety_violation_rate", "degenerate_rate", "golden_accuracy",
     ]  # fmt: skip
     assert registry.live().version == candidate.version and registry.live().kind == "approved"
-    assert registry.verdict(candidate.version)["approved"]
+    assert registry.verdict(candidate.version).approved
 
 
-def test_a_live_version_with_significantly_more_thumbs_down_is_rolled_back(model_path, trainer_checkpoint, tmp_path):
+def test_a_candidate_is_scored_by_the_reward_model_published_with_it(model_path, variants, tmp_path):
+    """The trainer's reward model moves on (or its checkpoints go) after it publishes: the verdict is unmoved."""
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    zero_head = reward_model_dir(model_path, tmp_path / "published", score_head="zero")
+    candidate = publish_candidate(registry, variants["slightly_better"], zero_head)
+    shutil.rmtree(zero_head)  # what the trainer had is gone; only the registry's copy remains
+    event = new_gate(registry).decide_next()
+    reward_check = next(check for check in registry.verdict(candidate.version).checks if check.name == "reward_score")
+    # every answer of both policies scores exactly 0 under a zero score head, so the paired bound is exactly 0;
+    # the untrained head the trainer began with scores the two policies' different answers apart
+    assert reward_check.value == 0.0 and reward_check.passed, reward_check
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED
+
+
+def test_a_live_version_with_significantly_more_thumbs_down_is_rolled_back(model_path, tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     registry.seed(model_path)
     candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
     registry.set_live(candidate.version, reason="approved by the gate", kind="approved")
-    gate = new_gate(registry, trainer_checkpoint)
+    gate = new_gate(registry)
 
     def votes(version: int, downs: int, total: int) -> list[events_pb2.FeedbackGiven]:
         return [

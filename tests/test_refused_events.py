@@ -175,9 +175,7 @@ def test_the_gate_refuses_a_vote_without_its_user_or_response_and_uses_the_rest(
     assert unusable_reason(generation("r1")) is None
 
     registry = PolicyRegistry(tmp_path / "registry")
-    gate = Gate(
-        GateSettings(), RewardModelSettings(), tmp_path / "checkpoints", registry, GateMetrics(CollectorRegistry())
-    )
+    gate = Gate(GateSettings(), RewardModelSettings(), registry, GateMetrics(CollectorRegistry()))
     batch = [
         ConsumedEvent("feedback", 0, offset, e.response_id, e) for offset, e in enumerate([no_user, good, no_response])
     ]

@@ -18,6 +18,7 @@ from flywheel.registry import (
     PolicyRegistry,
     PolicyRemoved,
     RegistryRetention,
+    VerdictCheck,
     VersionStanding,
     files_digest,
     versions_to_keep,
@@ -152,6 +153,66 @@ def test_verify_catches_an_edited_manifest(registry, model_dir):
         registry.verify(1)
 
 
+# ---------------------------------------------------------------- the reward model published with a version
+
+FAKE_REWARD_MODEL = {"model.safetensors": bytes(range(255, -1, -1)) * 32, "score_head.safetensors": b"head"}
+
+
+def test_a_version_carries_its_reward_model_checked_against_the_manifest(registry, model_dir, tmp_path):
+    reward_model = make_model_dir(tmp_path / "reward_model", FAKE_REWARD_MODEL)
+    manifest = registry.publish(
+        model_dir, parent_version=None, training_step=3, metrics={}, reward_model_dir=reward_model
+    )
+    assert manifest.reward_model.files == {name: sha256(content) for name, content in FAKE_REWARD_MODEL.items()}
+    path = registry.reward_model_path(1)
+    assert path == registry.path(1) / "reward_model" and (path / "score_head.safetensors").read_bytes() == b"head"
+    assert registry.verify(1).digest == manifest.digest, "the policy's digest covers the policy's files alone"
+    assert manifest.digest == files_digest({name: sha256(content) for name, content in FAKE_MODEL.items()})
+
+    (path / "score_head.safetensors").unlink()
+    (path / "score_head.safetensors").write_bytes(b"hexd")
+    with pytest.raises(
+        CorruptPolicy, match="policy version 1's reward model: file 'score_head.safetensors' has sha256"
+    ):
+        registry.reward_model_path(1)
+
+
+def test_a_version_without_a_reward_model_cannot_be_judged_by_one(registry, model_dir):
+    registry.publish(model_dir, parent_version=None, training_step=0, metrics={})
+    with pytest.raises(CorruptPolicy, match="policy version 1 was published without a reward model"):
+        registry.reward_model_path(1)
+    (registry.path(1) / "reward_model").mkdir()
+    with pytest.raises(CorruptPolicy, match="file 'reward_model' is not in the manifest"):
+        registry.verify(1)
+
+
+def test_an_unchanged_reward_model_is_linked_not_copied_and_outlives_the_version_it_came_with(
+    registry, model_dir, tmp_path
+):
+    first = make_model_dir(tmp_path / "rm1", FAKE_REWARD_MODEL)
+    changed = make_model_dir(tmp_path / "rm2", FAKE_REWARD_MODEL | {"score_head.safetensors": b"new head"})
+    registry.seed(model_dir)
+    for reward_model in (first, first, changed):
+        registry.publish(model_dir, parent_version=1, training_step=1, metrics={}, reward_model_dir=reward_model)
+
+    def inode(version: int, name: str) -> int:
+        return (registry.path(version) / "reward_model" / name).stat().st_ino
+
+    assert inode(2, "model.safetensors") == inode(3, "model.safetensors") == inode(4, "model.safetensors")
+    assert (
+        inode(2, "score_head.safetensors") == inode(3, "score_head.safetensors") != inode(4, "score_head.safetensors")
+    )
+    weights = len(FAKE_REWARD_MODEL["model.safetensors"])
+    policy_bytes = sum(len(content) for content in FAKE_MODEL.values())
+    assert registry.size_bytes() < 4 * policy_bytes + 2 * weights, "linked bytes are counted once"
+
+    for version in (2, 3):
+        registry.record_verdict(version, False, [], judged_against=1)
+    registry.record_verdict(4, True, [], judged_against=1)
+    assert registry.retain(RegistryRetention(keep_rejected=0, recently_live_seconds=0)).removed == [2, 3]
+    assert registry.reward_model_path(4).is_dir(), "its linked files stay whole"
+
+
 # ---------------------------------------------------------------- concurrency and crashes
 
 
@@ -234,18 +295,18 @@ def test_history_drops_a_torn_last_line_and_the_next_move_repairs_it(registry, m
 def test_verdicts_are_stored_beside_the_version(registry, model_dir):
     manifest = registry.publish(model_dir, parent_version=None, training_step=0, metrics={})
     assert registry.verdict(1) is None
-    checks = [{"name": "kl_to_reference", "value": 2.5, "threshold": 6.0, "passed": True, "detail": "ok"}]
+    checks = [VerdictCheck(name="kl_to_reference", value=2.5, threshold=6.0, passed=True, detail="ok")]
     registry.record_verdict(1, approved=True, checks=checks)
 
     verdict = registry.verdict(1)
-    assert verdict["version"] == 1
-    assert verdict["approved"] is True
-    assert verdict["checks"] == checks
+    assert verdict.version == 1
+    assert verdict.approved is True
+    assert verdict.checks == checks and verdict.judged_on_checks
     assert (registry.root / "v000001.verdict.json").is_file()
     assert registry.verify(1).digest == manifest.digest
 
     registry.record_verdict(1, approved=False, checks=[])
-    assert registry.verdict(1)["approved"] is False
+    assert registry.verdict(1).approved is False
     with pytest.raises(ValueError, match="policy version 2 does not exist"):
         registry.record_verdict(2, approved=True, checks=[])
 
@@ -300,10 +361,10 @@ def test_approve_writes_the_verdict_and_moves_live_only_if_live_is_what_was_judg
     assert registry.verdict(2) is None, "a refused approval writes nothing"
     assert registry.live().version == 3
 
-    record = registry.approve(2, judged_against=3, checks=[{"name": "reward_score", "passed": True}], reason="ok")
+    record = registry.approve(2, judged_against=3, checks=[VerdictCheck(name="reward_score", passed=True)], reason="ok")
     assert (record.version, record.kind, record.previous_version) == (2, "approved", 3)
     verdict = registry.verdict(2)
-    assert verdict["approved"] is True and verdict["judged_against"] == 3 and verdict["withheld"] is None
+    assert verdict.approved is True and verdict.judged_against == 3 and verdict.withheld is None
 
 
 def _move_from_1(root: str, version: int, start: "multiprocessing.synchronize.Barrier", results) -> None:
@@ -399,12 +460,12 @@ def test_a_removed_version_keeps_its_manifest_and_verdict_and_says_why_it_cannot
     registry.seed(model_dir)
     for step in (1, 2):
         registry.publish(model_dir, parent_version=1, training_step=step, metrics={})
-    registry.record_verdict(2, False, [{"name": "kl_to_reference", "passed": False}], judged_against=1)
+    registry.record_verdict(2, False, [VerdictCheck(name="kl_to_reference")], judged_against=1)
     registry.record_verdict(3, False, [], judged_against=1)
     report = registry.retain(RegistryRetention(keep_rejected=0, recently_live_seconds=0))
     assert report.removed == [2, 3] and report.kept == [1]
     assert registry.versions() == [1, 2, 3] and registry.versions_with_weights() == [1]
-    assert registry.manifest(2).parent_version == 1 and registry.verdict(2)["checks"][0]["name"] == "kl_to_reference"
+    assert registry.manifest(2).parent_version == 1 and registry.verdict(2).checks[0].name == "kl_to_reference"
     for refused in (
         lambda: registry.path(3),
         lambda: registry.verify(3),

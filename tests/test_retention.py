@@ -14,7 +14,6 @@ from server.metrics import PolicyCheckMetrics
 from server.swap import PolicyChecker, PolicyRefused
 from tests.test_gate_races import ScriptedGate
 from tests.test_registry import make_model_dir
-from trainer.checkpoint import LATEST, STATE_FILE, TrainerState
 
 WINDOWS = RegistryRetention(keep_approved=2, keep_rejected=3)
 
@@ -87,14 +86,6 @@ def test_a_server_refuses_a_removed_version_with_the_reason(tmp_path):
     assert checker.verify(30).version == 30
 
 
-def write_checkpoint_state(checkpoint_dir: Path, reference_version: int) -> None:
-    checkpoint = checkpoint_dir / "step-00000001-rm-000001-abcdef"
-    checkpoint.mkdir(parents=True)
-    state = TrainerState(reference_path=f"registry/v{reference_version:06d}", reference_version=reference_version)
-    (checkpoint / STATE_FILE).write_text(state.model_dump_json())
-    (checkpoint_dir / LATEST).write_text(checkpoint.name)
-
-
 def test_the_gate_keeps_the_trainers_reference_policy_and_reports_the_registry_bytes(tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     model = make_model_dir(tmp_path / "model")
@@ -102,18 +93,16 @@ def test_the_gate_keeps_the_trainers_reference_policy_and_reports_the_registry_b
     for version in (2, 3, 4):
         registry.publish(model, parent_version=1, training_step=version, metrics={})
         registry.record_verdict(version, False, [], judged_against=1)
-    write_checkpoint_state(tmp_path / "checkpoint", reference_version=3)
-    gate = ScriptedGate(registry, checkpoint_dir=tmp_path / "checkpoint")
+    # the trainer names its reference policy in each candidate it publishes: the newest names 3
+    registry.publish(model, parent_version=1, training_step=5, metrics={}, reference_version=3)
+    registry.record_verdict(5, False, [], judged_against=1)
+    gate = ScriptedGate(registry)
     gate.settings.retention = RegistryRetention(keep_rejected=0, recently_live_seconds=0)
 
     before = registry.size_bytes()
     report = gate.retain()
-    assert report.removed == [2, 4] and registry.versions_with_weights() == [1, 3]
+    assert report.removed == [2, 4, 5] and registry.versions_with_weights() == [1, 3]
     after = gate.metrics.registry.get_sample_value("flywheel_registry_bytes")
     # each removed version leaves its manifest (moved beside it, same bytes) and takes its weights away
-    assert after == registry.size_bytes() == before - 2 * sum(path.stat().st_size for path in model.iterdir())
-    assert gate.metrics.registry.get_sample_value("flywheel_registry_weights_removed_total") == 2
-
-    (tmp_path / "checkpoint" / LATEST).write_text("a-checkpoint-being-replaced")
-    assert gate.retain() is None, "the trainer's reference is unknown: nothing is removed"
-    assert registry.versions_with_weights() == [1, 3]
+    assert after == registry.size_bytes() == before - 3 * sum(path.stat().st_size for path in model.iterdir())
+    assert gate.metrics.registry.get_sample_value("flywheel_registry_weights_removed_total") == 3

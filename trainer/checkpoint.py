@@ -79,8 +79,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint and make it the latest; only the newest `keep` (at least 2) stay.
 
-    The one before stays so that a reader who found it just before this save (the gate loading
-    the reward model) can finish. Returns the new checkpoint's directory.
+    The one before stays so that a reader who found it just before this save (a backup, an
+    operator) can finish. Returns the new checkpoint's directory.
     """
     if keep < 2:
         raise ValueError(

@@ -127,8 +127,8 @@ class TrainerSettings(BaseModel):
     keep_checkpoints: int = Field(
         2,
         ge=2,
-        description="Checkpoints kept on disk, newest first: the latest and at least the one a reader (the gate) may "
-        "still be reading.",
+        description="Checkpoints kept on disk, newest first: the latest and at least the one before it, which a "
+        "reader (a backup, an operator) may still be reading.",
     )
     min_labels_before_ppo: int = Field(
         32, ge=1, description="Standing votes the reward model must have trained on before the first PPO step."

@@ -33,7 +33,7 @@ from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
-from flywheel.registry import PolicyRegistry, Withheld
+from flywheel.registry import REWARD_MODEL_DIR, PolicyRegistry, PolicyVerdict
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
     VALUE_HEAD_FILE,
@@ -264,12 +264,16 @@ class Trainer:
         if self.last_step is not None:
             metrics |= {"kl_to_reference": self.last_step.kl_to_reference, "mean_score": self.last_step.mean_score}
         with tempfile.TemporaryDirectory(prefix="candidate-") as staging:
-            self.ppo.save_policy(Path(staging))
+            policy_dir, reward_model_dir = Path(staging) / "policy", Path(staging) / REWARD_MODEL_DIR
+            self.ppo.save_policy(policy_dir)
+            self.reward_model.model.save_pretrained(reward_model_dir)  # the gate judges the candidate with it
             manifest = self.registry.publish(
-                Path(staging),
+                policy_dir,
                 parent_version=None if live is None else live.version,
                 training_step=self.state.ppo_steps,
                 metrics=metrics,
+                reward_model_dir=reward_model_dir,
+                reference_version=self.state.reference_version,
             )
         self.state.last_candidate_version = manifest.version
         self.metrics.candidates.inc()
@@ -382,20 +386,14 @@ def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> L
     )
 
 
-def rejections_in_a_row(verdicts: list[dict | None]) -> int:
+def rejections_in_a_row(verdicts: list[PolicyVerdict | None]) -> int:
     """How many of the latest judged candidates the gate rejected in a row, oldest to newest verdicts
     (None: not judged yet). Candidates withheld for another reason than their checks (superseded
     before they were judged, or passed while live moved away) do not count either way."""
-    judged = [
-        v
-        for v in verdicts
-        if v is not None
-        and not v.get("withheld")
-        and [c.get("name") for c in v["checks"]] != [Withheld.SUPERSEDED]  # verdicts written before `withheld`
-    ]
+    judged = [verdict for verdict in verdicts if verdict is not None and verdict.judged_on_checks]
     count = 0
     for verdict in reversed(judged):
-        if verdict["approved"]:
+        if verdict.approved:
             break
         count += 1
     return count
