@@ -1,19 +1,19 @@
-"""The one configuration object of every Flywheel process: flags > environment (FLYWHEEL_*) > TOML file > defaults."""
+"""The configuration of every Flywheel process: flags > environment (FLYWHEEL_*) > TOML file > model's settings > defaults.
+
+Users write one file (FlywheelConfig, every section); each process is handed, and prints, only the
+sections it reads (ServeConfig, TrainConfig, GateConfig, ...). A new setting goes into its
+section's own class (server/config.py, trainer/config.py, gate/config.py); a process that needs
+another section names it in its class here.
+"""
 
 import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from feedback.config import KafkaSettings, SpoolSettings
 from flywheel.registry import MODEL_SETTINGS_FILE
@@ -84,13 +84,20 @@ class ModelSettingsError(ValueError):
     """A model directory's flywheel.toml sets what it may not."""
 
 
-class FlywheelConfig(BaseSettings):
-    """Environment variables use FLYWHEEL_ and `__` between levels, e.g. FLYWHEEL_SERVER__PORT=50051.
+ENV_PREFIX = "FLYWHEEL_"
+ENV_NESTED_DELIMITER = "__"
+DEMO_MODEL_DIR = "demo-model"
+"""Where under state_dir the demo model is built when engine.model is empty."""
+
+
+class FlywheelConfig(BaseModel):
+    """The whole configuration file. Environment variables use FLYWHEEL_ and `__` between levels, e.g.
+    FLYWHEEL_SERVER__PORT=50051.
 
     Relative paths inside sections (spool, join store, checkpoints, registry) are under state_dir.
     """
 
-    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     state_dir: Path = Field(Path(".cache"), description="Where the demo model, spool, registry and trainer state live.")
     log_level: str = Field("INFO", description="Python logging level.")
@@ -120,9 +127,98 @@ class FlywheelConfig(BaseSettings):
         self.trainer.checkpoint_dir = under(self.trainer.checkpoint_dir)
         return self
 
+    @property
+    def model_dir(self) -> Path:
+        return model_dir_of(self.engine.model, self.state_dir)
+
+    def for_process(self, process: type["ProcessT"]) -> "ProcessT":
+        """The sections `process` (a ProcessConfig class) reads, the same objects as here."""
+        sections = {name: getattr(self, name) for name in process.model_fields if name != "model_dir"}
+        return process(model_dir=self.model_dir, **sections)
+
+
+def model_dir_of(engine_model: str, state_dir: Path) -> Path:
+    """The model to serve and train: engine.model (--model), or the demo model under state_dir (built on first use)."""
+    return Path(engine_model) if engine_model else Path(state_dir) / DEMO_MODEL_DIR
+
+
+# ---------------------------------------------------------------- each process's sections
+
+
+class ProcessConfig(BaseModel):
+    """What every process reads: where its state lives, how it logs, the registry and the model that seeds it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path
+    log_level: str
+    registry_dir: Path
+    model_dir: Path = Field(description="The model an empty registry is seeded with: engine.model, or the demo model.")
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return self.model_dir == self.state_dir / DEMO_MODEL_DIR
+
     def redacted_json(self) -> str:
         """The config as printed at start-up; secrets show as stars."""
         return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+ProcessT = TypeVar("ProcessT", bound=ProcessConfig)
+
+
+class ServeConfig(ProcessConfig):
+    """`flywheel serve`."""
+
+    engine: EngineSettings
+    server: ServerSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
+
+
+class TrainConfig(ProcessConfig):
+    """`flywheel train`."""
+
+    trainer: TrainerSettings
+    reward_model: RewardModelSettings
+    ppo: PPOSettings
+    join_store: JoinStoreSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
+
+
+class GateConfig(ProcessConfig):
+    """`flywheel gate`: it scores answers with the reward model the trainer publishes, by reward_model's settings."""
+
+    gate: GateSettings
+    reward_model: RewardModelSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
+
+
+class BrokerConfig(ProcessConfig):
+    """`flywheel broker`."""
+
+    kafka: KafkaSettings
+
+
+class RollbackConfig(ProcessConfig):
+    """`flywheel rollback`: it moves the registry's live pointer and announces the move."""
+
+    kafka: KafkaSettings
+    spool: SpoolSettings
+
+
+class UpConfig(ProcessConfig):
+    """`flywheel up`: it starts the others (each reads the whole file for itself) and says where they listen."""
+
+    server: ServerSettings
+    trainer: TrainerSettings
+    gate: GateSettings
+    kafka: KafkaSettings
+
+
+# ---------------------------------------------------------------- loading
 
 
 def load_config(
@@ -133,23 +229,40 @@ def load_config(
     When `model_dir` holds a flywheel.toml, its settings rank below `config_file`'s and above the defaults;
     it may set only MODEL_DIR_MAY_SET (ModelSettingsError otherwise).
     """
+    given = given_settings(config_file, overrides)
+    return _validated(given, model_dir)
+
+
+def load_process_config(config_file: Path | None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
+    """The config as a process loads it, once: the model whose flywheel.toml fills in what nothing else sets
+    is the one the given settings name (engine.model, or the demo model under state_dir)."""
+    given = given_settings(config_file, overrides)
+    engine = given.get("engine", {})
+    state_dir = given.get("state_dir", FlywheelConfig.model_fields["state_dir"].default)
+    return _validated(given, model_dir_of(engine.get("model", "") if isinstance(engine, dict) else "", state_dir))
+
+
+def given_settings(config_file: Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """What the user gave, nested like the config: the file, then the environment over it, then `overrides` (flags)."""
+    from_file = TomlConfigSettingsSource(FlywheelConfig, toml_file=config_file)() if config_file else {}
+    from_environment = EnvSettingsSource(
+        FlywheelConfig, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER
+    )()
+    return _merged(_merged(from_file, from_environment), overrides or {})
+
+
+def _validated(given: dict[str, Any], model_dir: Path | None) -> FlywheelConfig:
     model_settings = read_model_settings(model_dir) if model_dir is not None else {}
+    return FlywheelConfig.model_validate(_merged(model_settings, given))
 
-    class FromSources(FlywheelConfig):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            file_settings = (TomlConfigSettingsSource(settings_cls, toml_file=config_file),) if config_file else ()
-            return (init_settings, env_settings, *file_settings, InitSettingsSource(settings_cls, model_settings))
 
-    loaded = FromSources(**(overrides or {}))
-    return FlywheelConfig.model_validate(loaded.model_dump())
+def _merged(lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """`lower` with `higher`'s settings over it, section by section."""
+    merged = dict(lower)
+    for key, value in higher.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def read_model_settings(model_dir: Path) -> dict[str, Any]:

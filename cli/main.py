@@ -8,7 +8,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.config import FlywheelConfig, load_config
+from cli.config import (
+    BrokerConfig,
+    GateConfig,
+    ProcessConfig,
+    ProcessT,
+    RollbackConfig,
+    ServeConfig,
+    TrainConfig,
+    UpConfig,
+    load_process_config,
+)
 from flywheel.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -44,35 +54,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config_from(args: argparse.Namespace) -> FlywheelConfig:
-    """The process config; a model directory's own flywheel.toml (the demo model has one) fills in what nothing else sets."""
+def _config_from(args: argparse.Namespace, process: type[ProcessT]) -> ProcessT:
+    """The sections `process` reads, loaded once and printed; a model directory's own flywheel.toml (the demo
+    model has one) fills in what nothing else sets."""
     flags = _nested(
         {key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")}
     )
-    config = load_config(args.config, flags)
-    config = load_config(args.config, flags, model_dir=_model_dir(config))
+    config = load_process_config(args.config, flags).for_process(process)
     configure_logging(config.log_level)
     log.info("config\n%s", config.redacted_json())
     return config
 
 
-def _model_dir(config: FlywheelConfig) -> Path:
-    """The model to serve and train: --model, or the demo model (built on first use)."""
-    return Path(config.engine.model) if config.engine.model else config.state_dir / "demo-model"
-
-
-def seed_registry(config: FlywheelConfig) -> None:
+def seed_registry(config: ProcessConfig) -> None:
     """Give an empty registry its first live policy: --model, or the demo model (built on first use)."""
     from flywheel.registry import PolicyRegistry
 
     registry = PolicyRegistry(config.registry_dir)
     if registry.live() is not None:
         return
-    if not config.engine.model:
+    if config.uses_demo_model:
         from flywheel.demo.init_model import ensure_demo_model
 
-        ensure_demo_model(_model_dir(config))
-    registry.seed(_model_dir(config))
+        ensure_demo_model(config.model_dir)
+    registry.seed(config.model_dir)
 
 
 def _run_until_signal(main) -> None:
@@ -94,7 +99,7 @@ def _serve(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry
     from server.app import serve
 
-    config = _config_from(args)
+    config = _config_from(args, ServeConfig)
     seed_registry(config)
     spool = config.spool.of_process("server")
     # The event loop runs vLLM's output handler on every engine step and every RPC: uvloop's is the cheaper one.
@@ -118,7 +123,7 @@ def _limit_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def trainer_config_of(config: FlywheelConfig) -> "TrainerConfig":
+def trainer_config_of(config: TrainConfig) -> "TrainerConfig":
     """The trainer's sections of the process config; the trainer spools under its own folder."""
     from trainer.loop import TrainerConfig
 
@@ -138,7 +143,7 @@ def _train(args: argparse.Namespace) -> None:
     from trainer.loop import run_trainer
     from trainer.metrics import TrainerMetrics
 
-    config = _config_from(args)
+    config = _config_from(args, TrainConfig)
     _limit_torch_threads(config.trainer.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
@@ -152,14 +157,13 @@ def _gate(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry
     from gate.service import Gate, GateMetrics, run_gate
 
-    config = _config_from(args)
+    config = _config_from(args, GateConfig)
     _limit_torch_threads(config.gate.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.gate.host, config.gate.metrics_port)
     gate = Gate(
         config.gate,
         config.reward_model,
-        config.trainer.checkpoint_dir,
         PolicyRegistry(config.registry_dir),
         GateMetrics(registry),
     )
@@ -171,7 +175,7 @@ def _gate(args: argparse.Namespace) -> None:
 def _broker(args: argparse.Namespace) -> None:
     from feedback.broker import run_broker
 
-    config = _config_from(args)
+    config = _config_from(args, BrokerConfig)
     sys.exit(run_broker(config.kafka))
 
 
@@ -179,7 +183,7 @@ def _rollback(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry, PolicyRemoved
     from gate.service import publish_rollback
 
-    config = _config_from(args)
+    config = _config_from(args, RollbackConfig)
     registry = PolicyRegistry(config.registry_dir)
     if args.to not in registry.versions():
         sys.exit(
@@ -197,7 +201,7 @@ def _rollback(args: argparse.Namespace) -> None:
     )
 
 
-async def _announce(config: FlywheelConfig, event) -> None:
+async def _announce(config: RollbackConfig, event) -> None:
     """Publish one policy event; if Kafka does not take it in time, servers still see the registry."""
     from prometheus_client import CollectorRegistry
 
@@ -219,7 +223,7 @@ async def _announce(config: FlywheelConfig, event) -> None:
 def _up(args: argparse.Namespace) -> None:
     from cli.supervisor import run_up
 
-    config = _config_from(args)
+    config = _config_from(args, UpConfig)
     seed_registry(config)
     sys.exit(run_up(config, args.argv[1:]))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from cli.config import FlywheelConfig
+from cli.config import UpConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Child:
             self.log_file.close()
 
 
-def broker_is_local(config: FlywheelConfig) -> bool:
+def broker_is_local(config: UpConfig) -> bool:
     """Whether Kafka is expected on this machine: then `up` runs the embedded broker."""
     first = config.kafka.bootstrap_servers.split(",")[0].strip()
     return first.rpartition(":")[0] in LOOPBACK_HOSTS
@@ -79,7 +79,7 @@ def restart_pause(restarts: int) -> float:
     return min(2.0 ** max(restarts - 1, 0), MAX_RESTART_PAUSE_SECONDS)
 
 
-def run_up(config: FlywheelConfig, flags: list[str]) -> int:
+def run_up(config: UpConfig, flags: list[str]) -> int:
     """Start the children and keep them running until SIGINT or SIGTERM; returns the exit code."""
     log_dir = config.state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -2,19 +2,28 @@
 
 import ast
 import functools
+import json
+import logging
+import sys
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
+from cli import main as cli_main
 from cli.config import (
     MODEL_DIR_MAY_SET,
     MODEL_DIR_PATHS,
     MODEL_SETTINGS_FILE,
     REPO_ROOT,
     FlywheelConfig,
+    GateConfig,
     ModelSettingsError,
+    ProcessConfig,
+    ServeConfig,
+    TrainConfig,
     load_config,
     settings_a_model_may_not_set,
 )
@@ -235,3 +244,64 @@ def test_flywheel_simulate_takes_its_defaults_from_the_simulation_settings(monke
             ]
         )
     assert ran[-1] == simulate.SimulationSettings(**given)
+
+
+# ------------------------------------------------------------------- one file, each process its own sections
+
+
+@pytest.fixture
+def started(tmp_path, monkeypatch, capsys):
+    """Run `flywheel COMMAND` up to where the process would start, with a config file; returns
+    (its start-up log lines as dicts, how often the config file was read, the config it seeded with).
+
+    The server itself is stubbed (a module standing in for server.app: what is tested is the
+    configuration it is handed, not vLLM) and so is seeding the registry.
+    """
+    config_file = tmp_path / "flywheel.toml"
+    config_file.write_text('[server]\nfeedback_token_secret = "s3cret"\n[ppo]\nepochs = 3\n')
+    reads = []
+    real_load = tomllib.load
+
+    def counting_load(file, **kwargs):
+        reads.append(getattr(file, "name", file))
+        return real_load(file, **kwargs)
+
+    monkeypatch.setattr(tomllib, "load", counting_load)
+    handed = {}
+
+    async def serve(server, engine, kafka, spool, registry):
+        handed.update(server=server, engine=engine)
+
+    monkeypatch.setitem(sys.modules, "server.app", types.SimpleNamespace(serve=serve))
+    monkeypatch.setattr(cli_main, "seed_registry", lambda config: handed.update(config=config))
+    root_handlers = logging.getLogger().handlers[:]
+
+    def start(command: str) -> tuple[list[dict], list, dict]:
+        try:
+            cli_main.main([command, "--config", str(config_file), "--state-dir", str(tmp_path / "state")])
+        finally:
+            logging.getLogger().handlers[:] = root_handlers
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        return lines, [read for read in reads if str(read) == str(config_file)], handed
+
+    return start
+
+
+def test_serve_loads_the_config_once_and_prints_only_its_own_sections(started):
+    lines, reads, handed = started("serve")
+    assert len(reads) == 1, f"the config file was read {len(reads)} times"
+    printed = json.loads(next(line["message"] for line in lines if line["message"].startswith("config\n"))[7:])
+    assert set(printed) == set(ServeConfig.model_fields), sorted(printed)
+    assert "ppo" not in printed and "trainer" not in printed and "gate" not in printed
+    assert printed["server"]["feedback_token_secret"] == "**********", "secrets are starred"
+    assert handed["server"].feedback_token_secret.get_secret_value() == "s3cret"
+    assert isinstance(handed["config"], ServeConfig)
+
+
+def test_every_process_section_is_a_section_of_the_one_file():
+    for process in ProcessConfig.__subclasses__():
+        assert set(process.model_fields) - {"model_dir"} <= set(FlywheelConfig.model_fields), process
+    config = load_config()
+    gate = config.for_process(GateConfig)
+    assert gate.gate is config.gate and gate.model_dir == config.state_dir / "demo-model"
+    assert "ppo" not in TrainConfig.model_fields or config.for_process(TrainConfig).ppo is config.ppo

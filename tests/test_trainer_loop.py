@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from cli.config import REPO_ROOT, load_config
+from cli.config import REPO_ROOT, TrainConfig, load_config
 from cli.main import trainer_config_of
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.connection import connection_options
@@ -49,7 +50,7 @@ from flywheel.demo.task import (
     traffic_questions,
 )
 from flywheel.prompts import PromptRenderer
-from flywheel.registry import PolicyRegistry
+from flywheel.registry import PolicyRegistry, PolicyVerdict, VerdictCheck, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
 from tests.test_kafka_events import read_raw
 from tests.test_reward_model import wrong_answer
@@ -214,7 +215,7 @@ def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sec
         },
         model_dir=model_path,
     )
-    return trainer_config_of(config)
+    return trainer_config_of(config.for_process(TrainConfig))
 
 
 async def run_until(trainer: Trainer, config: TrainerConfig, done: Callable[[Trainer], bool], waiting_for: str) -> None:
@@ -450,17 +451,18 @@ def test_a_checkpoint_drops_unmatched_answers_past_the_ttl_and_the_steps_they_we
 # ---------------------------------------------------------------- restarting from the live policy
 
 
-def verdict(approved: bool, check: str = "reward_score") -> dict:
-    return {"approved": approved, "checks": [{"name": check, "passed": approved}]}
+def verdict(approved: bool, check: str = "reward_score", withheld: Withheld | None = None) -> PolicyVerdict:
+    checks = [VerdictCheck(name=check, passed=approved)]
+    return PolicyVerdict(version=2, approved=approved, checks=checks, at=datetime.now(UTC), withheld=withheld)
 
 
 def test_rejections_in_a_row_counts_judged_rejections_since_the_last_approval():
-    superseded = verdict(False, "superseded")
+    superseded = verdict(False, Withheld.SUPERSEDED.value)  # written before `withheld` existed
     assert rejections_in_a_row([]) == 0
     assert rejections_in_a_row([verdict(False), verdict(True), verdict(False), superseded, None, verdict(False)]) == 2
     assert rejections_in_a_row([verdict(False)] * 3 + [None]) == 3
     assert rejections_in_a_row([verdict(False), verdict(True)]) == 0
-    live_moved = verdict(False) | {"withheld": "live_moved"}  # passed, but an operator rolled back meanwhile
+    live_moved = verdict(False, withheld=Withheld.LIVE_MOVED)  # passed, but an operator rolled back meanwhile
     assert rejections_in_a_row([verdict(False), live_moved, verdict(False)]) == 2
 
 
@@ -477,10 +479,14 @@ def test_a_trainer_whose_candidates_keep_failing_restarts_from_the_live_policy(m
                 parameter.add_(0.01)
         trainer.ppo.policy_optimizer.state[next(policy.parameters())]["step"] = torch.tensor(1.0)
         first, second = trainer.publish_candidate(), trainer.publish_candidate()
+        # each carries the reward model to judge it by, the unchanged one linked, not copied, and the trainer's reference
+        reward_models = [registry.reward_model_path(event.policy_version) for event in (first, second)]
+        assert [registry.manifest(event.policy_version).reference_version for event in (first, second)] == [1, 1]
+        assert reward_models[0].joinpath("model.safetensors").samefile(reward_models[1] / "model.safetensors")
         assert not trainer.restart_due()  # not judged yet
-        registry.record_verdict(first.policy_version, False, verdict(False)["checks"])
+        registry.record_verdict(first.policy_version, False, verdict(False).checks)
         assert not trainer.restart_due()
-        registry.record_verdict(second.policy_version, False, verdict(False)["checks"])
+        registry.record_verdict(second.policy_version, False, verdict(False).checks)
         assert trainer.restart_due()
 
         assert trainer.restart_from_live() == 1
@@ -490,7 +496,7 @@ def test_a_trainer_whose_candidates_keep_failing_restarts_from_the_live_policy(m
         assert trainer.state.restarted_after_version == second.policy_version
         assert not trainer.restart_due()  # the rejections before the restart no longer count
         third = trainer.publish_candidate()
-        registry.record_verdict(third.policy_version, False, verdict(False)["checks"])
+        registry.record_verdict(third.policy_version, False, verdict(False).checks)
         assert not trainer.restart_due()
         assert trainer.metrics.registry.get_sample_value("flywheel_trainer_policy_restarts_total") == 1
     finally:
