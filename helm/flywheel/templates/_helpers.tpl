@@ -295,7 +295,8 @@ checksum/secrets: {{ toJson .Values.secrets | sha256sum }}
 
 {{/*
 The trainer and the gate: one replica each, the shared volume read-write at the state dir (their
-spools, join store and checkpoints are under it). Call with
+spools are under it, the trainer's join store and checkpoints too; the gate reads the registry alone,
+each candidate's reward model included, never the trainer's checkpoints). Call with
 (dict "root" $ "component" "trainer" "command" "train").
 */}}
 {{- define "flywheel.worker" -}}
