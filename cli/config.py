@@ -19,7 +19,13 @@ from feedback.config import KafkaSettings, SpoolSettings
 from flywheel.registry import MODEL_SETTINGS_FILE
 from gate.config import GateSettings
 from server.config import EngineSettings, ServerSettings
-from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
+from trainer.config import (
+    JoinStoreSettings,
+    PPOSettings,
+    RewardModelSettings,
+    TrainerConfig,
+    TrainerSettings,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,15 +182,8 @@ class ServeConfig(ProcessConfig):
     spool: SpoolSettings
 
 
-class TrainConfig(ProcessConfig):
-    """`flywheel train`."""
-
-    trainer: TrainerSettings
-    reward_model: RewardModelSettings
-    ppo: PPOSettings
-    join_store: JoinStoreSettings
-    kafka: KafkaSettings
-    spool: SpoolSettings
+class TrainConfig(ProcessConfig, TrainerConfig):
+    """`flywheel train`: the trainer's own sections (trainer.config.TrainerConfig)."""
 
 
 class GateConfig(ProcessConfig):

@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cli.config import (
     BrokerConfig,
@@ -20,9 +20,6 @@ from cli.config import (
     load_process_config,
 )
 from flywheel.logs import configure_logging
-
-if TYPE_CHECKING:
-    from trainer.loop import TrainerConfig
 
 log = logging.getLogger("flywheel")
 
@@ -123,19 +120,9 @@ def _limit_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def trainer_config_of(config: TrainConfig) -> "TrainerConfig":
-    """The trainer's sections of the process config; the trainer spools under its own folder."""
-    from trainer.loop import TrainerConfig
-
-    return TrainerConfig(
-        trainer=config.trainer,
-        reward_model=config.reward_model,
-        ppo=config.ppo,
-        join_store=config.join_store,
-        kafka=config.kafka,
-        spool=config.spool.of_process("trainer"),
-        registry_dir=config.registry_dir,
-    )
+def trainer_config_of(config: TrainConfig) -> TrainConfig:
+    """The trainer's config: the process's, spooling under the trainer's own folder."""
+    return config.model_copy(update={"spool": config.spool.of_process("trainer")})
 
 
 def _train(args: argparse.Namespace) -> None:

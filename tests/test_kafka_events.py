@@ -1,53 +1,35 @@
 """Events through a real Kafka broker: round trips, dead letters, commits, and a broker outage."""
 
 import asyncio
-import socket
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from feedback import policy_events
 from feedback.broker import EmbeddedBroker
-from feedback.config import KafkaSettings, SpoolSettings, TopicNames
+from feedback.config import SpoolSettings, TopicNames
 from feedback.connection import connection_options
 from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.envelope import EVENT_TYPES, OutgoingEvent, decode_event, event_types_by_topic
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.v1 import events_pb2, serving_pb2
-from tests.kafka_fixtures import FAST
+from tests.kafka_fixtures import (
+    FAST,
+    HANG_GUARD_S,
+    consume,
+    generation,
+    new_id,
+    publish_while_unreachable_then_replay,
+    read_raw,
+    sample,
+)
 
-HANG_GUARD_S = 60  # only to fail instead of hanging; nothing here is a timing assertion
 OUTAGE_EVENTS = 600  # published while the broker is down
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def generation(response_id: str, sequence: int = 0) -> events_pb2.GenerationLogged:
-    event = events_pb2.GenerationLogged(
-        event_id=new_id(),
-        response_id=response_id,
-        rendered_prompt="<|user|>What is 47+38?<|assistant|>",
-        response_text="85",
-        prompt_token_ids=[1, 2, 3],
-        response_token_ids=[4, 5],
-        behavior_logprobs=[-0.25, -1.5],
-        finish_reason=serving_pb2.FINISH_REASON_STOP,
-        policy_version=3,
-        user_id="alice",
-        tags={"sequence": str(sequence)},
-        server_id="server-a",
-    )
-    event.chat.messages.add(role="user", content="What is 47+38?")
-    event.requested_at.GetCurrentTime()
-    return event
 
 
 def feedback(response_id: str, **fields) -> events_pb2.FeedbackGiven:
@@ -71,34 +53,6 @@ async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "gave up waiting"
         await asyncio.sleep(0.05)
-
-
-async def consume(consumer: EventConsumer, count: int) -> list[ConsumedEvent]:
-    events: list[ConsumedEvent] = []
-    deadline = time.monotonic() + HANG_GUARD_S
-    while len(events) < count:
-        assert time.monotonic() < deadline, f"only {len(events)} of {count} events arrived"
-        events += (await consumer.poll(timeout_ms=200)).events
-    return events
-
-
-async def read_raw(kafka: KafkaSettings, topic: str, count: int) -> list:
-    consumer = AIOKafkaConsumer(topic, **connection_options(kafka), auto_offset_reset="earliest")
-    await consumer.start()
-    records: list = []
-    deadline = time.monotonic() + HANG_GUARD_S
-    try:
-        while len(records) < count:
-            assert time.monotonic() < deadline, f"only {len(records)} of {count} records arrived"
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records += batch
-    finally:
-        await consumer.stop()
-    return records
-
-
-def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
 
 
 # Pure parts: no broker.
@@ -258,25 +212,12 @@ def test_only_committed_events_are_skipped_by_the_next_member_of_the_group(kafka
 
 def test_events_spooled_while_kafka_was_unreachable_are_replayed_by_the_next_producer(kafka_settings, tmp_path):
     topic = kafka_settings.topics.feedback
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        unreachable = kafka_settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{probe.getsockname()[1]}"})
     sent = [feedback(f"r{number % 3}") for number in range(30)]
 
     async def scenario():
         registry = CollectorRegistry()
         metrics = EventMetrics.register(registry)
-        offline = EventProducer(unreachable, SpoolSettings(directory=tmp_path), metrics)
-        await offline.start()
-        for event in sent:
-            offline.publish(topic, event.response_id, event)
-        await offline.stop()
-        spooled = sample(registry, "flywheel_events_spooled_total", topic=topic)
-
-        online = EventProducer(kafka_settings, SpoolSettings(directory=tmp_path), metrics)
-        await online.start()
-        await online.flush()
-        await online.stop()
+        spooled = await publish_while_unreachable_then_replay(kafka_settings, tmp_path, registry, metrics, topic, sent)
         consumer = EventConsumer(kafka_settings, new_id(), metrics, topics=[topic])
         await consumer.start()
         received = await consume(consumer, len(sent))

@@ -12,7 +12,6 @@ checked by send() before anything reaches the broker). A broker's refusal of the
 import asyncio
 import base64
 import json
-import socket
 import uuid
 
 import pytest
@@ -32,7 +31,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import CollectorRegistry
 
 from feedback.config import KafkaSettings, SpoolSettings
-from feedback.consumer import ConsumedEvent, EventConsumer
+from feedback.consumer import ConsumedEvent
 from feedback.metrics import EventMetrics
 from feedback.producer import QUARANTINE_FILE, EventProducer, dead_letter_headers, fit_dead_letter, permanent_refusal
 from feedback.spool import Quarantine
@@ -41,7 +40,14 @@ from flywheel.v1 import events_pb2
 from flywheel.v1.serving_pb2 import RATING_UP
 from gate.config import GateSettings
 from gate.service import Gate, GateMetrics, unusable_reason
-from tests.test_kafka_events import HANG_GUARD_S, consume, generation, read_raw, sample
+from tests.kafka_fixtures import (
+    HANG_GUARD_S,
+    consume_all,
+    generation,
+    publish_while_unreachable_then_replay,
+    read_raw,
+    sample,
+)
 from trainer.config import RewardModelSettings
 
 MAX_MESSAGE_BYTES = 2048  # a GenerationLogged of the tests is about 300 bytes as a record
@@ -59,12 +65,6 @@ def with_small_records(kafka: KafkaSettings) -> KafkaSettings:
     return kafka.model_copy(update={"max_message_bytes": MAX_MESSAGE_BYTES})
 
 
-def unreachable(kafka: KafkaSettings) -> KafkaSettings:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{probe.getsockname()[1]}"})
-
-
 def mixed_traffic(keys: list[str], count: int) -> list[events_pb2.GenerationLogged]:
     """`count` answers over `keys` in turn; every seventh too large."""
     return [(oversized if number % 7 == 3 else generation)(keys[number % len(keys)], number) for number in range(count)]
@@ -72,15 +72,6 @@ def mixed_traffic(keys: list[str], count: int) -> list[events_pb2.GenerationLogg
 
 def is_oversized(event: events_pb2.GenerationLogged) -> bool:
     return "notes" in event.tags
-
-
-async def consume_all(kafka: KafkaSettings, topic: str, count: int) -> list[ConsumedEvent]:
-    consumer = EventConsumer(kafka, uuid.uuid4().hex, EventMetrics.register(CollectorRegistry()), topics=[topic])
-    await consumer.start()
-    try:
-        return await consume(consumer, count)
-    finally:
-        await consumer.stop()
 
 
 def assert_each_arrived_once_in_order_per_key(received: list[ConsumedEvent], sent: list[events_pb2.GenerationLogged]):
@@ -234,18 +225,7 @@ def test_an_oversized_event_already_in_the_spool_is_moved_past_on_replay(kafka_s
     async def scenario():
         registry = CollectorRegistry()
         metrics = EventMetrics.register(registry)
-        earlier = EventProducer(unreachable(kafka), SpoolSettings(directory=tmp_path), metrics)
-        await earlier.start()
-        for event in sent:
-            earlier.publish(topic, event.response_id, event)
-        await earlier.stop()
-        spooled = sample(registry, "flywheel_events_spooled_total", topic=topic)
-
-        restarted = EventProducer(kafka, SpoolSettings(directory=tmp_path), metrics)
-        await restarted.start()
-        async with asyncio.timeout(HANG_GUARD_S):
-            await restarted.flush()
-        await restarted.stop()
+        spooled = await publish_while_unreachable_then_replay(kafka, tmp_path, registry, metrics, topic, sent)
         received = await consume_all(kafka, topic, len(delivered))
         dead = await read_raw(kafka, kafka.topics.dead_letters, len(refused))
         return registry, spooled, received, dead

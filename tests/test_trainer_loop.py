@@ -52,7 +52,7 @@ from flywheel.demo.task import (
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry, PolicyVerdict, VerdictCheck, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
-from tests.test_kafka_events import read_raw
+from tests.kafka_fixtures import read_raw
 from tests.test_reward_model import wrong_answer
 from trainer.checkpoint import JOIN_STORE_FILE, LATEST, TrainerState, latest_checkpoint, load_state
 from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from feedback.config import KafkaSettings, SpoolSettings
+
 
 class RewardModelSettings(BaseModel):
     """How the reward model is initialised and updated from users' feedback."""
@@ -143,3 +145,15 @@ class TrainerSettings(BaseModel):
     torch_threads: int = Field(
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
     )
+
+
+class TrainerConfig(BaseModel):
+    """The sections of the configuration the trainer reads (`flywheel train` is handed cli.config.TrainConfig, one of these)."""
+
+    trainer: TrainerSettings
+    reward_model: RewardModelSettings
+    ppo: PPOSettings
+    join_store: JoinStoreSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
+    registry_dir: Path

@@ -27,7 +27,6 @@ from aiokafka import TopicPartition
 from rich.live import Live
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
@@ -45,7 +44,7 @@ from trainer.checkpoint import (
     restore_optimizers,
     save_checkpoint,
 )
-from trainer.config import JoinStoreSettings, PPOSettings, RewardModelSettings, TrainerSettings
+from trainer.config import RewardModelSettings, TrainerConfig
 from trainer.join_store import JoinStore, LabelledExample, PairBounds, PreferencePair
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
@@ -53,19 +52,6 @@ from trainer.progress import live_display, progress_table
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The sections of the process config the trainer reads."""
-
-    trainer: TrainerSettings
-    reward_model: RewardModelSettings
-    ppo: PPOSettings
-    join_store: JoinStoreSettings
-    kafka: KafkaSettings
-    spool: SpoolSettings
-    registry_dir: Path
 
 
 class Trainer:
