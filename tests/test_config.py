@@ -304,4 +304,5 @@ def test_every_process_section_is_a_section_of_the_one_file():
     config = load_config()
     gate = config.for_process(GateConfig)
     assert gate.gate is config.gate and gate.model_dir == config.state_dir / "demo-model"
-    assert "ppo" not in TrainConfig.model_fields or config.for_process(TrainConfig).ppo is config.ppo
+    train = config.for_process(TrainConfig)
+    assert train.ppo is config.ppo and "gate" not in TrainConfig.model_fields and "ppo" not in GateConfig.model_fields
