@@ -126,17 +126,28 @@ def trainer_config_of(config: TrainConfig) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> None:
+    """One process, or one rank under torchrun: rank 0 seeds the registry and serves /metrics, the others follow it."""
+    from prometheus_client import CollectorRegistry
+
     from feedback.metrics import EventMetrics
+    from trainer.distributed import close_ranks, init_ranks
     from trainer.loop import run_trainer
     from trainer.metrics import TrainerMetrics
 
     config = _config_from(args, TrainConfig)
     _limit_torch_threads(config.trainer.torch_threads)
-    seed_registry(config)
-    registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
-    trainer_config = trainer_config_of(config)
-    metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
-    _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping))
+    ranks = init_ranks("cpu", config.trainer.parallelism)
+    try:
+        if ranks.leads:
+            seed_registry(config)
+            registry = _metrics_endpoint(config.trainer.host, config.trainer.metrics_port)
+        else:
+            registry = CollectorRegistry()  # counted, never served: rank 0's metrics describe the job
+        trainer_config = trainer_config_of(config)
+        metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
+        _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping, ranks))
+    finally:
+        close_ranks(ranks)
 
 
 def _gate(args: argparse.Namespace) -> None:

@@ -1,10 +1,12 @@
 """One rank of a data-parallel PPO run on the demo model, for tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR [--device cuda]
+    torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR \
+        [--device cuda] [--parallelism fsdp]
 
 Every rank takes `--steps` PPO steps on the same list of demo prompts (each samples answers for
 its own share) and writes OUT_DIR/rank-<rank>.json: what it sampled, each step's statistics (its
-own and over all ranks), and a digest of its policy weights before and after.
+own and over all ranks), and a digest of its policy weights before and after. Rank 0 also
+writes the whole trained policy to OUT_DIR/policy.safetensors (gathered from the shards under FSDP).
 """
 
 import argparse
@@ -14,12 +16,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.distributed import close_ranks, init_ranks
 from trainer.ppo import PolicyWithValue, PPOTrainer
+from trainer.ranks import rank_seed
 from trainer.reward_model import RewardModel
 
 PROMPTS = [
@@ -43,26 +47,30 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo; cuda: NCCL, one GPU per rank"
     )
+    parser.add_argument("--parallelism", choices=("ddp", "fsdp"), default="ddp")
     args = parser.parse_args()
 
-    ranks = init_ranks(args.device)
+    ranks = init_ranks(args.device, args.parallelism)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     # The reward model's head is new: the same seed on every rank gives every rank the same one.
     torch.manual_seed(0)
-    reward_model = RewardModel.from_pretrained(args.model_dir).to(ranks.device)
+    reward_model = ranks.shard_model(RewardModel.from_pretrained(args.model_dir).to(ranks.device))
     models = PolicyWithValue.from_pretrained(args.model_dir)
     settings = PPOSettings(
         prompts_per_step=len(PROMPTS), max_new_tokens=8, minibatch_size=4, epochs=2, policy_learning_rate=1e-4
     )
-    ppo = PPOTrainer(models, tokenizer, settings, ranks=ranks)
     started_from = weights_digest(models.policy)
-    torch.manual_seed(1000 + ranks.rank)  # each rank samples its own answers
+    ppo = PPOTrainer(models, tokenizer, settings, ranks=ranks)
 
     renderer = PromptRenderer(tokenizer)
     prompt_ids = [renderer.user_message(prompt).token_ids for prompt in PROMPTS]
     steps = []
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        # Seeded as `flywheel train` seeds a step: each rank samples its own answers, and DDP and
+        # FSDP (whose sampling draws past the end of an answer) then shuffle alike.
+        torch.manual_seed(rank_seed(step, ranks.rank, 0))
         rollout = ppo.rollout(prompt_ids)
+        torch.manual_seed(rank_seed(step, ranks.rank, 1))
         own = ppo.ppo_step(rollout, reward_model)
         steps.append(
             {
@@ -72,17 +80,20 @@ def main() -> None:
                 "kl_coef_after": ppo.kl_controller.kl_coef,
             }
         )
+    policy = ranks.full_state_dict(models.policy)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.leads:
+        save_file({name: tensor.clone() for name, tensor in policy.items()}, args.out_dir / "policy.safetensors")
     report = {
         "rank": ranks.rank,
         "world_size": ranks.world_size,
         "backend": torch.distributed.get_backend() if ranks.distributed else None,
         "ddp": type(ppo.trainable).__name__,
         "started_from": started_from,
-        "policy": weights_digest(models.policy),
-        "critic": weights_digest(models.critic),
+        "policy": None if ranks.sharded else weights_digest(models.policy),
+        "critic": None if ranks.sharded else weights_digest(models.critic),
         "steps": steps,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"rank-{ranks.rank}.json").write_text(json.dumps(report, indent=2))
     close_ranks(ranks)
 

@@ -1,4 +1,5 @@
-"""Data-parallel PPO under torchrun: two CPU ranks on gloo end every step with identical weights."""
+"""Data-parallel PPO under torchrun: two CPU ranks on gloo end every step with identical weights,
+and sharded (FSDP2) they train the same policy as whole copies (DDP) do."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from trainer.distributed import SINGLE_PROCESS, Ranks
 
@@ -33,19 +36,23 @@ def test_ranks_split_prompts_and_minibatches_evenly():
         second_of_two.share(5, "ppo.minibatch_size")
 
 
-@pytest.mark.subprocess
-def test_two_ranks_on_gloo_keep_identical_weights(model_path, tmp_path):
-    out_dir = tmp_path / "ranks"
+def two_ranks(model_path: Path, out_dir: Path, *flags: str) -> list[dict]:
+    """tests/distributed_ppo_worker.py on two CPU ranks (gloo); each rank's report."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), str(model_path), str(out_dir), "--steps", "2",
+        str(WORKER), str(model_path), str(out_dir), "--steps", "2", *flags,
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     started = time.perf_counter()
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
-    reports = [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
-    print(f"torchrun, 2 ranks, 2 PPO steps: {time.perf_counter() - started:.1f}s")
+    print(f"torchrun, 2 ranks, 2 PPO steps {flags}: {time.perf_counter() - started:.1f}s")
+    return [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.subprocess
+def test_two_ranks_on_gloo_keep_identical_weights(model_path, tmp_path):
+    reports = two_ranks(model_path, tmp_path / "ranks")
 
     for rank, report in enumerate(reports):
         assert (report["rank"], report["world_size"], report["backend"], report["ddp"]) == (
@@ -72,3 +79,27 @@ def test_two_ranks_on_gloo_keep_identical_weights(model_path, tmp_path):
         assert mine["all_ranks"]["kl_to_reference"] == pytest.approx(
             (mine["own"]["kl_to_reference"] + theirs["own"]["kl_to_reference"]) / 2
         )
+
+
+@pytest.mark.subprocess
+def test_sharded_ranks_train_the_policy_whole_copies_train(model_path, tmp_path):
+    """FSDP2 on two ranks, against DDP on the same prompts and seeds: the same answers, the same policy
+    within float tolerance (the gradient is summed in another order), far from where both started."""
+    whole = two_ranks(model_path, tmp_path / "ddp", "--parallelism", "ddp")
+    sharded = two_ranks(model_path, tmp_path / "fsdp", "--parallelism", "fsdp")
+    assert sharded[0]["ddp"] == "FSDPPolicyWithValue"
+    for ddp_rank, fsdp_rank in zip(whole, sharded):
+        for ddp_step, fsdp_step in zip(ddp_rank["steps"], fsdp_rank["steps"]):
+            assert fsdp_step["prompts"] == ddp_step["prompts"]
+            assert fsdp_step["own"]["first_minibatch_ratio"] == 1.0
+            assert fsdp_step["own"]["mean_score"] == pytest.approx(ddp_step["own"]["mean_score"], abs=1e-4)
+    ddp_policy = load_file(tmp_path / "ddp" / "policy.safetensors")
+    fsdp_policy = load_file(tmp_path / "fsdp" / "policy.safetensors")
+    started = load_file(model_path / "model.safetensors")
+    assert fsdp_policy.keys() == ddp_policy.keys()
+    moved = max((ddp_policy[name] - started[name]).abs().max().item() for name in started if name in ddp_policy)
+    apart = max((fsdp_policy[name] - ddp_policy[name]).abs().max().item() for name in ddp_policy)
+    print(f"largest weight change from the start {moved:.2e}; largest DDP-FSDP difference {apart:.2e}")
+    assert moved > 1e-4
+    for name in ddp_policy:
+        torch.testing.assert_close(fsdp_policy[name], ddp_policy[name], rtol=1e-4, atol=2e-5, msg=name)

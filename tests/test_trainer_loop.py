@@ -571,11 +571,17 @@ def toml_document(tables: dict, prefix: str = "") -> str:
 
 
 class TrainProcess:
-    """`flywheel train --config FILE` as a child process; its JSON log lines are collected as they arrive."""
+    """`flywheel train --config FILE` as a child process; its JSON log lines are collected as they arrive.
 
-    def __init__(self, config_file: Path):
+    With `ranks` > 1, under torchrun on CPU (gloo): every rank's log lines arrive here interleaved.
+    """
+
+    def __init__(self, config_file: Path, ranks: int = 1):
+        launcher = [sys.executable]
+        if ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "train", "--config", str(config_file)],
+            [*launcher, "-m", "cli", "train", "--config", str(config_file)],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: list[dict] = []
@@ -606,6 +612,15 @@ class TrainProcess:
                     raise AssertionError(f"flywheel train exited ({exited}) before {message!r}:\n{self.tail()}")
                 assert time.monotonic() < deadline, f"no {message!r} in the log of flywheel train:\n{self.tail()}"
                 self._arrived.wait(timeout=1)
+
+    def line(self, index: int) -> dict:
+        with self._arrived:
+            return self.lines[index]
+
+    def logged(self, message: str) -> list[dict]:
+        """Every log line so far whose message starts with `message`."""
+        with self._arrived:
+            return [line for line in self.lines if line.get("message", "").startswith(message)]
 
     def logged_since(self, index: int, message: str) -> bool:
         with self._arrived:

@@ -74,33 +74,39 @@ def save_checkpoint(
     state: TrainerState,
     ppo: PPOTrainer,
     reward_model: RewardModelTrainer,
-    join_store: JoinStore,
+    join_store: JoinStore | None,
     keep: int = 2,
-) -> Path:
+) -> Path | None:
     """Write a complete checkpoint and make it the latest; only the newest `keep` (at least 2) stay.
 
     The one before stays so that a reader who found it just before this save (a backup, an
     operator) can finish. Returns the new checkpoint's directory.
+
+    Under several ranks every rank calls this (sharded weights are gathered to rank 0 here); only
+    rank 0, which holds the join store, writes, and the others get None.
     """
     if keep < 2:
         raise ValueError(
             f"keep={keep}: keep at least 2 checkpoints, the latest and the one a reader may still be reading"
         )
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    previous = latest_checkpoint(checkpoint_dir)
+    leads = ppo.ranks.leads
     name = f"step-{state.ppo_steps:08d}-rm-{state.reward_model_updates:06d}-{uuid.uuid4().hex[:6]}"
     staging = checkpoint_dir / f".tmp-{name}"
-    staging.mkdir()
+    previous = latest_checkpoint(checkpoint_dir) if leads else None
+    if leads:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     ppo.save_policy(staging / "policy")
-    ppo.models.critic.save(staging / VALUE_HEAD_FILE)
-    if previous is not None and reward_model_unchanged_since(previous, state):
+    ppo.save_critic(staging / VALUE_HEAD_FILE)
+    # Sharded, saving is a collective every rank must join: no rank may decide alone to skip it.
+    if not ppo.ranks.sharded and previous is not None and reward_model_unchanged_since(previous, state):
         link_tree(previous / REWARD_MODEL_DIR, staging / REWARD_MODEL_DIR)
     else:
         reward_model.save(staging / REWARD_MODEL_DIR)
-    torch.save(
-        {"policy": ppo.policy_optimizer.state_dict(), "critic": ppo.critic_optimizer.state_dict()},
-        staging / PPO_OPTIMIZERS_FILE,
-    )
+    optimizer_states = ppo.optimizer_states()
+    if not leads:
+        return None
+    torch.save(optimizer_states, staging / PPO_OPTIMIZERS_FILE)
     state = state.model_copy(update={"kl_coef": ppo.kl_controller.kl_coef})
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
     join_store.snapshot_to(staging / JOIN_STORE_FILE)
@@ -165,9 +171,7 @@ def load_state(checkpoint: Path) -> TrainerState:
 
 
 def restore_optimizers(checkpoint: Path, ppo: PPOTrainer, state: TrainerState) -> None:
-    optimizers = torch.load(checkpoint / PPO_OPTIMIZERS_FILE, weights_only=True)
-    ppo.policy_optimizer.load_state_dict(optimizers["policy"])
-    ppo.critic_optimizer.load_state_dict(optimizers["critic"])
+    ppo.load_optimizer_states(torch.load(checkpoint / PPO_OPTIMIZERS_FILE, weights_only=True))
     if state.kl_coef is not None:
         ppo.kl_controller.kl_coef = state.kl_coef
 

@@ -1,6 +1,7 @@
 """Settings of the trainer process: one section per concern (reward model, PPO, join store)."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -144,6 +145,12 @@ class TrainerSettings(BaseModel):
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps whole models on every rank; fsdp shards the policy, reference, value "
+        "head and reward model over the ranks (torch FSDP2), for models one device cannot hold. Switching needs a "
+        "fresh checkpoint directory (their optimizer moments are saved differently). One process ignores it.",
     )
 
 

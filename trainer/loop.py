@@ -13,16 +13,22 @@ A crash loses only work after the last checkpoint: the checkpoint's join store i
 Kafka hands out again every event after the committed offsets. An event the checkpoint already
 holds (read after the commit, before the crash) is dropped by its id. So no label is trained on
 twice, and none is skipped.
+
+Under torchrun rank 0 runs this loop and the other ranks follow its orders (trainer/ranks.py):
+only rank 0 touches Kafka, the join store, checkpoints and the registry.
 """
 
 import asyncio
+import hashlib
 import logging
+import os
 import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from aiokafka import TopicPartition
 from rich.live import Live
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,17 +51,32 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import RewardModelSettings, TrainerConfig
+from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.join_store import JoinStore, LabelledExample, PairBounds, PreferencePair
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
 from trainer.progress import live_display, progress_table
+from trainer.ranks import (
+    Idle,
+    Order,
+    RestartPolicy,
+    SaveCandidate,
+    SaveCheckpoint,
+    Stop,
+    TakePPOStep,
+    UpdateRewardModel,
+    rank_seed,
+)
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """The models, the join store and the counters; `run` drives them from Kafka."""
+    """The models, the join store and the counters; `run` drives them from Kafka.
+
+    Under several ranks, rank 0's Trainer runs and the others `follow` it; they have no join store.
+    """
 
     def __init__(
         self,
@@ -63,10 +84,12 @@ class Trainer:
         state: TrainerState,
         ppo: PPOTrainer,
         reward_model: RewardModelTrainer,
-        join_store: JoinStore,
+        join_store: JoinStore | None,
         registry: PolicyRegistry,
         metrics: TrainerMetrics,
+        ranks: Ranks = SINGLE_PROCESS,
     ):
+        self.ranks = ranks
         self.config = config
         self.state = state
         self.ppo = ppo
@@ -79,34 +102,47 @@ class Trainer:
         self.events_consumed = 0
 
     @classmethod
-    def open(cls, config: TrainerConfig, metrics: TrainerMetrics) -> "Trainer":
-        """Resume from the latest checkpoint, or start from the registry's live policy."""
+    def open(cls, config: TrainerConfig, metrics: TrainerMetrics, ranks: Ranks = SINGLE_PROCESS) -> "Trainer":
+        """Resume from the latest checkpoint, or start from the registry's live policy.
+
+        Under several ranks every rank calls this: rank 0 picks the checkpoint (or live policy) and
+        every rank loads it (checkpoints and registry on a filesystem all ranks share).
+        """
         registry = PolicyRegistry(config.registry_dir)
-        checkpoint = latest_checkpoint(config.trainer.checkpoint_dir)
-        if checkpoint is None:
-            live = registry.live()
-            if live is None:
+        checkpoint, live_version = None, None
+        if ranks.leads:
+            checkpoint = latest_checkpoint(config.trainer.checkpoint_dir)
+            live = registry.live() if checkpoint is None else None
+            if checkpoint is None and live is None:
                 raise RuntimeError(
                     f"the policy registry {config.registry_dir} has no live policy to start training from"
                 )
-            policy_path = registry.path(live.version)
-            state = TrainerState(reference_path=str(policy_path), reference_version=live.version)
+            live_version = None if live is None else live.version
+        checkpoint, live_version = ranks.broadcast((checkpoint, live_version))
+        # New heads (the reward model's score head, the value head) start the same on every rank.
+        if ranks.distributed:
+            torch.manual_seed(config.trainer.seed)
+        if checkpoint is None:
+            policy_path = registry.path(live_version)
+            state = TrainerState(reference_path=str(policy_path), reference_version=live_version)
             tokenizer = AutoTokenizer.from_pretrained(policy_path)
             reward_model = RewardModelTrainer(
                 RewardModel.from_pretrained(config.reward_model.model_path or policy_path),
                 config.reward_model,
                 tokenizer.pad_token_id,
+                ranks,
             )
             models = PolicyWithValue.from_pretrained(policy_path)
-            # Labels a crashed run marked used never reached a checkpoint: start the store afresh,
-            # and Kafka (no offsets committed yet) hands every event out again.
-            remove_join_store(config.join_store.path)
-            log.info("training starts from live policy %d at %s", live.version, policy_path)
+            if ranks.leads:
+                # Labels a crashed run marked used never reached a checkpoint: start the store afresh,
+                # and Kafka (no offsets committed yet) hands every event out again.
+                remove_join_store(config.join_store.path)
+                log.info("training starts from live policy %d at %s", live_version, policy_path)
         else:
             state = load_state(checkpoint)
             tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
             reward_model = RewardModelTrainer.load(
-                checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id
+                checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id, ranks
             )
             policy = load_without_dropout(AutoModelForCausalLM, checkpoint / "policy")
             if (checkpoint / VALUE_HEAD_FILE).exists():
@@ -120,18 +156,110 @@ class Trainer:
             models = PolicyWithValue(
                 policy, value_head, load_without_dropout(AutoModelForCausalLM, state.reference_path)
             )
-            restore_join_store(checkpoint, config.join_store.path)
-            log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
-        ppo = PPOTrainer(models, tokenizer, config.ppo)
+            if ranks.leads:
+                restore_join_store(checkpoint, config.join_store.path)
+                log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
+        ppo = PPOTrainer(models, tokenizer, config.ppo, ranks=ranks)
         if checkpoint is not None:
             restore_optimizers(checkpoint, ppo, state)
-        join_store = JoinStore(
-            config.join_store.path,
-            config.join_store.ttl_seconds,
-            vote_settle_seconds=config.join_store.vote_settle_seconds,
-            pair_bounds=PairBounds(config.join_store.max_pairs_per_answer, config.join_store.max_pairs_per_prompt),
-        )
-        return cls(config, state, ppo, reward_model, join_store, registry, metrics)
+        join_store = None
+        if ranks.leads:
+            join_store = JoinStore(
+                config.join_store.path,
+                config.join_store.ttl_seconds,
+                vote_settle_seconds=config.join_store.vote_settle_seconds,
+                pair_bounds=PairBounds(config.join_store.max_pairs_per_answer, config.join_store.max_pairs_per_prompt),
+            )
+            log.info(
+                "rank 0 of %d leads",
+                ranks.world_size,
+                extra={"rank": ranks.rank, "world_size": ranks.world_size, "pid": os.getpid()},
+            )
+        else:
+            log.info(
+                "rank %d of %d follows", ranks.rank, ranks.world_size, extra={"rank": ranks.rank, "pid": os.getpid()}
+            )
+        return cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks)
+
+    # ------------------------------------------------------------ what every rank runs
+
+    def order(self, order: Order) -> None:
+        """Rank 0: tell the other ranks what every rank does next (nothing in one process)."""
+        if self.ranks.distributed:
+            self.ranks.broadcast(order)
+
+    def follow(self) -> None:
+        """Ranks other than 0: carry out rank 0's orders until it says stop."""
+        while not isinstance(order := self.ranks.broadcast(None), Stop):
+            match order:
+                case UpdateRewardModel():
+                    self.apply_reward_model_update(order)
+                case TakePPOStep():
+                    self.apply_ppo_step(order)
+                case RestartPolicy(policy_path=path):
+                    self.apply_restart(path)
+                case SaveCandidate():
+                    self.save_candidate(Path("unwritten"), Path("unwritten"))  # only rank 0 writes
+                case SaveCheckpoint():
+                    self._save_checkpoint()
+                case Idle():
+                    pass
+        self.log_weights_digest()
+
+    def apply_reward_model_update(self, update: UpdateRewardModel) -> tuple[dict[str, float], dict[str, float]]:
+        """Every rank: the update (same labels and shuffle everywhere), then rank 0's held-out evaluation."""
+        if self.ranks.distributed:
+            torch.manual_seed(update.seed)
+        stats = self.reward_model.update(update.pairs, update.examples)
+        evaluation = {}
+        if self.ranks.sharded:
+            evaluation = self.reward_model.evaluate(update.heldout_pairs, update.heldout_examples)
+        elif self.ranks.leads:
+            settings = self.config.reward_model
+            evaluation = self.reward_model.evaluate(
+                self.join_store.preference_pairs("heldout", settings.heldout_fraction),
+                self.join_store.labelled_examples("heldout", settings.heldout_fraction),
+            )
+        return stats, evaluation
+
+    def apply_ppo_step(self, step: TakePPOStep) -> PPOStepStats:
+        """Every rank: sample answers to its share of the prompts and train on them; statistics over all ranks."""
+        if self.ranks.distributed:
+            torch.manual_seed(rank_seed(step.seed, self.ranks.rank, 0))
+        rollout = self.ppo.rollout(step.prompts)
+        if self.ranks.distributed:
+            torch.manual_seed(rank_seed(step.seed, self.ranks.rank, 1))
+        return self.ranks.reduce_stats(self.ppo.ppo_step(rollout, self.reward_model.model))
+
+    def apply_restart(self, policy_path: str | Path) -> None:
+        """Every rank: the policy's weights from `policy_path`, its optimizer moments forgotten."""
+        self.ppo.restart_policy(load_without_dropout(AutoModelForCausalLM, policy_path).state_dict())
+
+    def save_candidate(self, policy_dir: Path, reward_model_dir: Path) -> None:
+        """Every rank: the policy and the reward model the gate judges it with, whole; only rank 0 writes."""
+        self.ppo.save_policy(policy_dir)
+        weights = self.ranks.full_state_dict(self.reward_model.model)
+        if self.ranks.leads:
+            self.reward_model.model.save_pretrained(reward_model_dir, weights)
+
+    def weights_digest(self) -> dict[str, str]:
+        """SHA-256 of this rank's policy, value head and reward model weights (whole models only, not shards)."""
+        digests = {}
+        for name, model in (
+            ("policy", self.ppo.models.policy),
+            ("critic", self.ppo.models.critic),
+            ("reward_model", self.reward_model.model),
+        ):
+            digest = hashlib.sha256()
+            for key, tensor in sorted(model.state_dict().items()):
+                digest.update(key.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+            digests[f"{name}_digest"] = digest.hexdigest()
+        return digests
+
+    def log_weights_digest(self) -> None:
+        """Log, as it stops, what each rank's weights are: under DDP every rank's must be the same."""
+        digests = {} if self.ranks.sharded else self.weights_digest()
+        log.info("rank %d stops", self.ranks.rank, extra={"rank": self.ranks.rank, **digests})
 
     # ------------------------------------------------------------ the decisions
 
@@ -163,14 +291,22 @@ class Trainer:
         if labels.waiting < settings.update_every_labels or not labels.examples + labels.pairs:
             return None
         examples, pairs = labels.examples, labels.pairs
-        stats = self.reward_model.update(pairs, examples)
+        update = UpdateRewardModel(
+            examples, pairs, seed=self.config.trainer.seed * 1_000_003 + self.state.reward_model_updates
+        )
+        if self.ranks.sharded:
+            update = UpdateRewardModel(
+                examples,
+                pairs,
+                update.seed,
+                self.join_store.labelled_examples("heldout", settings.heldout_fraction),
+                self.join_store.preference_pairs("heldout", settings.heldout_fraction),
+            )
+        self.order(update)
+        stats, evaluation = self.apply_reward_model_update(update)
         self.join_store.mark_used(examples, pairs)
         self.state.reward_model_updates += 1
         self.state.labels_trained += len(examples) + len(pairs)
-        evaluation = self.reward_model.evaluate(
-            self.join_store.preference_pairs("heldout", settings.heldout_fraction),
-            self.join_store.labelled_examples("heldout", settings.heldout_fraction),
-        )
         self.last_reward_model_eval = evaluation
         self.metrics.reward_model_updates.inc()
         if evaluation["pairwise_accuracy"] == evaluation["pairwise_accuracy"]:  # not NaN
@@ -195,7 +331,12 @@ class Trainer:
         prompts = self.join_store.prompts_for_rollouts(
             self.config.ppo.prompts_per_step, rng, self.config.reward_model.max_principal_share
         )
-        stats = self.ppo.ppo_step(self.ppo.rollout(prompts), self.reward_model.model)
+        if self.ranks.distributed:
+            step = TakePPOStep(prompts, seed=self.config.trainer.seed * 1_000_003 + self.state.ppo_steps)
+            self.order(step)
+            stats = self.apply_ppo_step(step)
+        else:  # one process draws from torch's global stream, unseeded per step, as it always has
+            stats = self.ppo.ppo_step(self.ppo.rollout(prompts), self.reward_model.model)
         self.state.ppo_steps += 1
         self.state.generations_at_last_step += self.config.ppo.prompts_per_step
         self.last_step = stats
@@ -229,8 +370,9 @@ class Trainer:
         live = self.registry.live()
         if live is None:
             raise RuntimeError(f"the policy registry {self.config.registry_dir} has no live policy to restart from")
-        weights = load_without_dropout(AutoModelForCausalLM, self.registry.path(live.version)).state_dict()
-        self.ppo.restart_policy(weights)
+        restart = RestartPolicy(str(self.registry.path(live.version)))
+        self.order(restart)
+        self.apply_restart(restart.policy_path)
         self.state.restarted_after_version = self.registry.latest() or 0
         self.metrics.policy_restarts.inc()
         log.warning(
@@ -251,8 +393,8 @@ class Trainer:
             metrics |= {"kl_to_reference": self.last_step.kl_to_reference, "mean_score": self.last_step.mean_score}
         with tempfile.TemporaryDirectory(prefix="candidate-") as staging:
             policy_dir, reward_model_dir = Path(staging) / "policy", Path(staging) / REWARD_MODEL_DIR
-            self.ppo.save_policy(policy_dir)
-            self.reward_model.model.save_pretrained(reward_model_dir)  # the gate judges the candidate with it
+            self.order(SaveCandidate())
+            self.save_candidate(policy_dir, reward_model_dir)
             manifest = self.registry.publish(
                 policy_dir,
                 parent_version=None if live is None else live.version,
@@ -289,6 +431,10 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Expire what the join store's TTL allows, then write the store and the counters as one checkpoint."""
         self.expire_unmatched()
+        self.order(SaveCheckpoint())
+        return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
         return save_checkpoint(
             self.config.trainer.checkpoint_dir,
             self.state,
@@ -299,7 +445,8 @@ class Trainer:
         )
 
     def close(self) -> None:
-        self.join_store.close()
+        if self.join_store is not None:
+            self.join_store.close()
 
     # ------------------------------------------------------------ the loop
 
@@ -337,8 +484,12 @@ class Trainer:
                 display.update(
                     progress_table(self.state, self.events_consumed, self.last_step, self.last_reward_model_eval)
                 )
+            await asyncio.to_thread(self.order, Idle())
         if uncommitted or updates_since_checkpoint:
             await self._checkpoint_then_commit(consumer, uncommitted)
+        await asyncio.to_thread(self.order, Stop())
+        if self.ranks.distributed:
+            self.log_weights_digest()
 
     async def _checkpoint_then_commit(self, consumer: EventConsumer, uncommitted: dict[TopicPartition, int]) -> None:
         """Checkpoint, then commit the offsets of what was read before it; in that order a crash loses nothing."""
@@ -386,10 +537,23 @@ def rejections_in_a_row(verdicts: list[PolicyVerdict | None]) -> int:
 
 
 async def run_trainer(
-    config: TrainerConfig, metrics: TrainerMetrics, event_metrics: EventMetrics, stopping: asyncio.Event
+    config: TrainerConfig,
+    metrics: TrainerMetrics,
+    event_metrics: EventMetrics,
+    stopping: asyncio.Event,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> None:
-    """Open (or resume) the trainer and run it against Kafka until `stopping` is set."""
-    trainer = await asyncio.to_thread(Trainer.open, config, metrics)
+    """Open (or resume) the trainer and run it against Kafka until `stopping` is set.
+
+    Ranks other than 0 ignore `stopping`: they follow rank 0's orders until it stops them.
+    """
+    trainer = await asyncio.to_thread(Trainer.open, config, metrics, ranks)
+    if not ranks.leads:
+        try:
+            await asyncio.to_thread(trainer.follow)
+        finally:
+            trainer.close()
+        return
     producer = EventProducer(config.kafka, config.spool, event_metrics)
     consumer = EventConsumer(
         config.kafka,

@@ -53,12 +53,28 @@ It is called with tensors on the PPO trainer's device, so a model must live ther
 
 
 class TransformersSampler:
-    """Samples answers with `transformers` generate from the policy being trained."""
+    """Samples answers with `transformers` generate from the policy being trained.
 
-    def __init__(self, policy: PreTrainedModel, pad_token_id: int, eos_token_ids: frozenset[int]):
+    `generate`: what runs `policy.generate` when that is not the policy's own method: the sharded
+    models' registered `PolicyWithValue.generate_answers`. Every rank then takes as many decoding
+    steps as the others (each step gathers the layers, a collective), so answers do not stop at
+    end-of-sequence: every row decodes max_new_tokens and is cut after its first end here. The
+    tokens kept are drawn exactly as with early stopping; only the ones after are wasted.
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        pad_token_id: int,
+        eos_token_ids: frozenset[int],
+        generate: Callable[..., torch.Tensor] | None = None,
+    ):
         self.policy = policy
         self.pad_token_id = pad_token_id
         self.eos_token_ids = eos_token_ids
+        self.generate = generate or policy.generate
+        # A token no model emits, so that generate never stops early; cut_after_eos still cuts.
+        self.stop_ids = sorted(eos_token_ids) if generate is None else [policy.config.vocab_size]
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
@@ -67,7 +83,7 @@ class TransformersSampler:
         device = self.policy.device
         input_ids = torch.tensor([[self.pad_token_id] * (longest - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-        generated = self.policy.generate(
+        generated = self.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             **(
@@ -76,7 +92,7 @@ class TransformersSampler:
                 else {"do_sample": False}
             ),
             max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(self.eos_token_ids),
+            eos_token_id=self.stop_ids,
             pad_token_id=self.pad_token_id,
         )
         return [cut_after_eos(row.tolist(), self.eos_token_ids) for row in generated[:, longest:]]
@@ -204,6 +220,17 @@ class PolicyWithValue(nn.Module):
         """
         return model.get_output_embeddings()(cls.response_hidden(model, batch))
 
+    FSDP_METHODS = ("reference_logits", "generate_answers")
+    """Methods besides `forward` that run the models: sharded (FSDP), they gather parameters around these too."""
+
+    def reference_logits(self, batch: TokenBatch) -> torch.Tensor:
+        """The reference's logits predicting each response token, `(answers, response_len, vocab)`."""
+        return self.response_logits(self.reference, batch)
+
+    def generate_answers(self, **generate_kwargs) -> torch.Tensor:
+        """The policy's `generate`, through a method the sharded models gather their parameters around."""
+        return self.policy.generate(**generate_kwargs)
+
     def forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """What PPO trains, in one call (the call DistributedDataParallel syncs gradients through):
         the policy's logits for each response token, `(answers, response_len, vocab)`, and the
@@ -250,7 +277,8 @@ class PPOTrainer:
     Under torchrun, pass `ranks` (trainer.distributed.init_ranks): each rank then samples and
     trains on its share of every step's prompts and of every minibatch, with gradients averaged
     over ranks (see trainer/distributed.py). The default is one process. The models are moved to
-    `ranks.device`, where every batch is built.
+    `ranks.device`, where every batch is built. Sharded (FSDP), every method here that touches
+    weights is a collective: every rank calls it, in the same order.
     """
 
     def __init__(
@@ -266,11 +294,16 @@ class PPOTrainer:
         self.settings = settings
         self.ranks = ranks
         self.device = ranks.device
-        self.trainable = ranks.wrap(models.to(self.device))
+        self.trainable = ranks.wrap(models.to(self.device), PolicyWithValue.FSDP_METHODS)
         self.minibatch_size = ranks.share(settings.minibatch_size, "ppo.minibatch_size")
         """Answers per gradient step on this rank; `settings.minibatch_size` over all ranks."""
         self.eos_token_ids = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
-        self.sampler = sampler or TransformersSampler(models.policy, tokenizer.pad_token_id, self.eos_token_ids)
+        self.sampler = sampler or TransformersSampler(
+            models.policy,
+            tokenizer.pad_token_id,
+            self.eos_token_ids,
+            generate=models.generate_answers if ranks.sharded else None,
+        )
         # fused: one kernel per step over all parameters, instead of several per parameter tensor.
         self.policy_optimizer = torch.optim.AdamW(
             models.policy.parameters(), lr=settings.policy_learning_rate, fused=True
@@ -319,7 +352,7 @@ class PPOTrainer:
                 logits, values = models(minibatch)
                 old_logprobs.append(logprobs_from_logits(logits, minibatch.response_ids, s.temperature))
                 entropy.append(entropy_from_logits(logits, s.temperature))
-                ref_logits = models.response_logits(models.reference, minibatch)
+                ref_logits = models.reference_logits(minibatch)
                 ref_logprobs.append(logprobs_from_logits(ref_logits, minibatch.response_ids, s.temperature))
                 old_values.append(values)
                 scores.append(reward_model(minibatch.input_ids, minibatch.attention_mask))
@@ -383,11 +416,31 @@ class PPOTrainer:
 
     def restart_policy(self, weights: dict[str, torch.Tensor]) -> None:
         """Replace the policy's weights (e.g. with the live policy's) and forget the optimizer's moments."""
-        self.models.policy.load_state_dict(weights)
+        self.ranks.load_full_state_dict(self.models.policy, weights)
         self.policy_optimizer.state.clear()
 
     def save_policy(self, directory: Path) -> None:
         """Write the policy as a Hugging Face directory vLLM can serve: safetensors weights, config,
-        generation config, tokenizer and chat template."""
-        self.models.policy.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        generation config, tokenizer and chat template. Only rank 0 writes."""
+        weights = self.ranks.full_state_dict(self.models.policy)
+        if self.ranks.leads:
+            self.models.policy.save_pretrained(directory, state_dict=weights)
+            self.tokenizer.save_pretrained(directory)
+
+    def save_critic(self, path: Path) -> None:
+        """Write the value head's weights (safetensors); only rank 0 writes."""
+        weights = self.ranks.full_state_dict(self.models.critic)
+        if self.ranks.leads:
+            save_file(weights, path)
+
+    def optimizer_states(self) -> dict[str, dict]:
+        """The policy's and critic's AdamW moments, to write to a checkpoint (whole on rank 0 when sharded)."""
+        return {
+            "policy": self.ranks.optimizer_state_dict(self.models, self.policy_optimizer),
+            "critic": self.ranks.optimizer_state_dict(self.models, self.critic_optimizer),
+        }
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        """Resume the moments `optimizer_states` returned (every rank passes the same)."""
+        self.ranks.load_optimizer_state_dict(self.models, self.policy_optimizer, states["policy"])
+        self.ranks.load_optimizer_state_dict(self.models, self.critic_optimizer, states["critic"])

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from trainer.config import RewardModelSettings
+from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.join_store import LabelledExample, PreferencePair
 from trainer.reward_math import (
     bradley_terry_loss,
@@ -94,20 +95,36 @@ class RewardModel(nn.Module):
         scores = self.score_head(hidden).squeeze(-1)
         return scores.gather(1, last_token_indices(attention_mask).unsqueeze(1)).squeeze(1)
 
-    def save_pretrained(self, directory: Path) -> None:
-        """Write the backbone as an HF directory (safetensors) and the head beside it."""
-        self.backbone.save_pretrained(directory)
-        save_file(self.score_head.state_dict(), directory / SCORE_HEAD_FILE)
+    def save_pretrained(self, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the backbone as an HF directory (safetensors) and the head beside it.
+
+        `weights`: this model's whole state dict when its own parameters are shards (FSDP).
+        """
+        weights = self.state_dict() if weights is None else weights
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {name.removeprefix(prefix): tensor for name, tensor in weights.items() if name.startswith(prefix)}
+
+        self.backbone.save_pretrained(directory, state_dict=part("backbone."))
+        save_file(part("score_head."), directory / SCORE_HEAD_FILE)
 
 
 class RewardModelTrainer:
-    """Incremental AdamW updates of a reward model from pairs and thumbs, with evaluation."""
+    """Incremental AdamW updates of a reward model from pairs and thumbs, with evaluation.
 
-    def __init__(self, model: RewardModel, settings: RewardModelSettings, pad_token_id: int):
-        self.model = model
+    Under several ranks every rank takes the same update on the same labels (the reward model's
+    share of the work is small beside PPO's), so the ranks' reward models stay identical; sharded
+    (`ranks.parallelism` fsdp) each rank holds a slice, and every call here is a collective.
+    """
+
+    def __init__(
+        self, model: RewardModel, settings: RewardModelSettings, pad_token_id: int, ranks: Ranks = SINGLE_PROCESS
+    ):
+        self.ranks = ranks
+        self.model = ranks.shard_model(model)
         self.settings = settings
         self.pad_token_id = pad_token_id
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate)
 
     def _scores(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         return self.model(*right_pad(sequences, self.pad_token_id))
@@ -175,16 +192,23 @@ class RewardModelTrainer:
         return metrics
 
     def save(self, directory: Path) -> None:
-        """Write the model (HF directory + score head, safetensors) and the optimizer state."""
+        """Write the model (HF directory + score head, safetensors) and the optimizer state; only rank 0 writes."""
+        weights = self.ranks.full_state_dict(self.model)
+        moments = self.ranks.optimizer_state_dict(self.model, self.optimizer)
+        if not self.ranks.leads:
+            return
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
-        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        self.model.save_pretrained(directory, weights)
+        torch.save(moments, directory / OPTIMIZER_FILE)
 
     @classmethod
-    def load(cls, directory: Path, settings: RewardModelSettings, pad_token_id: int) -> "RewardModelTrainer":
+    def load(
+        cls, directory: Path, settings: RewardModelSettings, pad_token_id: int, ranks: Ranks = SINGLE_PROCESS
+    ) -> "RewardModelTrainer":
         """A trainer resumed from `save`: same weights and optimizer moments, learning rate from `settings`."""
-        trainer = cls(RewardModel.from_pretrained(directory), settings, pad_token_id)
-        trainer.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+        trainer = cls(RewardModel.from_pretrained(directory), settings, pad_token_id, ranks)
+        moments = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+        ranks.load_optimizer_state_dict(trainer.model, trainer.optimizer, moments)
         for group in trainer.optimizer.param_groups:
             group["lr"] = settings.learning_rate
         return trainer

@@ -1,0 +1,151 @@
+"""`flywheel train` on two ranks under torchrun (CPU, gloo) against the real (embedded) broker.
+
+Rank 0 reads Kafka and checkpoints; rank 1 follows its orders. Rank 1 is SIGKILLed in the middle
+of training, which ends the job; the job started again resumes from the last checkpoint. At the
+end, stopped cleanly, both ranks hold bitwise the same weights, and every published event was
+taken once and every label trained on once across the kill.
+"""
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import time
+
+import pytest
+from google.protobuf.message import Message
+from transformers import AutoTokenizer
+
+from flywheel.demo.task import traffic_questions
+from flywheel.registry import PolicyRegistry
+from tests.test_trainer_loop import (
+    HANG_GUARD_S,
+    HELDOUT_FRACTION,
+    DemoTraffic,
+    TrainProcess,
+    latest_name,
+    publish,
+    seen_event_ids,
+    toml_document,
+    train_labels,
+    unused_train_labels,
+    without_nulls,
+)
+from trainer.checkpoint import JOIN_STORE_FILE, latest_checkpoint, load_state
+from trainer.join_store import JoinStore
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.broker]
+
+RANKS = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def rank_pid(trainer: TrainProcess, message: str) -> int:
+    """The process id a rank logged when it opened (`rank 0 of 2 leads`, `rank 1 of 2 follows`)."""
+    return trainer.line(trainer.wait_for(message))["pid"]
+
+
+@pytest.mark.timeout(900)  # two starts of two ranks, each importing torch and transformers
+def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_settings, tmp_path):
+    state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
+    checkpoint_dir, join_store_path = state_dir / "trainer" / "checkpoint", state_dir / "trainer" / "join_store.sqlite3"
+    PolicyRegistry(registry_dir).seed(model_path)
+    update_every_labels = 16
+    settings = {
+        "state_dir": str(state_dir),
+        "registry_dir": str(registry_dir),
+        "engine": {"model": str(model_path)},
+        # The killed job's consumer keeps its partitions until its session times out: keep that short.
+        "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
+        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 30, "checkpoint_every_steps": 1, "torch_threads": 1},
+        "join_store": {"vote_settle_seconds": 0},
+        "reward_model": {
+            "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
+        },
+        "ppo": {
+            # Each rank samples 4 prompts x 2 answers and trains on minibatches of 4.
+            "prompts_per_step": 8, "responses_per_prompt": 2, "max_new_tokens": 8, "epochs": 2, "minibatch_size": 8,
+            "candidate_every_steps": 2,
+        },
+    }  # fmt: skip
+    config_file = tmp_path / "flywheel.toml"
+    config_file.write_text(toml_document(settings))
+
+    traffic = DemoTraffic(tokenizer, seed=2)
+    questions = traffic_questions(random.Random(2), 50)
+    rounds = [traffic.labelled(questions[start:end]) for start, end in ((0, 25), (25, 40), (40, 50))]
+    published: list[Message] = []
+
+    def publish_round(events: list[Message]) -> None:
+        asyncio.run(publish(kafka_settings, tmp_path / "test-spool", events))
+        published.extend(events)
+
+    started = time.perf_counter()
+
+    # 1. Two ranks train on the first round; rank 1 is SIGKILLed once PPO steps are under way,
+    # and torchrun ends the whole job.
+    job = TrainProcess(config_file, ranks=RANKS)
+    follower = rank_pid(job, f"rank 1 of {RANKS} follows")
+    publish_round(rounds[0])
+    job.wait_for("PPO step")
+    killed_after = latest_name(checkpoint_dir)
+    os.kill(follower, signal.SIGKILL)
+    ended_with = job.process.wait(timeout=HANG_GUARD_S)
+    job._reader.join()
+    assert ended_with != 0, job.tail()
+
+    # 2. The second round arrives while no job runs; the restarted job resumes from the last
+    # checkpoint, takes the third round too, and stops cleanly when rank 0 is asked to.
+    publish_round(rounds[1])
+    restored = latest_name(checkpoint_dir)
+    job = TrainProcess(config_file, ranks=RANKS)
+    job.wait_for(f"training resumes from {restored}")
+    leader = rank_pid(job, f"rank 0 of {RANKS} leads")
+    publish_round(rounds[2])
+    published_ids = [event.event_id for event in published]
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not seen_event_ids(join_store_path) >= set(published_ids):
+        assert time.monotonic() < deadline, f"the job did not take every event:\n{job.tail()}"
+        time.sleep(0.2)
+    job.wait_for("PPO step", after=job.wait_for(f"training resumes from {restored}") + 1)
+    os.kill(leader, signal.SIGTERM)
+    assert job.process.wait(timeout=HANG_GUARD_S) == 0, job.tail()
+    job._reader.join()
+
+    # Both ranks stopped with the very same weights.
+    stopped = {line["rank"]: line for line in job.logged("rank ") if line["message"].endswith(" stops")}
+    assert sorted(stopped) == list(range(RANKS)), job.tail()
+    for model in ("policy", "critic", "reward_model"):
+        assert len({line[f"{model}_digest"] for line in stopped.values()}) == 1, model
+
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    state = load_state(checkpoint)
+    snapshot = tmp_path / "final-join-store.sqlite3"
+    shutil.copyfile(checkpoint / JOIN_STORE_FILE, snapshot)
+    connection = sqlite3.connect(snapshot)
+    seen = [event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")]
+    (thumbs_used,) = connection.execute("SELECT count(*) FROM votes WHERE used_as_label").fetchone()
+    (pairs_used,) = connection.execute("SELECT count(*) FROM used_pairs").fetchone()
+    connection.close()
+    store = JoinStore(snapshot, ttl_seconds=1e9)
+    waiting = unused_train_labels(store)
+    store.close()
+    expected_train, _ = train_labels(published, tmp_path)
+    print(
+        f"2 ranks, rank 1 killed after checkpoint {killed_after}, resumed from {restored}; final {checkpoint.name}: "
+        f"{state.model_dump()}; {len(published)} events; train labels {expected_train} = {thumbs_used} thumbs + "
+        f"{pairs_used} pairs used + {waiting} waiting; {time.perf_counter() - started:.1f}s"
+    )
+    # Every published event taken exactly once, every label trained on once, none skipped.
+    assert sorted(seen) == sorted(published_ids)
+    assert state.labels_trained == thumbs_used + pairs_used
+    assert thumbs_used + pairs_used + waiting == expected_train
+    assert waiting < update_every_labels
+    assert state.ppo_steps >= 2
+    assert PolicyRegistry(registry_dir).latest() > 1  # rank 0 proposed candidates
