@@ -38,6 +38,7 @@ CUSTOM_RESOURCES = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
+    ("kubeflow.org/v1", "PyTorchJob"),
 }
 ALL_OPTIONAL_OBJECTS = {
     "serviceMonitor": {"enabled": True},
@@ -76,8 +77,14 @@ LOCKED_DOWN = {
     },
 }
 
+# The trainer on two ranks in its pod, and across a Kubeflow PyTorchJob of two pods.
+TRAINER_RANKS = {"trainer": {"nprocPerNode": 2}}
+TRAINER_PYTORCHJOB = {"trainer": {"nprocPerNode": 2, "pytorchJob": {"enabled": True, "workers": 1}}}
+
 VALUE_SETS = {
     "defaults": {},
+    "trainer-ranks": TRAINER_RANKS,
+    "trainer-pytorchjob": TRAINER_PYTORCHJOB,
     "gpu": gpu_values(),
     "all-optional-objects": ALL_OPTIONAL_OBJECTS,
     "locked-down": LOCKED_DOWN,
@@ -661,3 +668,41 @@ def test_every_metric_in_dashboard_and_rules_is_registered_in_code():
         f"metrics the dashboard or alerts use but no Python source under {', '.join(SOURCE_PACKAGES)}/ registers "
         f"(as a string literal): {json.dumps(missing, indent=2)}"
     )
+
+
+def test_trainer_ranks_start_under_torchrun_in_one_pod_or_a_pytorchjob():
+    (one_process,) = [
+        o for o in render({}) if o["kind"] == "Deployment" and o["metadata"]["name"] == "fw-flywheel-trainer"
+    ]
+    assert one_process["spec"]["template"]["spec"]["containers"][0]["command"] == ["flywheel"]
+
+    (deployment,) = [
+        o for o in render(TRAINER_RANKS) if o["kind"] == "Deployment" and o["metadata"]["name"] == "fw-flywheel-trainer"
+    ]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert container["args"] == [
+        "--standalone", "--nproc_per_node", "2", "--no-python", "flywheel", "train", "--config", "/etc/flywheel/config.toml",
+    ]  # fmt: skip
+
+    objects = render(TRAINER_PYTORCHJOB)
+    assert not [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "fw-flywheel-trainer"]
+    (job,) = [o for o in objects if o["kind"] == "PyTorchJob"]
+    assert job["spec"]["nprocPerNode"] == "2"
+    master, worker = (job["spec"]["pytorchReplicaSpecs"][kind] for kind in ("Master", "Worker"))
+    assert (master["replicas"], worker["replicas"]) == (1, 1)
+    for replica in (master, worker):
+        (container,) = replica["template"]["spec"]["containers"]
+        # The training operator finds its container by this name and gives torchrun its rendezvous (PET_*).
+        assert container["name"] == "pytorch"
+        assert container["args"][:4] == ["--nproc_per_node", "2", "--no-python", "flywheel"]
+        assert {"name": "registry", "mountPath": "/var/lib/flywheel"} in [
+            {key: mount[key] for key in ("name", "mountPath")} for mount in container["volumeMounts"]
+        ]
+    # Only rank 0's pod (the Master) receives the metrics Service's traffic.
+    (service,) = [
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "fw-flywheel-trainer-metrics"
+    ]
+    selector = service["spec"]["selector"].items()
+    assert selector <= master["template"]["metadata"]["labels"].items()
+    assert not selector <= worker["template"]["metadata"]["labels"].items()

@@ -317,59 +317,84 @@ spec:
     matchLabels:
       {{- include "flywheel.selectorLabels" . | nindent 6 }}
   template:
-    metadata:
-      labels:
-        {{- include "flywheel.labels" . | nindent 8 }}
-      annotations:
-        {{- include "flywheel.checksums" $root | nindent 8 }}
-        {{- with $values.podAnnotations }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-    spec:
-      {{- include "flywheel.podCommon" $root | nindent 6 }}
-      containers:
-        - name: {{ .component }}
-          image: {{ include "flywheel.image" $root }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: [flywheel]
-          args: [{{ .command }}, --config, /etc/flywheel/config.toml]
-          workingDir: /tmp
-          ports:
-            - name: metrics
-              containerPort: {{ include "flywheel.metricsPort" . }}
-              protocol: TCP
-          env:
-            {{- include "flywheel.env" $root | nindent 12 }}
-            {{- with $values.env }}
-            {{- toYaml . | nindent 12 }}
-            {{- end }}
-          resources:
-            {{- include "flywheel.resources" (dict "values" $values) | nindent 12 }}
-          securityContext:
-            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
-          volumeMounts:
-            {{- include "flywheel.volumeMounts" (dict "root" $root "readOnly" false) | nindent 12 }}
-            {{- with $values.extraVolumeMounts }}
-            {{- toYaml . | nindent 12 }}
-            {{- end }}
-      volumes:
-        {{- include "flywheel.volumes" $root | nindent 8 }}
-        {{- with $values.extraVolumes }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-      {{- with $values.nodeSelector }}
-      nodeSelector:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $values.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $values.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+    {{- include "flywheel.workerPod" (dict "root" $root "component" .component "command" .command "container" .component "torchrun" (list "--standalone")) | nindent 4 }}
 {{- include "flywheel.metricsService" . }}
+{{- end }}
+
+{{/*
+The pod of a worker process (trainer, gate). With `<component>.nprocPerNode` above 1 the process is
+started by torchrun, one rank per process; `torchrun` holds its launch flags (--standalone in one
+pod; none in a PyTorchJob, whose operator sets PET_* for torchrun). `labels`: false leaves out the
+selector labels (a PyTorchJob's other pods, which must not receive the metrics Service's traffic).
+Call with (dict "root" $ "component" NAME "command" SUBCOMMAND "container" NAME "torchrun" LIST ["labels" BOOL]).
+*/}}
+{{- define "flywheel.workerPod" -}}
+{{- $root := .root }}
+{{- $values := get $root.Values .component }}
+{{- $nproc := int ($values.nprocPerNode | default 1) }}
+metadata:
+  labels:
+    {{- if and (hasKey . "labels") (not .labels) }}
+    {{- include "flywheel.labels" (dict "root" $root "component" "") | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}-worker
+    {{- else }}
+    {{- include "flywheel.labels" . | nindent 4 }}
+    {{- end }}
+  annotations:
+    {{- include "flywheel.checksums" $root | nindent 4 }}
+    {{- with $values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- include "flywheel.podCommon" $root | nindent 2 }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "flywheel.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- if or (gt $nproc 1) (ne .container .component) }}
+      # One process per rank: rank 0 reads Kafka, checkpoints and serves /metrics; the others follow it.
+      command: [torchrun]
+      args: [{{ range .torchrun }}{{ . }}, {{ end }}--nproc_per_node, {{ $nproc | quote }}, --no-python, flywheel, {{ .command }}, --config, /etc/flywheel/config.toml]
+      {{- else }}
+      command: [flywheel]
+      args: [{{ .command }}, --config, /etc/flywheel/config.toml]
+      {{- end }}
+      workingDir: /tmp
+      ports:
+        - name: metrics
+          containerPort: {{ include "flywheel.metricsPort" . }}
+          protocol: TCP
+      env:
+        {{- include "flywheel.env" $root | nindent 8 }}
+        {{- with $values.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      resources:
+        {{- include "flywheel.resources" (dict "values" $values) | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        {{- include "flywheel.volumeMounts" (dict "root" $root "readOnly" false) | nindent 8 }}
+        {{- with $values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    {{- include "flywheel.volumes" $root | nindent 4 }}
+    {{- with $values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
 
 {{/* A server probe: gRPC health, or with TLS a TCP connect. Call with (dict "tls" BOOL "port" PORT "service" NAME). */}}
