@@ -31,6 +31,7 @@ from tests.test_trainer_loop import (
     toml_document,
     train_labels,
     unused_train_labels,
+    wait_for_new_checkpoint,
     without_nulls,
 )
 from trainer.checkpoint import JOIN_STORE_FILE, latest_checkpoint, load_state
@@ -94,7 +95,8 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
     follower = rank_pid(job, f"rank 1 of {RANKS} follows")
     publish_round(rounds[0])
     job.wait_for("PPO step")
-    killed_after = latest_name(checkpoint_dir)
+    # The pass that took the first step checkpoints after it: kill once that checkpoint is written.
+    killed_after = wait_for_new_checkpoint(checkpoint_dir, job, than=latest_name(checkpoint_dir))
     os.kill(follower, signal.SIGKILL)
     ended_with = job.process.wait(timeout=HANG_GUARD_S)
     job._reader.join()
