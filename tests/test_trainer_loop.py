@@ -14,6 +14,7 @@ end-of-turn token) and the way simulated users rate them (`judge_thumb`).
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -582,7 +583,8 @@ class TrainProcess:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
         self.process = subprocess.Popen(
             [*launcher, "-m", "cli", "train", "--config", str(config_file)],
-            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # torchrun and its ranks in a process group of their own, so a failed test can end them all.
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=ranks > 1,
         )  # fmt: skip
         self.lines: list[dict] = []
         self._arrived = threading.Condition()
@@ -630,6 +632,12 @@ class TrainProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self._reader.join()
+
+    def kill_group(self) -> None:
+        """SIGKILL torchrun and every rank it started (a test that failed midway leaves none behind)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> int:
         """SIGTERM, as an orchestrator stops it; returns the exit code."""

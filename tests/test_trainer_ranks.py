@@ -88,37 +88,44 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         published.extend(events)
 
     started = time.perf_counter()
+    jobs: list[TrainProcess] = []
+    try:
+        # 1. Two ranks train on the first round; rank 1 is SIGKILLed once PPO steps are under way,
+        # and torchrun ends the whole job.
+        job = TrainProcess(config_file, ranks=RANKS)
+        jobs.append(job)
+        follower = rank_pid(job, f"rank 1 of {RANKS} follows")
+        publish_round(rounds[0])
+        job.wait_for("PPO step")
+        # The pass that took the first step checkpoints after it: kill once that checkpoint is written.
+        killed_after = wait_for_new_checkpoint(checkpoint_dir, job, than=latest_name(checkpoint_dir))
+        os.kill(follower, signal.SIGKILL)
+        ended_with = job.process.wait(timeout=HANG_GUARD_S)
+        job._reader.join()
+        assert ended_with != 0, job.tail()
 
-    # 1. Two ranks train on the first round; rank 1 is SIGKILLed once PPO steps are under way,
-    # and torchrun ends the whole job.
-    job = TrainProcess(config_file, ranks=RANKS)
-    follower = rank_pid(job, f"rank 1 of {RANKS} follows")
-    publish_round(rounds[0])
-    job.wait_for("PPO step")
-    # The pass that took the first step checkpoints after it: kill once that checkpoint is written.
-    killed_after = wait_for_new_checkpoint(checkpoint_dir, job, than=latest_name(checkpoint_dir))
-    os.kill(follower, signal.SIGKILL)
-    ended_with = job.process.wait(timeout=HANG_GUARD_S)
-    job._reader.join()
-    assert ended_with != 0, job.tail()
+        # 2. The second round arrives while no job runs; the restarted job resumes from the last
+        # checkpoint, takes the third round too, and stops cleanly when rank 0 is asked to.
+        publish_round(rounds[1])
+        restored = latest_name(checkpoint_dir)
+        job = TrainProcess(config_file, ranks=RANKS)
+        jobs.append(job)
+        job.wait_for(f"training resumes from {restored}")
+        leader = rank_pid(job, f"rank 0 of {RANKS} leads")
+        publish_round(rounds[2])
+        published_ids = [event.event_id for event in published]
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not seen_event_ids(join_store_path) >= set(published_ids):
+            assert time.monotonic() < deadline, f"the job did not take every event:\n{job.tail()}"
+            time.sleep(0.2)
+        job.wait_for("PPO step", after=job.wait_for(f"training resumes from {restored}") + 1)
+        os.kill(leader, signal.SIGTERM)
+        assert job.process.wait(timeout=HANG_GUARD_S) == 0, job.tail()
+        job._reader.join()
 
-    # 2. The second round arrives while no job runs; the restarted job resumes from the last
-    # checkpoint, takes the third round too, and stops cleanly when rank 0 is asked to.
-    publish_round(rounds[1])
-    restored = latest_name(checkpoint_dir)
-    job = TrainProcess(config_file, ranks=RANKS)
-    job.wait_for(f"training resumes from {restored}")
-    leader = rank_pid(job, f"rank 0 of {RANKS} leads")
-    publish_round(rounds[2])
-    published_ids = [event.event_id for event in published]
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not seen_event_ids(join_store_path) >= set(published_ids):
-        assert time.monotonic() < deadline, f"the job did not take every event:\n{job.tail()}"
-        time.sleep(0.2)
-    job.wait_for("PPO step", after=job.wait_for(f"training resumes from {restored}") + 1)
-    os.kill(leader, signal.SIGTERM)
-    assert job.process.wait(timeout=HANG_GUARD_S) == 0, job.tail()
-    job._reader.join()
+    finally:
+        for job in jobs:
+            job.kill_group()
 
     # Both ranks stopped with the very same weights.
     stopped = {line["rank"]: line for line in job.logged("rank ") if line["message"].endswith(" stops")}
