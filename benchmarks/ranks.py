@@ -10,7 +10,8 @@ model from that directory, takes one warm-up PPO step and `--steps` timed ones o
 (its share of them), answers forced to `--new-tokens` tokens (end-of-sequence suppressed) so every
 setting samples the same number of tokens. Reported per setting: response tokens per second over
 all ranks (rollout + scoring + updates), peak resident memory of each rank (ru_maxrss: the process's
-peak, torch and transformers included), and the bytes of model state each rank holds (parameters
+peak, torch and transformers included; under FSDP it includes loading the whole models before sharding
+them), its resident memory after the steps, and the bytes of model state each rank holds (parameters
 and AdamW moments of the trained models, plus the frozen reference and reward model: shards under FSDP).
 
 On CPU the ranks share this machine's cores, so 2 ranks cannot be faster than 1 here; what the table
@@ -72,6 +73,11 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
 
 
+def resident_mib() -> float:
+    """This process's resident memory now, MiB (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: warm-up step, timed steps; its numbers to OUT/rank-<rank>.json."""
     ranks = init_ranks("cpu", args.parallelism)
@@ -116,6 +122,7 @@ def worker(args: argparse.Namespace) -> None:
         "seconds": seconds,
         "tokens": tokens,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_mib": resident_mib(),
         "model_state_mib": (local_bytes(trained) + local_bytes(moments) + local_bytes(frozen)) / 2**20,
         "wrapper": type(ppo.trainable).__name__,
     }
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{tokens_per_second:.0f}",
                 f"{tokens_per_second / baseline:.2f}×",
                 " / ".join(f"{r['peak_rss_mib']:.0f}" for r in reports),
+                " / ".join(f"{r['rss_after_mib']:.0f}" for r in reports),
                 " / ".join(f"{r['model_state_mib']:.0f}" for r in reports),
             ]
         )
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                 "tokens/s (all ranks)",
                 "vs 1 rank",
                 "peak RSS MiB per rank",
+                "RSS after MiB",
                 "model state MiB per rank",
             ],
             rows,
