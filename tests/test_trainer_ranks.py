@@ -53,7 +53,8 @@ def rank_pid(trainer: TrainProcess, message: str) -> int:
 
 
 @pytest.mark.timeout(900)  # two starts of two ranks, each importing torch and transformers
-def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_settings, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_settings, tmp_path, parallelism):
     state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
     checkpoint_dir, join_store_path = state_dir / "trainer" / "checkpoint", state_dir / "trainer" / "join_store.sqlite3"
     PolicyRegistry(registry_dir).seed(model_path)
@@ -64,7 +65,8 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         "engine": {"model": str(model_path)},
         # The killed job's consumer keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
-        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 30, "checkpoint_every_steps": 1, "torch_threads": 1},
+        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 30, "checkpoint_every_steps": 1, "torch_threads": 1,
+                    "parallelism": parallelism},
         "join_store": {"vote_settle_seconds": 0},
         "reward_model": {
             "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
@@ -127,11 +129,12 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         for job in jobs:
             job.kill_group()
 
-    # Both ranks stopped with the very same weights.
+    # Both ranks stopped when rank 0 did; whole copies (DDP) with the very same weights.
     stopped = {line["rank"]: line for line in job.logged("rank ") if line["message"].endswith(" stops")}
     assert sorted(stopped) == list(range(RANKS)), job.tail()
-    for model in ("policy", "critic", "reward_model"):
-        assert len({line[f"{model}_digest"] for line in stopped.values()}) == 1, model
+    if parallelism == "ddp":
+        for model in ("policy", "critic", "reward_model"):
+            assert len({line[f"{model}_digest"] for line in stopped.values()}) == 1, model
 
     checkpoint = latest_checkpoint(checkpoint_dir)
     state = load_state(checkpoint)
@@ -147,7 +150,7 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
     store.close()
     expected_train, _ = train_labels(published, tmp_path)
     print(
-        f"2 ranks, rank 1 killed after checkpoint {killed_after}, resumed from {restored}; final {checkpoint.name}: "
+        f"2 ranks ({parallelism}), rank 1 killed after checkpoint {killed_after}, resumed from {restored}; final {checkpoint.name}: "
         f"{state.model_dump()}; {len(published)} events; train labels {expected_train} = {thumbs_used} thumbs + "
         f"{pairs_used} pairs used + {waiting} waiting; {time.perf_counter() - started:.1f}s"
     )
