@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.distributed import SINGLE_PROCESS, Ranks
+from trainer.ranks import rank_seed
 
 WORKER = Path(__file__).with_name("distributed_ppo_worker.py")
 REPO_ROOT = WORKER.parent.parent
@@ -24,6 +25,14 @@ def test_one_process_is_the_identity():
     assert SINGLE_PROCESS.mean(2.5) == 2.5
     module = object()
     assert SINGLE_PROCESS.wrap(module) is module
+
+
+def test_every_step_rank_and_phase_draws_from_its_own_seed():
+    seeds = {rank_seed(step, rank, phase) for step in range(50) for rank in range(8) for phase in (0, 1)}
+    assert len(seeds) == 50 * 8 * 2
+    assert rank_seed(3, 1, 0) == rank_seed(3, 1, 0)  # a step taken again after a restart samples the same
+    assert SINGLE_PROCESS.broadcast({"prompts": [[1, 2]]}) == {"prompts": [[1, 2]]}
+    assert not SINGLE_PROCESS.sharded and SINGLE_PROCESS.leads
 
 
 def test_ranks_split_prompts_and_minibatches_evenly():

@@ -170,14 +170,14 @@ class Trainer:
                 vote_settle_seconds=config.join_store.vote_settle_seconds,
                 pair_bounds=PairBounds(config.join_store.max_pairs_per_answer, config.join_store.max_pairs_per_prompt),
             )
+        if ranks.distributed:
+            role = "leads" if ranks.leads else "follows"
             log.info(
-                "rank 0 of %d leads",
+                "rank %d of %d %s",
+                ranks.rank,
                 ranks.world_size,
-                extra={"rank": ranks.rank, "world_size": ranks.world_size, "pid": os.getpid()},
-            )
-        else:
-            log.info(
-                "rank %d of %d follows", ranks.rank, ranks.world_size, extra={"rank": ranks.rank, "pid": os.getpid()}
+                role,
+                extra={"rank": ranks.rank, "parallelism": ranks.parallelism, "pid": os.getpid()},
             )
         return cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks)
 
