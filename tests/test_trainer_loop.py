@@ -14,7 +14,6 @@ end-of-turn token) and the way simulated users rate them (`judge_thumb`).
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -583,8 +582,7 @@ class TrainProcess:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
         self.process = subprocess.Popen(
             [*launcher, "-m", "cli", "train", "--config", str(config_file)],
-            # torchrun and its ranks in a process group of their own, so a failed test can end them all.
-            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=ranks > 1,
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: list[dict] = []
         self._arrived = threading.Condition()
@@ -632,12 +630,6 @@ class TrainProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self._reader.join()
-
-    def kill_group(self) -> None:
-        """SIGKILL torchrun and every rank it started (a test that failed midway leaves none behind)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
     def stop(self) -> int:
         """SIGTERM, as an orchestrator stops it; returns the exit code."""

@@ -7,6 +7,7 @@ taken once and every label trained on once across the kill.
 """
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -52,6 +53,22 @@ def rank_pid(trainer: TrainProcess, message: str) -> int:
     return trainer.line(trainer.wait_for(message))["pid"]
 
 
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_until_gone(pid: int) -> None:
+    """torchrun starts each rank in a session of its own: wait for the rank itself, not just torchrun."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"rank process {pid} outlived its job"
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(900)  # two starts of two ranks, each importing torch and transformers
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_settings, tmp_path, parallelism):
@@ -91,12 +108,15 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
 
     started = time.perf_counter()
     jobs: list[TrainProcess] = []
+    rank_pids: list[int] = []
     try:
         # 1. Two ranks train on the first round; rank 1 is SIGKILLed once PPO steps are under way,
         # and torchrun ends the whole job.
         job = TrainProcess(config_file, ranks=RANKS)
         jobs.append(job)
         follower = rank_pid(job, f"rank 1 of {RANKS} follows")
+        first_leader = rank_pid(job, f"rank 0 of {RANKS} leads")
+        rank_pids += [follower, first_leader]
         publish_round(rounds[0])
         job.wait_for("PPO step")
         # The pass that took the first step checkpoints after it: kill once that checkpoint is written.
@@ -105,6 +125,7 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         ended_with = job.process.wait(timeout=HANG_GUARD_S)
         job._reader.join()
         assert ended_with != 0, job.tail()
+        wait_until_gone(first_leader)
 
         # 2. The second round arrives while no job runs; the restarted job resumes from the last
         # checkpoint, takes the third round too, and stops cleanly when rank 0 is asked to.
@@ -112,22 +133,28 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         restored = latest_name(checkpoint_dir)
         job = TrainProcess(config_file, ranks=RANKS)
         jobs.append(job)
-        job.wait_for(f"training resumes from {restored}")
+        resumed = job.wait_for("training resumes from")
+        assert job.line(resumed)["message"] == f"training resumes from {restored}", job.tail()
         leader = rank_pid(job, f"rank 0 of {RANKS} leads")
+        rank_pids.append(leader)
         publish_round(rounds[2])
         published_ids = [event.event_id for event in published]
         deadline = time.monotonic() + HANG_GUARD_S
         while not seen_event_ids(join_store_path) >= set(published_ids):
             assert time.monotonic() < deadline, f"the job did not take every event:\n{job.tail()}"
             time.sleep(0.2)
-        job.wait_for("PPO step", after=job.wait_for(f"training resumes from {restored}") + 1)
+        job.wait_for("PPO step", after=resumed + 1)
         os.kill(leader, signal.SIGTERM)
         assert job.process.wait(timeout=HANG_GUARD_S) == 0, job.tail()
         job._reader.join()
 
-    finally:
+    finally:  # a test that failed midway leaves no rank behind
+        for pid in rank_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for job in jobs:
-            job.kill_group()
+            if job.process.poll() is None:
+                job.kill()
 
     # Both ranks stopped when rank 0 did; whole copies (DDP) with the very same weights.
     stopped = {line["rank"]: line for line in job.logged("rank ") if line["message"].endswith(" stops")}
