@@ -44,6 +44,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", dest="server.host")
     parser.add_argument("--port", dest="server.port", type=int, help="gRPC port")
     parser.add_argument("--metrics-port", dest="server.metrics_port", type=int)
+    parser.add_argument(
+        "--http-port", dest="server.http_port", type=int, help="OpenAI-compatible HTTP port (off when unset)"
+    )
     parser.add_argument("--state-dir", dest="state_dir", type=Path)
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument(

@@ -68,15 +68,15 @@ def verify_feedback_token(secret: bytes, token: str, *, now: float | None = None
         payload_text, signature_text = token.split(".")
         payload, signature = _b64decode(payload_text), _b64decode(signature_text)
     except ValueError as error:
-        raise InvalidFeedbackToken("feedback_token is malformed") from error
+        raise InvalidFeedbackToken("feedback_token: is malformed") from error
     if not hmac.compare_digest(signature, _signature(secret, payload)):
-        raise InvalidFeedbackToken("feedback_token signature does not match")
+        raise InvalidFeedbackToken("feedback_token: signature does not match")
     try:
         claims = FeedbackClaims(**json.loads(payload))
         if not _well_typed(claims):
             raise TypeError("a claim has the wrong type")
     except (ValueError, TypeError) as error:
-        raise InvalidFeedbackToken("feedback_token is malformed") from error
+        raise InvalidFeedbackToken("feedback_token: is malformed") from error
     if (time.time() if now is None else now) > claims.expires_at:
-        raise InvalidFeedbackToken("feedback_token has expired")
+        raise InvalidFeedbackToken("feedback_token: has expired")
     return claims

@@ -16,3 +16,15 @@ def status_message(text: str) -> str:
     """An error message safe to send as a gRPC status: ASCII, short enough for any client's trailer."""
     text = text.encode("ascii", "backslashreplace").decode("ascii")
     return text if len(text) <= MAX_STATUS_MESSAGE_CHARS else text[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
+
+
+def field_of(message: str) -> str | None:
+    """The request field a status message names first ("sampling.top_p: must be ..."), or None when it names none.
+
+    Every refusal Flywheel sends about one field starts with the field's path and a colon; a
+    message about the call as a whole (capacity, auth) starts with words.
+    """
+    head, colon, _ = message.partition(": ")
+    if not colon or not head or " " in head:
+        return None
+    return head

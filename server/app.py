@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
+from aiohttp import web
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -28,6 +29,7 @@ from server.config import EngineSettings, ServerSettings
 from server.engine import PolicyEngine
 from server.interceptors import FlywheelInterceptor
 from server.metrics import PolicyCheckMetrics, ServingMetrics
+from server.openai_api import OpenAIDoor, ssl_context
 from server.policy import EventLog, LivePolicy
 from server.service import FlywheelService, random_token_secret
 from server.swap import NoServablePolicy, PolicyChecker, PolicySwapper, startup_policy
@@ -52,6 +54,9 @@ class FlywheelServer:
     policy: LivePolicy
     admission: AdmissionController
     server_id: str
+    http_runner: web.AppRunner | None = None
+    http_url: str | None = None
+    """Base URL of the OpenAI-compatible door (http://host:port/v1), when server.http_port is set."""
 
     @classmethod
     async def start(
@@ -117,6 +122,9 @@ class FlywheelServer:
             grpc_server,
         )
         await grpc_server.start()
+        http_runner, http_url = None, None
+        if settings.http_port is not None:
+            http_runner, http_url = await start_openai_door(settings, service, metrics, principals_by_digest)
 
         metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
         for service_name in ("", SERVICE_NAME):
@@ -132,19 +140,50 @@ class FlywheelServer:
             policy=policy,
             admission=admission,
             server_id=server_id,
+            http_runner=http_runner,
+            http_url=http_url,
         )
         log.info(
             "serving",
-            extra={"address": server.address, "metrics_url": server.metrics_url, "policy_version": policy_version},
+            extra={
+                "address": server.address,
+                "metrics_url": server.metrics_url,
+                "http_url": http_url,
+                "policy_version": policy_version,
+            },
         )
         return server
 
     async def stop(self, grace_seconds: float) -> None:
         """Turn health NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace_seconds)
+        stopping = [self.grpc_server.stop(grace_seconds)]
+        if self.http_runner is not None:
+            stopping.append(self.http_runner.cleanup())  # waits for answers in flight, up to the grace period
+        await asyncio.gather(*stopping)
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
+
+
+async def start_openai_door(
+    settings: ServerSettings, service: FlywheelService, metrics: ServingMetrics, principals_by_digest: dict[str, str]
+) -> tuple[web.AppRunner, str]:
+    """The OpenAI-compatible HTTP door on this event loop, over the same service; (its runner, its base URL)."""
+    door = OpenAIDoor(service, metrics, principals_by_digest)
+    runner = web.AppRunner(
+        door.application(settings.limits.max_request_bytes),
+        handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
+        shutdown_timeout=settings.grace_period_seconds,
+        access_log=None,
+    )
+    await runner.setup()
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = ssl_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    site = web.TCPSite(runner, settings.host, settings.http_port, ssl_context=tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"{'https' if tls else 'http'}://{settings.host}:{port}/v1"
 
 
 async def serve(

@@ -31,6 +31,11 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9400, description="Prometheus /metrics HTTP port; 0 picks a free one.")
+    http_port: int | None = Field(
+        None,
+        description="OpenAI-compatible HTTP port (/v1/chat/completions, /v1/models, /v1/feedback) beside gRPC, "
+        "with its keys, limits and TLS; unset means off, 0 picks a free one.",
+    )
     server_id: str = Field("", description="Name of this replica in logs and events; empty means host:port.")
     max_in_flight: int = Field(32, ge=1, description="Requests running in the engine at once.")
     max_queued: int = Field(64, ge=0, description="Requests waiting for an engine slot; beyond it RESOURCE_EXHAUSTED.")
