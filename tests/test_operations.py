@@ -706,3 +706,19 @@ def test_trainer_ranks_start_under_torchrun_in_one_pod_or_a_pytorchjob():
     selector = service["spec"]["selector"].items()
     assert selector <= master["template"]["metadata"]["labels"].items()
     assert not selector <= worker["template"]["metadata"]["labels"].items()
+
+
+def test_the_openai_door_is_a_named_port_on_the_servers_their_service_and_the_network_policy():
+    closed = render({})
+    assert "http" not in {p["name"] for p in container(find(closed, "Deployment", "fw-flywheel-server"))["ports"]}
+    values = LOCKED_DOWN | {"config": LOCKED_DOWN["config"] | {"server": {"http_port": 8000}}}
+    objects = render(values)
+    ports = {
+        p["name"]: p["containerPort"] for p in container(find(objects, "Deployment", "fw-flywheel-server"))["ports"]
+    }
+    assert ports["http"] == 8000
+    service_ports = {p["name"]: p for p in find(objects, "Service", "fw-flywheel-server")["spec"]["ports"]}
+    assert service_ports["http"]["port"] == 8000 and service_ports["http"]["targetPort"] == "http"
+    callers_rule = find(objects, "NetworkPolicy", "fw-flywheel")["spec"]["ingress"][0]
+    assert callers_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]
+    assert "http_port = 8000" in find(objects, "ConfigMap", "fw-flywheel-config")["data"]["config.toml"]
