@@ -509,6 +509,9 @@ class AnswerStream:
                         started = True
                         yield message.text_delta
                 return
+            except GeneratorExit:  # the caller stopped reading: stop the server generating
+                self.cancel()
+                raise
             except grpc.RpcError as error:
                 if started:  # text was given out: sending the request again would give a second answer
                     raise _raised(error) from None
@@ -630,6 +633,9 @@ class AsyncAnswerStream:
                         started = True
                         yield message.text_delta
                 return
+            except GeneratorExit:  # the caller stopped reading: stop the server generating
+                self.cancel()
+                raise
             except grpc.RpcError as error:
                 if started:
                     raise _raised(error) from None

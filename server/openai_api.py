@@ -12,6 +12,7 @@ streamed answer gives them in its last chunk, since headers go out before the an
 `POST /v1/feedback` takes them back with a thumb or a preference.
 """
 
+import asyncio
 import json
 import logging
 import ssl
@@ -329,6 +330,8 @@ def sse(event: dict[str, Any] | str) -> bytes:
 # --- the door ------------------------------------------------------------------------------------------------
 
 
+RPC = web.RequestKey("rpc", str)
+"""The servicer method a request is counted under, when it is not the route's (a streamed chat completion)."""
 STREAM_STATUS = web.RequestKey("stream_status", grpc.StatusCode)
 """The status a streamed answer ended with, after its HTTP status line went out as 200."""
 
@@ -366,7 +369,11 @@ class OpenAIDoor:
                 code = refused.code
                 http_status, body = error_body(refused.code, refused.message, params)
                 return web.json_response(body, status=refused.http_status or http_status)
-            except (ConnectionResetError, web.HTTPException):
+            except (ConnectionResetError, asyncio.CancelledError):  # the client left; its answer is aborted
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except web.HTTPException:  # aiohttp's own refusal: the middleware answers it in OpenAI's shape
+                code = grpc.StatusCode.INVALID_ARGUMENT
                 raise
             except Exception as unexpected:
                 code = grpc.StatusCode.INTERNAL
@@ -377,7 +384,7 @@ class OpenAIDoor:
                 return web.json_response(body, status=http_status)
             finally:
                 code = request.get(STREAM_STATUS, code)
-                self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
+                self._metrics.requests.labels(rpc=request.get(RPC, rpc), code=code.name).inc()
 
         return call
 
@@ -387,6 +394,7 @@ class OpenAIDoor:
         if not body.stream:
             answer = await self._service.Generate(generate, HttpCallContext())
             return web.json_response(chat_completion(answer), headers=flywheel_headers(answer))
+        request[RPC] = "GenerateStream"
         return await self._stream(request, generate, body.stream_options and body.stream_options.include_usage)
 
     async def _stream(
@@ -398,9 +406,9 @@ class OpenAIDoor:
         first = await anext(events)  # refusals (validation, capacity) raise here, before any byte is sent
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        await response.write(sse(chunk(completion_id, created, {"role": "assistant", "content": ""})))
         try:
+            await response.prepare(request)
+            await response.write(sse(chunk(completion_id, created, {"role": "assistant", "content": ""})))
             async for event in _chained(first, events):
                 if event.HasField("text_delta"):
                     await response.write(sse(chunk(completion_id, created, {"content": event.text_delta})))
@@ -417,7 +425,7 @@ class OpenAIDoor:
             request[STREAM_STATUS] = refused.code
             _, body = error_body(refused.code, refused.message, CHAT_PARAMS)
             await response.write(sse(body))
-        except (ConnectionResetError, OSError):
+        except (ConnectionResetError, asyncio.CancelledError):
             request[STREAM_STATUS] = grpc.StatusCode.CANCELLED
             raise
         except Exception as unexpected:

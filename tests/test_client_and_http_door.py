@@ -236,6 +236,17 @@ def test_the_client_retries_until_a_server_at_capacity_has_room(engine_loop, eng
             asking.join(HANG_GUARD_S)
             assert answers and answers[0].completion_tokens == 2
             client.close()
+        with sdk(server) as http:  # a streaming client that leaves frees its slot: the door aborts the answer
+            stream = http.chat.completions.create(
+                model="flywheel", messages=QUESTION, max_tokens=200, extra_body={"min_tokens": 200}, stream=True
+            )
+            next(iter(stream))
+            stream.close()
+            deadline = time.monotonic() + HANG_GUARD_S
+            while not requests_counted(server, "GenerateStream", "CANCELLED"):
+                assert time.monotonic() < deadline, "the door never noticed the client leave"
+                time.sleep(0.01)
+            assert server.admission.in_flight == 0
         with sdk(server) as http, pytest.raises(openai.InternalServerError) as unavailable:  # it logs no events
             http.post("/feedback", cast_to=object, body={"response_id": "r", "feedback_token": "t", "rating": "up"})
         assert unavailable.value.status_code == 503 and unavailable.value.type == "service_unavailable"
