@@ -34,27 +34,19 @@ import uvloop
 from grpc import aio
 
 from benchmarks.common import REPO_ROOT, invocation
-from benchmarks.serving import (
+from benchmarks.serving.__main__ import default_model
+from benchmarks.serving.report import machine_facts, markdown_table, model_facts, rich_table
+from benchmarks.serving.stats import LevelSummary, paired_ratios
+from benchmarks.serving.systems import grpc_serving, http_ok, openai_server_command, server_process, wait_until
+from benchmarks.serving.workload import (
     PROMPT,
-    LevelSummary,
     Run,
     Served,
     Workload,
     console,
-    default_model,
-    grpc_serving,
-    http_ok,
-    machine_facts,
-    markdown_table,
     measure,
-    model_facts,
-    openai_server_command,
-    paired_ratios,
-    rich_table,
     run_level,
-    server_process,
     subprocess_system,
-    wait_until,
 )
 from feedback.broker import free_port
 from flywheel.v1 import serving_pb2, serving_pb2_grpc

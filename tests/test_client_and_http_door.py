@@ -44,8 +44,8 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import RequestLimits
+from tests.kafka_fixtures import HANG_GUARD_S
 from tests.test_abuse import consume_until
-from tests.test_feedback_rpc import HANG_GUARD_S
 from tests.test_layering import REPO_ROOT
 from trainer.join_store import JoinStore
 
