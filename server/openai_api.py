@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -406,20 +406,25 @@ class OpenAIDoor:
         first = await anext(events)  # refusals (validation, capacity) raise here, before any byte is sent
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+        async def send(event: serving_pb2.GenerateStreamResponse) -> None:
+            if event.HasField("text_delta"):
+                await response.write(sse(chunk(completion_id, created, {"content": event.text_delta})))
+                return
+            answer = event.summary
+            finish_reason = FINISH_REASONS.get(answer.finish_reason)
+            await response.write(sse(chunk(completion_id, created, {}, finish_reason, **flywheel_fields(answer))))
+            if include_usage:
+                last = chunk(completion_id, created, {}, usage=usage(answer), **flywheel_fields(answer))
+                last["choices"] = []
+                await response.write(sse(last))
+
         try:
             await response.prepare(request)
             await response.write(sse(chunk(completion_id, created, {"role": "assistant", "content": ""})))
-            async for event in _chained(first, events):
-                if event.HasField("text_delta"):
-                    await response.write(sse(chunk(completion_id, created, {"content": event.text_delta})))
-                    continue
-                answer = event.summary
-                finish_reason = FINISH_REASONS.get(answer.finish_reason)
-                await response.write(sse(chunk(completion_id, created, {}, finish_reason, **flywheel_fields(answer))))
-                if include_usage:
-                    last = chunk(completion_id, created, {}, usage=usage(answer), **flywheel_fields(answer))
-                    last["choices"] = []
-                    await response.write(sse(last))
+            await send(first)
+            async for event in events:
+                await send(event)
             await response.write(sse("[DONE]"))
         except CallRefused as refused:
             request[STREAM_STATUS] = refused.code
@@ -490,12 +495,6 @@ async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:
         return model.model_validate_json(raw)
     except ValidationError as error:
         raise validation_refusal(error) from None
-
-
-async def _chained(first, rest: AsyncIterator) -> AsyncIterator:
-    yield first
-    async for item in rest:
-        yield item
 
 
 def ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> ssl.SSLContext:

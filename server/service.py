@@ -1,6 +1,7 @@
 """The Flywheel gRPC service: validate, translate, delegate to the engine."""
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -135,11 +136,14 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
         return summary
 
     async def GenerateStream(self, request, context):
-        async for event in self._generate(request, context, rpc="GenerateStream", whole=False):
-            if isinstance(event, serving_pb2.GenerateResponse):
-                yield serving_pb2.GenerateStreamResponse(summary=event)
-            elif event:
-                yield serving_pb2.GenerateStreamResponse(text_delta=event)
+        # Closing this stream (the HTTP door does, when its client leaves) closes the answer with it, at once:
+        # its engine request is aborted and its admission slot freed before aclose() returns.
+        async with contextlib.aclosing(self._generate(request, context, rpc="GenerateStream", whole=False)) as events:
+            async for event in events:
+                if isinstance(event, serving_pb2.GenerateResponse):
+                    yield serving_pb2.GenerateStreamResponse(summary=event)
+                elif event:
+                    yield serving_pb2.GenerateStreamResponse(text_delta=event)
 
     async def GetPolicy(self, request, context):
         live = self._policy.current
