@@ -9,6 +9,7 @@ one that is not up yet, one at capacity.
 import asyncio
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 
 from feedback.broker import free_port
@@ -47,6 +49,7 @@ from server.validation import RequestLimits
 from tests.kafka_fixtures import HANG_GUARD_S
 from tests.test_abuse import consume_until
 from tests.test_layering import REPO_ROOT
+from tests.test_server_tls import Authority, write_server_files
 from trainer.join_store import JoinStore
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
@@ -443,3 +446,46 @@ def test_the_chat_loop_example_streams_and_takes_thumbs(doors):
         stdin="What is 1+1?\n+\nAnd 2+2?\n-\n/quit\n",
     )  # fmt: skip
     assert output.count("feedback") == 2 and "policy v0" in output, output
+
+
+# --- TLS on both doors ---------------------------------------------------------------------------------------
+
+
+def test_both_doors_speak_mutual_tls_with_the_grpc_ports_certificates(engine_loop, engine, tmp_path):
+    authority = Authority("flywheel-test-ca")
+    cert_file, key_file = write_server_files(tmp_path, authority)
+    (tmp_path / "clients.crt").write_bytes(authority.cert_pem)
+    client_cert = authority.issue("an-app", ExtendedKeyUsageOID.CLIENT_AUTH)
+    settings = ServerSettings(
+        port=0, metrics_port=0, http_port=0, log_generations=False,
+        tls_cert_file=cert_file, tls_key_file=key_file, tls_client_ca_file=tmp_path / "clients.crt",
+    )  # fmt: skip
+    server = engine_loop.run(FlywheelServer.start(settings, engine, policy_digest="test"))
+    try:
+        with Flywheel(
+            server.address,
+            root_certificates=authority.cert_pem,
+            certificate_chain=client_cert.cert_pem,
+            private_key=client_cert.key_pem,
+            user_id="tls",
+        ) as client:
+            assert client.generate("hi", max_tokens=2).completion_tokens == 2
+        anonymous = Flywheel(server.address, root_certificates=authority.cert_pem, retry=RetryPolicy(attempts=1))
+        with anonymous, pytest.raises(Unavailable):  # no client certificate: the handshake fails
+            anonymous.generate("hi", max_tokens=2)
+
+        assert server.http_url.startswith("https://")
+        (tmp_path / "app.crt").write_bytes(client_cert.cert_pem)
+        (tmp_path / "app.key").write_bytes(client_cert.key_pem)
+        trusted = ssl.create_default_context(cadata=authority.cert_pem.decode())
+        trusted.load_cert_chain(tmp_path / "app.crt", tmp_path / "app.key")
+        with openai.OpenAI(
+            base_url=server.http_url, api_key="none", max_retries=0, http_client=httpx.Client(verify=trusted)
+        ) as https:
+            completion = https.chat.completions.create(model="flywheel", messages=QUESTION, max_tokens=2)
+        assert completion.usage.completion_tokens == 2
+        untrusted_client = ssl.create_default_context(cadata=authority.cert_pem.decode())
+        with pytest.raises(httpx.HTTPError):  # no client certificate
+            httpx.get(server.http_url + "/models", verify=untrusted_client)
+    finally:
+        engine_loop.run(server.stop(0))
