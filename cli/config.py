@@ -63,6 +63,8 @@ MODEL_DIR_MAY_SET = {
         "min_labels_before_ppo",
         "checkpoint_every_steps",
         "restart_after_rejections",
+        "precheck_candidates",
+        "restart_after_withheld",
         "seed",
         "torch_threads",
     ),
@@ -183,7 +185,8 @@ class ServeConfig(ProcessConfig):
 
 
 class TrainConfig(ProcessConfig, TrainerConfig):
-    """`flywheel train`: the trainer's own sections (trainer.config.TrainerConfig)."""
+    """`flywheel train`: the trainer's own sections (trainer.config.TrainerConfig), and of the `gate` section the
+    checks it runs before proposing a candidate (the same thresholds, golden file and eval set as the gate's)."""
 
 
 class GateConfig(ProcessConfig):

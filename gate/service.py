@@ -18,17 +18,14 @@ version and checked against its manifest like the weights: the gate reads nothin
 """
 
 import asyncio
-import json
 import logging
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
@@ -36,103 +33,21 @@ from feedback.identity import DEFAULT_PRINCIPAL, capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
-from flywheel.prompts import PromptRenderer
 from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, VerdictCheck, Withheld
 from flywheel.v1 import events_pb2, serving_pb2
-from gate.checks import EvalAnswer, GateVerdict, decide, evaluate_policy, golden_accuracy
 from gate.config import GateSettings
 from gate.rollback import sprt_decision
 from trainer.config import RewardModelSettings
-from trainer.join_store import is_heldout_prompt
-from trainer.ppo import PolicyWithValue, Rollout, TokenBatch, TransformersSampler, end_of_sequence_ids
-from trainer.ppo_math import kl_per_answer, logprobs_from_logits
+from trainer.gate_checks import GateVerdict
+from trainer.policy_eval import EvalPrompt, HeldoutPrompts, PolicyEvaluator, load_golden
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
 
 log = logging.getLogger(__name__)
 
-KL_SAMPLING_SEED = 0
 AUTOMATIC_ROLLBACK = "automatic-"
 """Prefix of the event id of a rollback the gate made itself; an operator's has none."""
 DIGEST_CHECK = "digest"
 """The check a candidate whose files (weights or reward model) do not match its manifest fails."""
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """One prompt of the gate's eval set, as token ids for the policies and text for reports."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    expected: str | None = None
-    must_not_contain: tuple[str, ...] = ()
-    principal: str = DEFAULT_PRINCIPAL
-    """Whose traffic the prompt came from (golden prompts: the operator's)."""
-
-    @property
-    def is_golden(self) -> bool:
-        return self.expected is not None or bool(self.must_not_contain)
-
-
-def load_golden(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[EvalPrompt]:
-    """Golden prompts from a JSON-lines file: {"prompt", "expected"} and/or {"prompt", "must_not_contain": [...]}.
-
-    Each prompt is asked as one user chat message. Raises ValueError naming the line of a bad entry.
-    """
-    renderer = PromptRenderer(tokenizer)
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            prompt, expected, banned = entry["prompt"], entry.get("expected"), tuple(entry.get("must_not_contain", ()))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected a JSON object with 'prompt' ({error})") from error
-        if expected is None and not banned:
-            raise ValueError(f"{path}:{number}: give 'expected' or 'must_not_contain'")
-        rendered = renderer.user_message(prompt)
-        prompts.append(EvalPrompt(tuple(rendered.token_ids), prompt, expected, banned))
-    return prompts
-
-
-class HeldoutPrompts:
-    """The most recent distinct held-out prompts seen in logged traffic, no principal holding more than its share.
-
-    Each principal's own most recent prompts are kept apart, so one flooding its own cannot push
-    another's out; `current` picks the newest within each principal's share.
-    """
-
-    def __init__(self, capacity: int, heldout_fraction: float, max_principal_share: float = 1.0):
-        self._capacity = capacity
-        self._heldout_fraction = heldout_fraction
-        self._max_principal_share = max_principal_share
-        self._by_principal: dict[str, deque[tuple[int, EvalPrompt]]] = {}
-        self._offered = 0
-
-    def offer(self, event: events_pb2.GenerationLogged) -> None:
-        if not event.prompt_token_ids or not is_heldout_prompt(event.rendered_prompt, self._heldout_fraction):
-            return
-        principal = event.principal or DEFAULT_PRINCIPAL
-        prompts = self._by_principal.setdefault(principal, deque(maxlen=self._capacity))
-        if any(prompt.text == event.rendered_prompt for _, prompt in prompts):
-            return
-        self._offered += 1
-        prompts.append(
-            (self._offered, EvalPrompt(tuple(event.prompt_token_ids), event.rendered_prompt, principal=principal))
-        )
-
-    def current(self) -> list[EvalPrompt]:
-        newest_first = sorted((entry for prompts in self._by_principal.values() for entry in prompts), reverse=True)
-        chosen = capped_per_principal(
-            [prompt for _, prompt in newest_first],
-            lambda prompt: prompt.principal,
-            self._max_principal_share,
-            self._capacity,
-        )
-        distinct: dict[str, EvalPrompt] = {}
-        for prompt in reversed(chosen):
-            distinct.setdefault(prompt.text, prompt)
-        return list(distinct.values())
 
 
 class ThumbsByVersion:
@@ -164,74 +79,6 @@ class ThumbsByVersion:
         )
         counted = capped_per_principal(votes, lambda vote: vote[1], self._max_principal_share)
         return sum(down for _, _, down in counted), len(counted)
-
-
-class GateEvaluator:
-    """Answers the eval set with two policies and judges the candidate (transformers, on CPU or GPU)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, reward_model: RewardModelTrainer, settings: GateSettings):
-        self.tokenizer = tokenizer
-        self.reward_model = reward_model
-        self.settings = settings
-
-    def answers(self, model: PreTrainedModel, prompts: Sequence[EvalPrompt]) -> list[EvalAnswer]:
-        """Greedy answers to every prompt."""
-        eos = end_of_sequence_ids(model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
-        sampler = TransformersSampler(model, self.tokenizer.pad_token_id, eos)
-        responses = sampler([list(p.token_ids) for p in prompts], self.settings.max_new_tokens, 0.0)
-        return [
-            EvalAnswer(
-                prompt=prompt.text,
-                text=self.tokenizer.decode(response, skip_special_tokens=True),
-                token_ids=tuple(token for token in response if token not in eos),
-                finished=bool(response) and response[-1] in eos,
-                expected=prompt.expected,
-                must_not_contain=prompt.must_not_contain,
-            )
-            for prompt, response in zip(prompts, responses)
-        ]
-
-    def scores(self, prompts: Sequence[EvalPrompt], answers: Sequence[EvalAnswer]) -> list[float]:
-        sequences = [list(p.token_ids) + list(a.token_ids) for p, a in zip(prompts, answers)]
-        return self.reward_model.score(sequences).tolist()
-
-    @torch.no_grad()
-    def kl_to_reference(
-        self, candidate: PreTrainedModel, reference: PreTrainedModel, prompts: Sequence[EvalPrompt]
-    ) -> float:
-        """KL(candidate ‖ reference) in nats per answer: Σ log-ratio over answers the candidate samples at temperature 1."""
-        eos = end_of_sequence_ids(candidate.generation_config.eos_token_id, self.tokenizer.eos_token_id)
-        torch.manual_seed(KL_SAMPLING_SEED)
-        repeated = [list(p.token_ids) for p in prompts for _ in range(self.settings.kl_samples_per_prompt)]
-        responses = TransformersSampler(candidate, self.tokenizer.pad_token_id, eos)(
-            repeated, self.settings.max_new_tokens, 1.0
-        )
-        rollout = Rollout(repeated, responses, [r[-1] in eos for r in responses], 0.0)
-        batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
-        logprobs, ref_logprobs = (
-            logprobs_from_logits(PolicyWithValue.response_logits(model, batch), batch.response_ids, 1.0)
-            for model in (candidate, reference)
-        )
-        return kl_per_answer(logprobs, ref_logprobs, batch.response_mask).mean().item()
-
-    def judge(
-        self, candidate_path: Path, live_path: Path, reference_path: Path, prompts: Sequence[EvalPrompt]
-    ) -> GateVerdict:
-        candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)
-        live = load_without_dropout(AutoModelForCausalLM, live_path)
-        evaluations = []
-        for model in (candidate, live):
-            answers = self.answers(model, prompts)
-            evaluations.append(
-                evaluate_policy(answers, self.scores(prompts, answers), self.settings.safety, self.settings.thresholds)
-            )
-        if reference_path == live_path:
-            reference, reference_golden_accuracy = live, evaluations[1].golden_accuracy
-        else:
-            reference = load_without_dropout(AutoModelForCausalLM, reference_path)
-            reference_golden_accuracy = golden_accuracy(self.answers(reference, [p for p in prompts if p.is_golden]))
-        kl = self.kl_to_reference(candidate, reference, [p for p in prompts if not p.is_golden] or prompts)
-        return decide(evaluations[0], evaluations[1], self.settings.thresholds, kl, reference_golden_accuracy)
 
 
 class GateMetrics:
@@ -366,9 +213,10 @@ class Gate:
         reward_model = RewardModelTrainer(
             RewardModel.from_pretrained(reward_model_path), self.reward_model_settings, tokenizer.pad_token_id
         )
-        return GateEvaluator(tokenizer, reward_model, self.settings).judge(
-            candidate_path, live_path, reference_path, prompts
-        )
+        candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)
+        live = load_without_dropout(AutoModelForCausalLM, live_path)
+        reference = None if reference_path == live_path else load_without_dropout(AutoModelForCausalLM, reference_path)
+        return PolicyEvaluator(tokenizer, reward_model, self.settings).judge(candidate, live, reference, prompts)
 
     def _judge(self, version: int) -> events_pb2.PolicyEvent:
         """Judge a claimed candidate against the live version and approve it if live has not moved since."""

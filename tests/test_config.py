@@ -27,8 +27,10 @@ from cli.config import (
     load_config,
     settings_a_model_may_not_set,
 )
+from gate.config import GateSettings
 from server.config import ServerSettings
 from server.tls import CertificateFiles
+from trainer.config import CandidateCheckSettings
 
 
 def test_flags_beat_environment_beat_config_file_beat_model_settings_beat_defaults(tmp_path: Path, monkeypatch):
@@ -305,4 +307,7 @@ def test_every_process_section_is_a_section_of_the_one_file():
     gate = config.for_process(GateConfig)
     assert gate.gate is config.gate and gate.model_dir == config.state_dir / "demo-model"
     train = config.for_process(TrainConfig)
-    assert train.ppo is config.ppo and "gate" not in TrainConfig.model_fields and "ppo" not in GateConfig.model_fields
+    assert train.ppo is config.ppo and "ppo" not in GateConfig.model_fields
+    # the trainer runs the gate's checks before proposing: the same section, of which it prints only the checks
+    assert train.gate is config.gate
+    assert set(train.model_dump()["gate"]) == set(CandidateCheckSettings.model_fields) < set(GateSettings.model_fields)

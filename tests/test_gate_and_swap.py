@@ -22,7 +22,7 @@ from flywheel.prompts import RenderedPrompt
 from flywheel.registry import PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from gate.checks import SafetyRules
+from trainer.gate_checks import SafetyRules
 from gate.config import GateSettings
 from gate.service import Gate, GateMetrics
 from server.app import FlywheelServer

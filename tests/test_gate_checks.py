@@ -1,11 +1,11 @@
-"""Tests of gate/checks.py, pinned to numbers worked out by hand in the comments."""
+"""Tests of trainer/gate_checks.py (the rules of the gate and of the trainer's pre-check), numbers worked by hand."""
 
 import dataclasses
 import math
 
 import pytest
 
-from gate.checks import (
+from trainer.gate_checks import (
     DegenerationRates,
     EvalAnswer,
     GateThresholds,

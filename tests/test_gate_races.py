@@ -15,7 +15,7 @@ from flywheel.registry import PolicyRegistry, Withheld
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
 from gate import service as gate_module
-from gate.checks import GateCheck, GateVerdict
+from trainer.gate_checks import GateCheck, GateVerdict
 from gate.config import GateSettings
 from gate.service import DIGEST_CHECK, Gate, GateMetrics, publish_rollback
 from tests.test_registry import make_model_dir

@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from feedback.config import KafkaSettings, SpoolSettings
+from flywheel.demo.task import GOLDEN_FILE
+from trainer.gate_checks import GateThresholds, SafetyRules
 
 
 class RewardModelSettings(BaseModel):
@@ -115,6 +117,38 @@ class JoinStoreSettings(BaseModel):
     max_pairs_per_prompt: int = Field(16, ge=1, description="Preference pairs one prompt yields, ever.")
 
 
+class CandidateCheckSettings(BaseModel):
+    """What a candidate is checked on and held to: the gate's checks, which the trainer also runs before proposing.
+
+    Part of the `gate` section (gate.config.GateSettings adds the gate's own settings), so both read one file.
+    """
+
+    thresholds: GateThresholds = Field(default_factory=GateThresholds)
+    safety: SafetyRules = Field(default_factory=SafetyRules)
+    golden_file: str = Field(
+        "demo",
+        description="JSON lines of {prompt, expected} and {prompt, must_not_contain}: a path, 'demo' for the demo "
+        "task's built-in file, or '' for none.",
+    )
+    heldout_prompts: int = Field(32, ge=0, description="Recent held-out prompts from logged traffic in the eval set.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest answer generated during evaluation, in tokens.")
+    kl_samples_per_prompt: int = Field(
+        2, ge=1, description="Sampled answers per prompt for the KL-to-reference estimate."
+    )
+    max_principal_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Most of the rollback's votes on a version, and of the held-out prompts, one principal may supply; "
+        "an equal share when fewer than 1/this principals take part.",
+    )
+
+    def golden_path(self) -> Path | None:
+        if not self.golden_file:
+            return None
+        return GOLDEN_FILE if self.golden_file == "demo" else Path(self.golden_file)
+
+
 class TrainerSettings(BaseModel):
     """The long-running `flywheel train` process."""
 
@@ -142,6 +176,17 @@ class TrainerSettings(BaseModel):
         description="After this many candidates in a row rejected by the gate, the trainer's policy restarts from the "
         "live policy (fresh optimizer moments); 0, the default, never restarts.",
     )
+    precheck_candidates: bool = Field(
+        True,
+        description="Propose a candidate only when the gate's checks (gate.thresholds, on golden and held-out "
+        "prompts) pass on the trainer's own evaluation against live; off, every candidate_every_steps-th policy goes.",
+    )
+    restart_after_withheld: int = Field(
+        3,
+        ge=0,
+        description="After this many candidates in a row withheld by the pre-check, the trainer's policy restarts from "
+        "the live policy (fresh optimizer moments); 0 never restarts.",
+    )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
@@ -161,6 +206,8 @@ class TrainerConfig(BaseModel):
     reward_model: RewardModelSettings
     ppo: PPOSettings
     join_store: JoinStoreSettings
+    gate: CandidateCheckSettings = Field(default_factory=CandidateCheckSettings)
+    """The gate's checks, run before proposing (trainer.precheck_candidates)."""
     kafka: KafkaSettings
     spool: SpoolSettings
     registry_dir: Path
