@@ -22,7 +22,6 @@ from flywheel.prompts import RenderedPrompt
 from flywheel.registry import PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2, serving_pb2_grpc
 from flywheel.v1 import serving_pb2 as pb
-from trainer.gate_checks import SafetyRules
 from gate.config import GateSettings
 from gate.service import Gate, GateMetrics
 from server.app import FlywheelServer
@@ -34,6 +33,7 @@ from server.validation import Sampling
 from tests import policy_variants
 from tests.engine_fixtures import start_engine
 from trainer.config import RewardModelSettings
+from trainer.gate_checks import SafetyRules
 from trainer.reward_model import RewardModel
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module

@@ -15,11 +15,11 @@ from flywheel.registry import PolicyRegistry, Withheld
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
 from gate import service as gate_module
-from trainer.gate_checks import GateCheck, GateVerdict
 from gate.config import GateSettings
 from gate.service import DIGEST_CHECK, Gate, GateMetrics, publish_rollback
 from tests.test_registry import make_model_dir
 from trainer.config import RewardModelSettings
+from trainer.gate_checks import GateCheck, GateVerdict
 
 PASSED = GateVerdict(approved=True, checks=[GateCheck("reward_score", 0.1, -0.25, True, "candidate − live ≥ −0.25")])
 
