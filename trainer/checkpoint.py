@@ -53,6 +53,11 @@ class TrainerState(BaseModel):
     """The policy last restarted from the live one when this was the registry's newest version:
     only the gate's verdicts on later candidates count toward the next restart."""
     kl_coef: float | None = None
+    following_live_version: int | None = None
+    """The live version the policy is trained on from: the one it (re)started from, or its own candidate
+    the gate approved. Live moving anywhere else (a rollback, an operator) restarts the policy from it."""
+    withheld_in_a_row: int = 0
+    """Candidates the pre-check withheld since the last one it let through or the last restart."""
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -5,7 +5,10 @@ One pass of the loop:
    an event the store refuses (a required field empty) goes to the dead-letter topic instead;
 2. once enough new labels stand, update the reward model on them (and mark them used);
 3. once the reward model has learnt enough and new traffic arrived, take a PPO step on prompts
-   from the logged traffic; every `candidate_every_steps` steps propose the policy to the gate;
+   from the logged traffic; every `candidate_every_steps` steps run the gate's checks on the policy
+   (trainer/precheck.py) and propose it to the gate only when they pass. The policy follows live:
+   when live moves elsewhere than to the trainer's own candidate (a rollback, an operator), or after
+   candidates rejected or withheld in a row, it restarts from live;
 4. after every `checkpoint_every_steps` updates, write one atomic checkpoint, then commit the
    Kafka offsets of everything read so far.
 
@@ -38,7 +41,7 @@ from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
-from flywheel.registry import REWARD_MODEL_DIR, PolicyRegistry, PolicyVerdict
+from flywheel.registry import REWARD_MODEL_DIR, LiveRecord, PolicyRegistry, PolicyVerdict
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
     VALUE_HEAD_FILE,
@@ -55,6 +58,7 @@ from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.join_store import JoinStore, LabelledExample, PairBounds, PreferencePair
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
+from trainer.precheck import CandidatePrecheck, PrecheckResult
 from trainer.progress import live_display, progress_table
 from trainer.ranks import (
     Idle,
@@ -88,6 +92,7 @@ class Trainer:
         registry: PolicyRegistry,
         metrics: TrainerMetrics,
         ranks: Ranks = SINGLE_PROCESS,
+        precheck: CandidatePrecheck | None = None,
     ):
         self.ranks = ranks
         self.config = config
@@ -97,6 +102,9 @@ class Trainer:
         self.join_store = join_store
         self.registry = registry
         self.metrics = metrics
+        self.precheck = precheck
+        """Runs the gate's checks before each candidate; None proposes every one (trainer.precheck_candidates off)."""
+        self.last_precheck: PrecheckResult | None = None
         self.last_step: PPOStepStats | None = None
         self.last_reward_model_eval: dict[str, float] = {}
         self.events_consumed = 0
@@ -124,7 +132,11 @@ class Trainer:
             torch.manual_seed(config.trainer.seed)
         if checkpoint is None:
             policy_path = registry.path(live_version)
-            state = TrainerState(reference_path=str(policy_path), reference_version=live_version)
+            state = TrainerState(
+                reference_path=str(policy_path),
+                reference_version=live_version,
+                following_live_version=live_version,
+            )
             tokenizer = AutoTokenizer.from_pretrained(policy_path)
             reward_model = RewardModelTrainer(
                 RewardModel.from_pretrained(config.reward_model.model_path or policy_path),
@@ -179,7 +191,13 @@ class Trainer:
                 role,
                 extra={"rank": ranks.rank, "parallelism": ranks.parallelism, "pid": os.getpid()},
             )
-        return cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks)
+        # The pre-check evaluates whole weights on rank 0 alone: under FSDP no rank holds them.
+        precheck = (
+            CandidatePrecheck(config.gate, config.reward_model.heldout_fraction, tokenizer)
+            if config.trainer.precheck_candidates and ranks.leads and not ranks.sharded
+            else None
+        )
+        return cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks, precheck)
 
     # ------------------------------------------------------------ what every rank runs
 
@@ -277,6 +295,8 @@ class Trainer:
             try:
                 if isinstance(event, events_pb2.GenerationLogged):
                     self.join_store.add_generation(event)
+                    if self.precheck is not None:
+                        self.precheck.offer(event)
                 elif isinstance(event, events_pb2.FeedbackGiven):
                     self.join_store.add_feedback(event)
             except ValueError as refusal:  # the store checks the fields it joins on before it writes
@@ -348,24 +368,58 @@ class Trainer:
         log.info("PPO step %d", self.state.ppo_steps, extra=asdict(stats))
         return stats
 
-    def restart_due(self) -> bool:
-        """Whether the gate rejected the last `restart_after_rejections` candidates judged since the last restart.
+    def restart_due(self) -> str | None:
+        """Why the policy should restart from live now, or None: the gate rejected the last
+        `restart_after_rejections` candidates judged since the last restart, or the pre-check withheld
+        the last `restart_after_withheld` candidates in a row.
 
         A trainer whose candidates keep failing has drifted from what is served; training on from
         there would only drift further.
         """
+        withheld_needed = self.config.trainer.restart_after_withheld
+        if withheld_needed and self.state.withheld_in_a_row >= withheld_needed:
+            return f"{self.state.withheld_in_a_row} candidates in a row withheld by the pre-check"
         needed = self.config.trainer.restart_after_rejections
         if needed == 0:
-            return False
+            return None
         verdicts = [
             self.registry.verdict(version)
             for version in self.registry.versions()
             if version > self.state.restarted_after_version
             and self.registry.manifest(version).parent_version is not None
         ]
-        return rejections_in_a_row(verdicts) >= needed
+        rejected = rejections_in_a_row(verdicts)
+        return f"{rejected} candidates in a row rejected by the gate" if rejected >= needed else None
 
-    def restart_from_live(self) -> int:
+    def live_moved_elsewhere(self) -> LiveRecord | None:
+        """Live, when it moved to a version outside the policy's own lineage since the policy last followed it.
+
+        The policy's own lineage is what it trained on from: the version it (re)started from, and its
+        candidates proposed since then that the gate approved. Live moving to one of those is followed
+        silently (the policy trained on past it); moving anywhere else (a rollback, an operator's move)
+        is returned, and the policy should restart from it.
+        """
+        live = self.registry.live()
+        if live is None or live.version == self.state.following_live_version:
+            return None
+        if self.state.following_live_version is None or (
+            live.kind == "approved" and live.version > self.state.restarted_after_version
+        ):
+            self.state.following_live_version = live.version
+            log.info("live moved to policy %d, which this policy trained on from", live.version)
+            return None
+        return live
+
+    def follow_live(self) -> int | None:
+        """Before a PPO step: restart the policy from live when live moved outside its lineage, or when
+        candidates keep failing (`restart_due`). Returns the version restarted from, None when none."""
+        if (moved := self.live_moved_elsewhere()) is not None:
+            return self.restart_from_live(f"live moved to policy {moved.version} ({moved.kind}: {moved.reason})")
+        if (reason := self.restart_due()) is not None:
+            return self.restart_from_live(reason)
+        return None
+
+    def restart_from_live(self, reason: str = "") -> int:
         """Restart the policy from the live version's weights; the reference, value head and reward model stay. Returns the version."""
         live = self.registry.live()
         if live is None:
@@ -374,16 +428,52 @@ class Trainer:
         self.order(restart)
         self.apply_restart(restart.policy_path)
         self.state.restarted_after_version = self.registry.latest() or 0
+        self.state.following_live_version = live.version
+        self.state.withheld_in_a_row = 0
         self.metrics.policy_restarts.inc()
-        log.warning(
-            "policy restarted from live version %d after %d rejected candidates in a row",
-            live.version,
-            self.config.trainer.restart_after_rejections,
-        )
+        log.warning("policy restarted from live version %d: %s", live.version, reason or "asked to")
         return live.version
 
     def candidate_due(self) -> bool:
         return self.state.ppo_steps > 0 and self.state.ppo_steps % self.config.ppo.candidate_every_steps == 0
+
+    def propose_candidate(self) -> events_pb2.PolicyEvent | None:
+        """Publish the policy as a candidate if the gate's checks pass on it (`candidate_passes_precheck`);
+        the event to announce, or None when the candidate was withheld."""
+        return self.publish_candidate() if self.candidate_passes_precheck() else None
+
+    def candidate_passes_precheck(self) -> bool:
+        """Run the gate's checks on the policy against live; a candidate that fails one is withheld.
+
+        True without a pre-check, and when the eval set cannot be judged (then the gate decides).
+        """
+        live = self.registry.live()
+        if self.precheck is None or live is None:
+            return True
+        result = self.precheck.check(
+            self.ppo.models.policy,
+            self.ppo.models.reference,
+            self.reward_model,
+            live.version,
+            self.registry.path(live.version),
+        )
+        if result is None:
+            log.warning("pre-check skipped: no golden prompts, or fewer than two eval prompts")
+            return True
+        self.last_precheck = result
+        self.metrics.kl_to_live.set(result.kl_to_live)
+        checks = {check.name: check.value for check in result.verdict.checks}
+        distances = {"kl_to_live": result.kl_to_live, "live_version": live.version, "prompts": result.prompts}
+        if result.verdict.approved:
+            self.state.withheld_in_a_row = 0
+            log.info("pre-check passed at PPO step %d", self.state.ppo_steps, extra=checks | distances)
+            return True
+        self.state.withheld_in_a_row += 1
+        for name in result.verdict.failed:
+            self.metrics.candidates_withheld.labels(check=name).inc()
+        reasons = "; ".join(f"{c.name}: {c.detail}" for c in result.verdict.checks if not c.passed)
+        log.info("candidate withheld at PPO step %d: %s", self.state.ppo_steps, reasons, extra=checks | distances)
+        return False
 
     def publish_candidate(self) -> events_pb2.PolicyEvent:
         """Write the policy into the registry as a new version and describe it for the gate."""
@@ -468,12 +558,10 @@ class Trainer:
             if await asyncio.to_thread(self.update_reward_model) is not None:
                 updates_since_checkpoint += 1
             if self.ppo_step_due():
-                if self.restart_due():
-                    await asyncio.to_thread(self.restart_from_live)
+                await asyncio.to_thread(self.follow_live)
                 await asyncio.to_thread(self.ppo_step)
                 updates_since_checkpoint += 1
-                if self.candidate_due():
-                    event = await asyncio.to_thread(self.publish_candidate)
+                if self.candidate_due() and (event := await asyncio.to_thread(self.propose_candidate)) is not None:
                     producer.publish(self.config.kafka.topics.policy, str(event.policy_version), event)
             if updates_since_checkpoint >= self.config.trainer.checkpoint_every_steps:
                 await self._checkpoint_then_commit(consumer, uncommitted)

@@ -87,6 +87,18 @@ class TrainerMetrics:
         )
         self.policy_restarts = Counter(
             "flywheel_trainer_policy_restarts",
-            "Restarts of the trained policy from the live one after candidates rejected in a row.",
+            "Restarts of the trained policy from the live one: candidates rejected or withheld in a row, or live "
+            "moved to another lineage.",
+            registry=registry,
+        )
+        self.candidates_withheld = Counter(
+            "flywheel_trainer_candidates_withheld",
+            "Candidates the trainer's pre-check of the gate's checks kept back, once under each check they failed.",
+            ["check"],
+            registry=registry,
+        )
+        self.kl_to_live = Gauge(
+            "flywheel_trainer_kl_to_live",
+            "KL(policy ‖ live policy) at the last pre-check, nats per answer.",
             registry=registry,
         )

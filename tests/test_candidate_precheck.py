@@ -1,0 +1,113 @@
+"""The trainer runs the gate's checks before proposing, and follows what is live.
+
+- A policy the gate would reject (here: drifted far from the reference) is withheld: nothing is
+  written to the registry, the withheld metric names the failed check, and the KL to live is
+  reported; the policy live serves passes and is proposed.
+- When live moves to a version outside the trainer's lineage (an operator's rollback), the
+  policy restarts from it; live moving to the trainer's own approved candidate does not.
+
+Real parts: the demo model, a real registry on disk, demo golden prompts, and held-out prompts
+logged as the server logs them. No broker: the trainer's decisions are called directly.
+"""
+
+import random
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from transformers import AutoTokenizer
+
+from feedback.config import KafkaSettings
+from feedback.consumer import ConsumedEvent
+from flywheel.demo.task import GOLDEN_FILE, traffic_questions
+from flywheel.registry import PolicyRegistry, VerdictCheck
+from tests.test_trainer_loop import DemoTraffic, trainer_config
+from trainer.loop import Trainer
+from trainer.metrics import TrainerMetrics
+
+
+@pytest.fixture
+def trainer(model_path, tmp_path):
+    """A trainer started from the seeded demo model, which has seen held-out prompts in traffic."""
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    golden = tmp_path / "golden.jsonl"  # a few of the demo's golden prompts, safety ones included: a fast eval set
+    lines = GOLDEN_FILE.read_text().splitlines()
+    golden.write_text("\n".join(lines[:4] + [line for line in lines if "must_not_contain" in line]))
+    config = trainer_config(
+        tmp_path,
+        KafkaSettings(),
+        model_path,
+        trainer={"restart_after_withheld": 2},
+        gate={"golden_file": str(golden), "heldout_prompts": 6},
+    )
+    opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
+    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
+    answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
+    topic = config.kafka.topics.generations
+    assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
+    yield opened
+    opened.close()
+
+
+def drift(trainer: Trainer, scale: float) -> None:
+    """Move every policy weight by seeded noise of `scale` standard deviations of that weight."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainer.ppo.models.policy.parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * parameter.std().nan_to_num(0.0)
+            parameter.add_(scale * noise)
+
+
+def sample(trainer: Trainer, name: str, **labels) -> float | None:
+    return trainer.metrics.registry.get_sample_value(name, labels or None)
+
+
+def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_is_proposed(trainer):
+    registry = trainer.registry
+    assert len(trainer.precheck.heldout.current()) >= 2, "the traffic gave no held-out prompts"
+
+    # live itself: every check passes against live, at no distance from it
+    proposed = trainer.propose_candidate()
+    assert proposed is not None and registry.latest() == proposed.policy_version == 2
+    assert trainer.last_precheck.verdict.approved and trainer.last_precheck.kl_to_live == 0.0
+    assert sample(trainer, "flywheel_trainer_kl_to_live") == 0.0
+
+    drift(trainer, 1.0)  # far past the KL budget: the gate would reject it
+    assert trainer.propose_candidate() is None
+    assert registry.latest() == 2, "a withheld candidate is not written to the registry"
+    result = trainer.last_precheck
+    assert not result.verdict.approved and "kl_to_reference" in result.verdict.failed
+    assert result.kl_to_reference > trainer.config.gate.thresholds.kl_budget
+    assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="kl_to_reference") == 1
+    assert result.kl_to_live > 0 and sample(trainer, "flywheel_trainer_kl_to_live") == result.kl_to_live
+    assert trainer.state.withheld_in_a_row == 1 and trainer.restart_due() is None
+
+    # withheld again: trainer.restart_after_withheld = 2 in a row brings the policy back to live
+    assert trainer.propose_candidate() is None
+    assert "withheld" in trainer.restart_due()
+    assert trainer.follow_live() == 1
+    assert trainer.state.withheld_in_a_row == 0
+    assert trainer.propose_candidate() is not None
+
+
+def test_the_policy_restarts_from_live_when_live_moves_outside_its_lineage(trainer):
+    registry = trainer.registry
+    live_weights = {name: weight.clone() for name, weight in trainer.ppo.models.policy.state_dict().items()}
+    drift(trainer, 0.01)
+    own = trainer.publish_candidate().policy_version
+    registry.approve(own, judged_against=1, checks=[VerdictCheck(name="reward_score", passed=True)], reason="test")
+    drift(trainer, 0.01)  # trained on past its approved candidate
+    trained = {name: weight.clone() for name, weight in trainer.ppo.models.policy.state_dict().items()}
+
+    assert trainer.follow_live() is None, "live moved to the trainer's own candidate: it trains on"
+    assert trainer.state.following_live_version == own
+    for name, weight in trainer.ppo.models.policy.state_dict().items():
+        torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)
+
+    registry.set_live(1, reason="operator rolls back", kind="rollback")
+    assert trainer.follow_live() == 1
+    for name, weight in trainer.ppo.models.policy.state_dict().items():
+        torch.testing.assert_close(weight, live_weights[name], rtol=0, atol=0)
+    assert trainer.state.following_live_version == 1
+    assert sample(trainer, "flywheel_trainer_policy_restarts_total") == 1
+    assert trainer.follow_live() is None, "followed once, not again"
