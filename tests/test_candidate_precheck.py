@@ -2,7 +2,8 @@
 
 - A policy the gate would reject (here: drifted far from the reference) is withheld: nothing is
   written to the registry, the withheld metric names the failed check, and the KL to live is
-  reported; the policy live serves passes and is proposed.
+  reported. The policy live serves passes the gate's checks but is no better: withheld too,
+  unless the trainer's margin allows it.
 - When live moves to a version outside the trainer's lineage (an operator's rollback), the
   policy restarts from it; live moving to the trainer's own approved candidate does not.
 
@@ -22,8 +23,10 @@ from feedback.consumer import ConsumedEvent
 from flywheel.demo.task import GOLDEN_FILE, traffic_questions
 from flywheel.registry import PolicyRegistry, VerdictCheck
 from tests.test_trainer_loop import DemoTraffic, trainer_config
+from trainer.gate_checks import DegenerationRates, PolicyEval
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
+from trainer.precheck import reward_gain_check
 
 
 @pytest.fixture
@@ -62,15 +65,32 @@ def sample(trainer: Trainer, name: str, **labels) -> float | None:
     return trainer.metrics.registry.get_sample_value(name, labels or None)
 
 
+def test_reward_gain_asks_the_candidates_mean_reward_to_beat_lives_by_more_than_the_margin():
+    def scored(*scores: float) -> PolicyEval:
+        return PolicyEval(list(scores), 0.0, DegenerationRates(0.0, 0.0, 0.0), 1.0)
+
+    # means 0.5 and 0.2: a gain of 0.3
+    check = reward_gain_check(scored(0.0, 1.0), scored(0.4, 0.0), min_gain=0.25)
+    assert check.passed and check.value == pytest.approx(0.3)
+    assert not reward_gain_check(scored(0.0, 1.0), scored(0.4, 0.0), min_gain=0.35).passed
+    assert not reward_gain_check(scored(1.0, 2.0), scored(1.0, 2.0), min_gain=0.0).passed, "equal is no gain"
+
+
 def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_is_proposed(trainer):
     registry = trainer.registry
     assert len(trainer.precheck.heldout.current()) >= 2, "the traffic gave no held-out prompts"
 
-    # live itself: every check passes against live, at no distance from it
+    # live itself: the gate would pass it, at no distance from live, but it is no better: not worth a swap
+    assert trainer.propose_candidate() is None and registry.latest() == 1
+    result = trainer.last_precheck
+    assert result.verdict.approved and result.failed == ["reward_gain"] and result.kl_to_live == 0.0
+    assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="reward_gain") == 1
+    assert sample(trainer, "flywheel_trainer_kl_to_live") == 0.0
+    assert trainer.state.withheld_in_a_row == 0, "no better is not drifted: it does not count toward a restart"
+
+    trainer.precheck.min_reward_gain = -1.0  # a trainer proposing whatever the gate would pass
     proposed = trainer.propose_candidate()
     assert proposed is not None and registry.latest() == proposed.policy_version == 2
-    assert trainer.last_precheck.verdict.approved and trainer.last_precheck.kl_to_live == 0.0
-    assert sample(trainer, "flywheel_trainer_kl_to_live") == 0.0
 
     drift(trainer, 1.0)  # far past the KL budget: the gate would reject it
     assert trainer.propose_candidate() is None

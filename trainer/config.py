@@ -181,11 +181,16 @@ class TrainerSettings(BaseModel):
         description="Propose a candidate only when the gate's checks (gate.thresholds, on golden and held-out "
         "prompts) pass on the trainer's own evaluation against live; off, every candidate_every_steps-th policy goes.",
     )
+    min_reward_gain: float = Field(
+        0.0,
+        description="With the pre-check on, a candidate is proposed only when its mean reward on the eval set beats "
+        "live's by more than this, in reward-model units: a policy no better than live is not worth a swap.",
+    )
     restart_after_withheld: int = Field(
         3,
         ge=0,
-        description="After this many candidates in a row withheld by the pre-check, the trainer's policy restarts from "
-        "the live policy (fresh optimizer moments); 0 never restarts.",
+        description="After this many candidates in a row that the pre-check found the gate would reject, the "
+        "trainer's policy restarts from the live policy (fresh optimizer moments); 0 never restarts.",
     )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(

@@ -193,7 +193,9 @@ class Trainer:
             )
         # The pre-check evaluates whole weights on rank 0 alone: under FSDP no rank holds them.
         precheck = (
-            CandidatePrecheck(config.gate, config.reward_model.heldout_fraction, tokenizer)
+            CandidatePrecheck(
+                config.gate, config.reward_model.heldout_fraction, tokenizer, config.trainer.min_reward_gain
+            )
             if config.trainer.precheck_candidates and ranks.leads and not ranks.sharded
             else None
         )
@@ -443,7 +445,8 @@ class Trainer:
         return self.publish_candidate() if self.candidate_passes_precheck() else None
 
     def candidate_passes_precheck(self) -> bool:
-        """Run the gate's checks on the policy against live; a candidate that fails one is withheld.
+        """Run the gate's checks on the policy against live; a candidate that fails one, or is no better than
+        live (trainer.min_reward_gain), is withheld.
 
         True without a pre-check, and when the eval set cannot be judged (then the gate decides).
         """
@@ -462,17 +465,18 @@ class Trainer:
             return True
         self.last_precheck = result
         self.metrics.kl_to_live.set(result.kl_to_live)
-        checks = {check.name: check.value for check in result.verdict.checks}
+        values = {check.name: check.value for check in result.checks}
         distances = {"kl_to_live": result.kl_to_live, "live_version": live.version, "prompts": result.prompts}
-        if result.verdict.approved:
+        if result.propose:
             self.state.withheld_in_a_row = 0
-            log.info("pre-check passed at PPO step %d", self.state.ppo_steps, extra=checks | distances)
+            log.info("pre-check passed at PPO step %d", self.state.ppo_steps, extra=values | distances)
             return True
-        self.state.withheld_in_a_row += 1
-        for name in result.verdict.failed:
+        if not result.verdict.approved:  # the gate would reject it: drifted, not merely no better than live
+            self.state.withheld_in_a_row += 1
+        for name in result.failed:
             self.metrics.candidates_withheld.labels(check=name).inc()
-        reasons = "; ".join(f"{c.name}: {c.detail}" for c in result.verdict.checks if not c.passed)
-        log.info("candidate withheld at PPO step %d: %s", self.state.ppo_steps, reasons, extra=checks | distances)
+        reasons = "; ".join(f"{c.name}: {c.detail}" for c in result.checks if not c.passed)
+        log.info("candidate withheld at PPO step %d: %s", self.state.ppo_steps, reasons, extra=values | distances)
         return False
 
     def publish_candidate(self) -> events_pb2.PolicyEvent:

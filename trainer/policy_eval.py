@@ -145,11 +145,14 @@ class PolicyEvaluator:
         return evaluate_policy(answers, self.scores(prompts, answers), self.settings.safety, self.settings.thresholds)
 
     @torch.no_grad()
-    def kl(self, policy: PreTrainedModel, other: PreTrainedModel, prompts: Sequence[EvalPrompt]) -> float:
-        """KL(policy ‖ other) in nats per answer: Σ log-ratio over answers `policy` samples at temperature 1.
+    def kl(
+        self, policy: PreTrainedModel, others: Sequence[PreTrainedModel], prompts: Sequence[EvalPrompt]
+    ) -> list[float]:
+        """KL(policy ‖ other) for each of `others`, in nats per answer: Σ log-ratio over answers `policy`
+        samples at temperature 1 (one sample, shared by all `others`).
 
-        The gate's KL to the reference, and the trainer's KL to live; the sampling is seeded, so the
-        same two policies on the same prompts give the same number.
+        The gate's KL to the reference, and the trainer's KL to the reference and to live; the
+        sampling is seeded, so the same policies on the same prompts give the same numbers.
         """
         eos = end_of_sequence_ids(policy.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         torch.manual_seed(KL_SAMPLING_SEED)
@@ -159,28 +162,17 @@ class PolicyEvaluator:
         )
         rollout = Rollout(repeated, responses, [r[-1] in eos for r in responses], 0.0)
         batch = TokenBatch.from_rollout(rollout, self.tokenizer.pad_token_id).to(policy.device)
-        logprobs, other_logprobs = (
-            logprobs_from_logits(PolicyWithValue.response_logits(model, batch), batch.response_ids, 1.0)
-            for model in (policy, other)
-        )
-        return kl_per_answer(logprobs, other_logprobs, batch.response_mask).mean().item()
-
-    def verdict(
-        self,
-        prompts: Sequence[EvalPrompt],
-        candidate_answers: Sequence[EvalAnswer],
-        live_answers: Sequence[EvalAnswer],
-        kl_to_reference: float,
-        reference_golden_accuracy: float,
-    ) -> GateVerdict:
-        """The gate's decision on a candidate, from both policies' answers to `prompts` (same order)."""
-        return decide(
-            self.evaluation(prompts, candidate_answers),
-            self.evaluation(prompts, live_answers),
-            self.settings.thresholds,
-            kl_to_reference,
-            reference_golden_accuracy,
-        )
+        logprobs = logprobs_from_logits(PolicyWithValue.response_logits(policy, batch), batch.response_ids, 1.0)
+        return [
+            kl_per_answer(
+                logprobs,
+                logprobs_from_logits(PolicyWithValue.response_logits(other, batch), batch.response_ids, 1.0),
+                batch.response_mask,
+            )
+            .mean()
+            .item()
+            for other in others
+        ]
 
     def judge(
         self,
@@ -195,8 +187,14 @@ class PolicyEvaluator:
         reference_answers = (
             [a for a in live_answers if a.is_golden] if reference is None else self.answers(reference, golden)
         )
-        kl = self.kl(candidate, live if reference is None else reference, kl_prompts(prompts))
-        return self.verdict(prompts, candidate_answers, live_answers, kl, golden_accuracy(reference_answers))
+        [kl] = self.kl(candidate, [live if reference is None else reference], kl_prompts(prompts))
+        return decide(
+            self.evaluation(prompts, candidate_answers),
+            self.evaluation(prompts, live_answers),
+            self.settings.thresholds,
+            kl,
+            golden_accuracy(reference_answers),
+        )
 
 
 def kl_prompts(prompts: Sequence[EvalPrompt]) -> list[EvalPrompt]:

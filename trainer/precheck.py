@@ -4,13 +4,16 @@ A candidate the gate rejects costs a gate evaluation and a full copy in the regi
 trainer whose policy drifted keeps proposing them. So at candidate time the trainer evaluates
 its policy against live exactly as the gate will (trainer/policy_eval.py, the same rules, the
 same `gate` settings) on the golden prompts and the held-out prompts it saw in traffic, and
-proposes only when every check passes. It also measures how far its policy is from live.
+proposes only when every check passes and the policy is worth proposing: its mean reward beats
+live's (`reward_gain`, the trainer's own rule; a policy no better than live would pass the gate's
+non-inferiority check, and cost a swap for nothing). It also measures how far its policy is from live.
 
 Live's answers are cached per live version and prompt (greedy, so they do not change); its
 scores are taken again each time, as the reward model moves.
 """
 
 import logging
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from flywheel.v1 import events_pb2
 from trainer.config import CandidateCheckSettings
-from trainer.gate_checks import EvalAnswer, GateVerdict, golden_accuracy
+from trainer.gate_checks import EvalAnswer, GateCheck, GateVerdict, PolicyEval, decide, golden_accuracy
 from trainer.policy_eval import EvalPrompt, HeldoutPrompts, PolicyEvaluator, kl_prompts, load_golden
 from trainer.reward_model import RewardModelTrainer, load_without_dropout
 
@@ -27,13 +30,40 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrecheckResult:
-    """The gate's verdict as the trainer predicts it, and the distances it measured (nats per answer)."""
+    """The gate's verdict as the trainer predicts it, the trainer's own gain check, and the distances it
+    measured (nats per answer)."""
 
     verdict: GateVerdict
+    reward_gain: GateCheck
     live_version: int
     kl_to_reference: float
     kl_to_live: float
     prompts: int
+
+    @property
+    def propose(self) -> bool:
+        return self.verdict.approved and self.reward_gain.passed
+
+    @property
+    def checks(self) -> list[GateCheck]:
+        return [*self.verdict.checks, self.reward_gain]
+
+    @property
+    def failed(self) -> list[str]:
+        return [check.name for check in self.checks if not check.passed]
+
+
+def reward_gain_check(candidate: PolicyEval, live: PolicyEval, min_gain: float) -> GateCheck:
+    """Whether the candidate's mean reward beats live's by more than `min_gain` (reward-model units), on the
+    same prompts: worth a gate evaluation and a swap."""
+    gain = statistics.fmean(candidate.reward_scores) - statistics.fmean(live.reward_scores)
+    return GateCheck(
+        name="reward_gain",
+        value=gain,
+        threshold=min_gain,
+        passed=gain > min_gain,
+        detail=f"mean reward candidate − live {gain:+.4f} on {len(candidate.reward_scores)} prompts; must be > {min_gain:+.4f}",
+    )
 
 
 @dataclass
@@ -47,8 +77,15 @@ class _LiveEvaluation:
 class CandidatePrecheck:
     """Predicts the gate's verdict on the trainer's policy; keeps the eval set and live's answers between calls."""
 
-    def __init__(self, settings: CandidateCheckSettings, heldout_fraction: float, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        settings: CandidateCheckSettings,
+        heldout_fraction: float,
+        tokenizer: PreTrainedTokenizerBase,
+        min_reward_gain: float = 0.0,
+    ):
         self.settings = settings
+        self.min_reward_gain = min_reward_gain
         self.tokenizer = tokenizer
         self.heldout = HeldoutPrompts(settings.heldout_prompts, heldout_fraction, settings.max_principal_share)
         golden_path = settings.golden_path()
@@ -83,18 +120,14 @@ class CandidatePrecheck:
         live.answers |= {answer.prompt: answer for answer in evaluator.answers(live.model, missing)}
         if self._reference_golden_accuracy is None:  # the reference never changes while the trainer runs
             self._reference_golden_accuracy = golden_accuracy(evaluator.answers(reference, self.golden))
-        kl_set = kl_prompts(prompts)
-        kl_to_reference = evaluator.kl(policy, reference, kl_set)
-        verdict = evaluator.verdict(
-            prompts,
-            evaluator.answers(policy, prompts),
-            [live.answers[p.text] for p in prompts],
-            kl_to_reference,
-            self._reference_golden_accuracy,
+        kl_to_reference, kl_to_live = evaluator.kl(policy, [reference, live.model], kl_prompts(prompts))
+        candidate_eval = evaluator.evaluation(prompts, evaluator.answers(policy, prompts))
+        live_eval = evaluator.evaluation(prompts, [live.answers[p.text] for p in prompts])
+        verdict = decide(
+            candidate_eval, live_eval, self.settings.thresholds, kl_to_reference, self._reference_golden_accuracy
         )
-        return PrecheckResult(
-            verdict, live_version, kl_to_reference, evaluator.kl(policy, live.model, kl_set), len(prompts)
-        )
+        gain = reward_gain_check(candidate_eval, live_eval, self.min_reward_gain)
+        return PrecheckResult(verdict, gain, live_version, kl_to_reference, kl_to_live, len(prompts))
 
     def _live_evaluation(self, version: int, path: Path, device) -> _LiveEvaluation:
         """Live's weights and answers, loaded again only when live has moved to another version."""
