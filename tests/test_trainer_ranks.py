@@ -82,8 +82,10 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         "engine": {"model": str(model_path)},
         # The killed job's consumer keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
+        # Every second step's policy is proposed: whether rank 0 publishes them is tested here, the
+        # pre-check that may withhold them in tests/test_candidate_precheck.py.
         "trainer": {"metrics_port": 0, "min_labels_before_ppo": 30, "checkpoint_every_steps": 1, "torch_threads": 1,
-                    "parallelism": parallelism},
+                    "parallelism": parallelism, "precheck_candidates": False},
         "join_store": {"vote_settle_seconds": 0},
         "reward_model": {
             "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
