@@ -39,14 +39,19 @@ def kafka_broker() -> Iterator[EmbeddedBroker]:
 @pytest.fixture
 def kafka_settings(kafka_broker: EmbeddedBroker) -> KafkaSettings:
     """Settings for the shared broker, with topics of this test's own."""
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    return with_own_topics(kafka_broker.kafka, "test")
+
+
+def with_own_topics(kafka: KafkaSettings, name: str) -> KafkaSettings:
+    """`kafka` with topics no other test uses (named `name`-<random>.*) and short timeouts."""
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
     topics = TopicNames(
         generations=f"{prefix}.generations",
         feedback=f"{prefix}.feedback",
         policy=f"{prefix}.policy",
         dead_letters=f"{prefix}.dead-letters",
     )
-    return kafka_broker.kafka.model_copy(update={"topics": topics, **FAST})
+    return kafka.model_copy(update={"topics": topics, **FAST})
 
 
 def unreachable(kafka: KafkaSettings) -> KafkaSettings:

@@ -28,6 +28,7 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import RequestLimits
+from tests.kafka_fixtures import with_own_topics
 from tests.test_feedback_rpc import HANG_GUARD_S, consume
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
@@ -43,11 +44,7 @@ OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(scope="module")
 def abused(engine_loop, engine, kafka_broker, tmp_path_factory):
     """A server with two tenants' keys, logging to Kafka; yields (stub, kafka settings, server)."""
-    kafka = kafka_broker.kafka.model_copy(
-        update={"topics": kafka_broker.kafka.topics.model_copy(update={
-            name: f"abuse-{int(time.time())}.{name}" for name in ("generations", "feedback", "policy", "dead_letters")
-        }), "request_timeout_ms": 1000, "retry_backoff_ms": 50, "session_timeout_ms": 2000}
-    )  # fmt: skip
+    kafka = with_own_topics(kafka_broker.kafka, "abuse")
     producer = EventProducer(
         kafka, SpoolSettings(directory=tmp_path_factory.mktemp("spool")), EventMetrics.register(CollectorRegistry())
     )

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import grpc
 import httpx
@@ -46,7 +45,7 @@ from flywheel.v1 import serving_pb2_grpc
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import RequestLimits
-from tests.kafka_fixtures import HANG_GUARD_S
+from tests.kafka_fixtures import HANG_GUARD_S, with_own_topics
 from tests.test_abuse import consume_until
 from tests.test_layering import REPO_ROOT
 from tests.test_server_tls import Authority, write_server_files
@@ -64,11 +63,7 @@ FAST_RETRIES = RetryPolicy(attempts=100, initial_backoff_seconds=0.05, max_backo
 @pytest.fixture(scope="module")
 def doors(engine_loop, engine, kafka_broker, tmp_path_factory):
     """A server with both doors, two tenants' keys, logging to Kafka; yields (server, kafka settings)."""
-    kafka = kafka_broker.kafka.model_copy(
-        update={"topics": kafka_broker.kafka.topics.model_copy(update={
-            name: f"doors-{uuid.uuid4().hex[:8]}.{name}" for name in ("generations", "feedback", "policy", "dead_letters")
-        }), "request_timeout_ms": 1000, "retry_backoff_ms": 50, "session_timeout_ms": 2000}
-    )  # fmt: skip
+    kafka = with_own_topics(kafka_broker.kafka, "doors")
     producer = EventProducer(
         kafka, SpoolSettings(directory=tmp_path_factory.mktemp("spool")), EventMetrics.register(CollectorRegistry())
     )
