@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,14 @@ from benchmarks.common import REPO_ROOT, invocation
 from benchmarks.serving.__main__ import default_model
 from benchmarks.serving.report import machine_facts, markdown_table, model_facts, rich_table
 from benchmarks.serving.stats import LevelSummary, paired_ratios
-from benchmarks.serving.systems import grpc_serving, http_ok, openai_server_command, server_process, wait_until
+from benchmarks.serving.systems import (
+    flywheel_serve,
+    grpc_serving,
+    http_ok,
+    openai_server_command,
+    server_process,
+    wait_until,
+)
 from benchmarks.serving.workload import (
     PROMPT,
     Run,
@@ -73,22 +79,8 @@ async def flywheel_doors(
 ) -> AsyncIterator[dict[str, Served]]:
     """(a) and (b): one `flywheel serve` process with both doors open."""
     port, http_port, metrics_port = (free_port("127.0.0.1") for _ in range(3))
-    env = {
-        **os.environ,
-        "FLYWHEEL_ENGINE__DTYPE": settings.dtype,
-        "FLYWHEEL_ENGINE__MAX_MODEL_LEN": str(settings.max_model_len),
-        "FLYWHEEL_ENGINE__KV_CACHE_BYTES": str(settings.kv_cache_bytes),
-        "FLYWHEEL_ENGINE__ENFORCE_EAGER": json.dumps(settings.enforce_eager),
-        "FLYWHEEL_ENGINE__SEED": str(settings.seed),
-        "FLYWHEEL_SERVER__MAX_IN_FLIGHT": str(max(workload.concurrency_levels)),
-        "FLYWHEEL_SERVER__MAX_QUEUED": str(max(workload.concurrency_levels)),
-        "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",  # serving alone, as benchmarks/serving.py measures it
-        "FLYWHEEL_SERVER__HTTP_PORT": str(http_port),
-    }
-    command = [
-        str(Path(sys.executable).parent / "flywheel"), "serve", "--model", model, "--state-dir", str(log_dir / "flywheel-state"),
-        "--port", str(port), "--metrics-port", str(metrics_port),
-    ]  # fmt: skip
+    command, env = flywheel_serve(model, settings, workload, log_dir, port, metrics_port)
+    env["FLYWHEEL_SERVER__HTTP_PORT"] = str(http_port)
     with server_process("flywheel", command, env, log_dir) as server:
         connector = aiohttp.TCPConnector(limit=max(workload.concurrency_levels))
         async with (

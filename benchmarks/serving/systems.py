@@ -60,12 +60,11 @@ async def in_process_engine(model: str, settings: EngineSettings, workload: Work
         del engine
 
 
-@contextlib.asynccontextmanager
-async def flywheel_grpc(
-    model: str, settings: EngineSettings, workload: Workload, prompt_tokens: int, log_dir: Path
-) -> AsyncIterator[Served]:
-    """(b) `flywheel serve` in a subprocess, `Generate` over one grpc.aio channel."""
-    port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+def flywheel_serve(
+    model: str, settings: EngineSettings, workload: Workload, log_dir: Path, port: int, metrics_port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `flywheel serve` with these engine settings, admitting the
+    workload's highest concurrency and logging nothing to Kafka."""
     env = {
         **os.environ,
         "FLYWHEEL_ENGINE__DTYPE": settings.dtype,
@@ -82,6 +81,16 @@ async def flywheel_grpc(
         str(Path(sys.executable).parent / "flywheel"), "serve", "--model", model, "--state-dir", str(log_dir / "flywheel-state"),
         "--port", str(port), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
+    return command, env
+
+
+@contextlib.asynccontextmanager
+async def flywheel_grpc(
+    model: str, settings: EngineSettings, workload: Workload, prompt_tokens: int, log_dir: Path
+) -> AsyncIterator[Served]:
+    """(b) `flywheel serve` in a subprocess, `Generate` over one grpc.aio channel."""
+    port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    command, env = flywheel_serve(model, settings, workload, log_dir, port, metrics_port)
     with server_process("flywheel", command, env, log_dir) as server:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await wait_until(server, lambda: grpc_serving(channel), "gRPC health SERVING")
