@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -188,6 +189,44 @@ def train_labels(
         return unused_train_labels(store), store.preference_pairs("heldout", HELDOUT_FRACTION)
     finally:
         store.close()
+
+
+@dataclass(frozen=True)
+class LabelAccount:
+    """What the trainer's last checkpoint says it took and trained on, beside what the events allow."""
+
+    checkpoint: Path
+    state: TrainerState
+    seen: list[str]
+    """Event ids in the checkpoint's join store: each event taken, once."""
+    thumbs_used: int
+    pairs_used: int
+    waiting: int
+    """Train labels not yet trained on."""
+    expected_train: int
+    """Train labels a scratch store makes of the published events."""
+
+    @classmethod
+    def of(cls, checkpoint_dir: Path, published: Sequence[Message], scratch: Path) -> "LabelAccount":
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        snapshot = scratch / "final-join-store.sqlite3"
+        shutil.copyfile(checkpoint / JOIN_STORE_FILE, snapshot)
+        connection = sqlite3.connect(snapshot)
+        seen = [event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")]
+        (thumbs_used,) = connection.execute("SELECT count(*) FROM votes WHERE used_as_label").fetchone()
+        (pairs_used,) = connection.execute("SELECT count(*) FROM used_pairs").fetchone()
+        connection.close()
+        store = JoinStore(snapshot, ttl_seconds=1e9)
+        waiting = unused_train_labels(store)
+        store.close()
+        expected_train, _ = train_labels(published, scratch)
+        return cls(checkpoint, load_state(checkpoint), seen, thumbs_used, pairs_used, waiting, expected_train)
+
+    def summary(self, events: int) -> str:
+        return (
+            f"final {self.checkpoint.name}: {self.state.model_dump()}; {events} events; train labels "
+            f"{self.expected_train} = {self.thumbs_used} thumbs + {self.pairs_used} pairs used + {self.waiting} waiting"
+        )
 
 
 # ---------------------------------------------------------------- the trainer in this process
@@ -757,31 +796,15 @@ def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once
         time.sleep(0.2)
     assert trainer.stop() == 0, trainer.tail()
 
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    state = load_state(checkpoint)
-    snapshot = tmp_path / "final-join-store.sqlite3"
-    shutil.copyfile(checkpoint / JOIN_STORE_FILE, snapshot)
-    connection = sqlite3.connect(snapshot)
-    seen = [event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")]
-    (thumbs_used,) = connection.execute("SELECT count(*) FROM votes WHERE used_as_label").fetchone()
-    (pairs_used,) = connection.execute("SELECT count(*) FROM used_pairs").fetchone()
-    connection.close()
-    store = JoinStore(snapshot, ttl_seconds=1e9)
-    waiting = unused_train_labels(store)
-    store.close()
-    expected_train, _ = train_labels(published, tmp_path)
-    print(
-        f"flywheel train killed {moments}; final {checkpoint.name}: {state.model_dump()}; {len(published)} events; "
-        f"train labels {expected_train} = {thumbs_used} thumbs + {pairs_used} pairs used + {waiting} waiting; "
-        f"{time.perf_counter() - started:.1f}s"
-    )
+    account = LabelAccount.of(checkpoint_dir, published, tmp_path)
+    print(f"flywheel train killed {moments}; {account.summary(len(published))}; {time.perf_counter() - started:.1f}s")
 
     # Every published event was taken exactly once (seen_events is keyed by event id) and no other.
-    assert sorted(seen) == sorted(published_ids)
+    assert sorted(account.seen) == sorted(published_ids)
     # No label was trained on twice: the counter of trained labels is the number of distinct labels marked used ...
-    assert state.labels_trained == thumbs_used + pairs_used
+    assert account.state.labels_trained == account.thumbs_used + account.pairs_used
     # ... and none was skipped: every train label is used, but for fewer than one update's worth still waiting.
-    assert thumbs_used + pairs_used + waiting == expected_train
-    assert waiting < update_every_labels
-    assert state.ppo_steps >= 2
+    assert account.thumbs_used + account.pairs_used + account.waiting == account.expected_train
+    assert account.waiting < update_every_labels
+    assert account.state.ppo_steps >= 2
     assert PolicyRegistry(registry_dir).latest() > 1  # candidates were proposed

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -25,18 +23,15 @@ from tests.test_trainer_loop import (
     HANG_GUARD_S,
     HELDOUT_FRACTION,
     DemoTraffic,
+    LabelAccount,
     TrainProcess,
     latest_name,
     publish,
     seen_event_ids,
     toml_document,
-    train_labels,
-    unused_train_labels,
     wait_for_new_checkpoint,
     without_nulls,
 )
-from trainer.checkpoint import JOIN_STORE_FILE, latest_checkpoint, load_state
-from trainer.join_store import JoinStore
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.broker]
 
@@ -165,28 +160,15 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         for model in ("policy", "critic", "reward_model"):
             assert len({line[f"{model}_digest"] for line in stopped.values()}) == 1, model
 
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    state = load_state(checkpoint)
-    snapshot = tmp_path / "final-join-store.sqlite3"
-    shutil.copyfile(checkpoint / JOIN_STORE_FILE, snapshot)
-    connection = sqlite3.connect(snapshot)
-    seen = [event_id for (event_id,) in connection.execute("SELECT event_id FROM seen_events")]
-    (thumbs_used,) = connection.execute("SELECT count(*) FROM votes WHERE used_as_label").fetchone()
-    (pairs_used,) = connection.execute("SELECT count(*) FROM used_pairs").fetchone()
-    connection.close()
-    store = JoinStore(snapshot, ttl_seconds=1e9)
-    waiting = unused_train_labels(store)
-    store.close()
-    expected_train, _ = train_labels(published, tmp_path)
+    account = LabelAccount.of(checkpoint_dir, published, tmp_path)
     print(
-        f"2 ranks ({parallelism}), rank 1 killed after checkpoint {killed_after}, resumed from {restored}; final {checkpoint.name}: "
-        f"{state.model_dump()}; {len(published)} events; train labels {expected_train} = {thumbs_used} thumbs + "
-        f"{pairs_used} pairs used + {waiting} waiting; {time.perf_counter() - started:.1f}s"
+        f"2 ranks ({parallelism}), rank 1 killed after checkpoint {killed_after}, resumed from {restored}; "
+        f"{account.summary(len(published))}; {time.perf_counter() - started:.1f}s"
     )
     # Every published event taken exactly once, every label trained on once, none skipped.
-    assert sorted(seen) == sorted(published_ids)
-    assert state.labels_trained == thumbs_used + pairs_used
-    assert thumbs_used + pairs_used + waiting == expected_train
-    assert waiting < update_every_labels
-    assert state.ppo_steps >= 2
+    assert sorted(account.seen) == sorted(published_ids)
+    assert account.state.labels_trained == account.thumbs_used + account.pairs_used
+    assert account.thumbs_used + account.pairs_used + account.waiting == account.expected_train
+    assert account.waiting < update_every_labels
+    assert account.state.ppo_steps >= 2
     assert PolicyRegistry(registry_dir).latest() > 1  # rank 0 proposed candidates
