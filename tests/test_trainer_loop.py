@@ -726,7 +726,10 @@ def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once
         "engine": {"model": str(model_path)},  # its flywheel.toml (the demo model's settings) ranks below this file
         # A SIGKILLed member keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
-        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 60, "checkpoint_every_steps": 1},
+        # Every candidate_every_steps-th policy is proposed, so that the registry shows candidates were: the
+        # pre-check that may withhold them (on by default) is tests/test_candidate_precheck.py's.
+        "trainer": {"metrics_port": 0, "min_labels_before_ppo": 60, "checkpoint_every_steps": 1,
+                    "precheck_candidates": False},
         "join_store": {"vote_settle_seconds": 0},  # each vote is sent once and never changed
         "reward_model": {
             "update_every_labels": update_every_labels, "heldout_fraction": HELDOUT_FRACTION, "learning_rate": 5e-4,
