@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from feedback.config import KafkaSettings, SpoolSettings
+from flywheel.adapters import PolicySettings
 from flywheel.registry import MODEL_SETTINGS_FILE
 from gate.config import GateSettings
 from server.config import EngineSettings, ServerSettings
@@ -111,6 +112,7 @@ class FlywheelConfig(BaseModel):
     state_dir: Path = Field(Path(".cache"), description="Where the demo model, spool, registry and trainer state live.")
     log_level: str = Field("INFO", description="Python logging level.")
     registry_dir: Path = Field(Path("registry"), description="The policy registry (a shared volume in Kubernetes).")
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -179,6 +181,7 @@ ProcessT = TypeVar("ProcessT", bound=ProcessConfig)
 class ServeConfig(ProcessConfig):
     """`flywheel serve`."""
 
+    policy: PolicySettings
     engine: EngineSettings
     server: ServerSettings
     kafka: KafkaSettings

@@ -10,6 +10,7 @@ live pointer, verify a version, load it). Its layout:
     v000001.manifest.json  the manifest of a version whose weights retention removed
     v000001.claim          flock target of the gate judging the version (removed once it has a verdict)
     live.json              the version servers should run (the live pointer)
+    canary.json            a candidate serving a share of users beside live, while the gate's online test runs
     history.jsonl          every move of the live pointer, one JSON object a line
     .lock                  flock target that serializes writers
     .tmp-*                 a write in progress, or one a crash left behind: ignored by readers
@@ -105,6 +106,16 @@ class PolicyManifest(BaseModel):
     reference_version: int | None = Field(
         None, description="The version the trainer's KL penalty was taken against; retention keeps its weights."
     )
+    base_version: int | None = Field(
+        None, description="For an adapter: the whole-weight version it applies to; None for whole weights."
+    )
+    base_digest: str | None = Field(
+        None, description="For an adapter: the digest of base_version, which a server must serve to load it."
+    )
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_digest is not None
 
 
 class LiveRecord(BaseModel):
@@ -120,6 +131,15 @@ class LiveRecord(BaseModel):
         description="An operator's move (`flywheel rollback`), made whatever was live: it overrode previous_version "
         "and any move racing it. Other moves happen only while the version they expect is live.",
     )
+
+
+class CanaryRecord(BaseModel):
+    """A candidate that passed the gate's offline checks, serving a share of users beside the live version."""
+
+    version: int = Field(ge=1, description="The candidate serving the canary share.")
+    against: int = Field(ge=1, description="The live version it is compared with; the canary ends if live moves.")
+    share: float = Field(gt=0, lt=1, description="Share of users (sticky per principal and user) it serves.")
+    started_at: AwareDatetime = Field(description="When it started serving, UTC: the test counts votes since.")
 
 
 class Withheld(StrEnum):
@@ -401,12 +421,15 @@ class PolicyRegistry:
         metrics: Mapping[str, float],
         reward_model_dir: Path | None = None,
         reference_version: int | None = None,
+        base_version: int | None = None,
     ) -> PolicyManifest:
         """Copy a flat model directory into the registry as the next version and return its manifest.
 
         `reward_model_dir` (flat) goes into the version's reward_model/ folder: the gate judges the
         version with it. A reward model file with the same name and bytes as the newest earlier
         version's is hard-linked from there, not copied again (registry files are never written in place).
+        `base_version`: the directory is an adapter on that whole-weight version, whose digest
+        the manifest records (ValueError when it is itself an adapter).
 
         The copy happens outside the lock (it can be gigabytes); only numbering the version,
         writing its manifest and renaming it into place happen under the lock, so two
@@ -416,6 +439,12 @@ class PolicyRegistry:
             self._require(parent_version)
         if reference_version is not None:
             self._require(reference_version)
+        base_digest = None
+        if base_version is not None:
+            base = self.manifest(base_version)
+            if base.is_adapter:
+                raise ValueError(f"policy version {base_version} is an adapter: an adapter's base has whole weights")
+            base_digest = base.digest
         sources = _source_files(Path(source_dir))
         reward_model_sources = _source_files(Path(reward_model_dir)) if reward_model_dir is not None else None
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=TEMP_PREFIX))
@@ -438,6 +467,8 @@ class PolicyRegistry:
                     created_at=_utc_now(),
                     reward_model=reward_model,
                     reference_version=reference_version,
+                    base_version=base_version,
+                    base_digest=base_digest,
                 )
                 write_atomically(staging / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode(), TEMP_PREFIX)
                 if reward_model is not None:
@@ -610,7 +641,7 @@ class PolicyRegistry:
     def _move_live_locked(self, version: int, *, reason: str, kind: LiveKind, forced: bool) -> LiveRecord:
         """Rewrite live.json, then log the move to history.jsonl. Call under the writers' lock.
 
-        live.json is the truth servers follow; history.jsonl is its log. Under the lock
+        live.json is the truth servers follow; history.jsonl is its log; a canary ends with the move. Under the lock
         previous_version is always the version this move replaced, and retention cannot remove
         `version` between the check here and the move.
         """
@@ -625,6 +656,7 @@ class PolicyRegistry:
             forced=forced,
         )
         line = record.model_dump_json()
+        self._canary_path.unlink(missing_ok=True)  # a canary is compared with one live version: any move ends it
         write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
         _append_line(self._history_path, line)
         log.info(
@@ -656,6 +688,38 @@ class PolicyRegistry:
             return []
         complete = text[: text.rfind("\n") + 1]
         return [LiveRecord.model_validate_json(line) for line in complete.splitlines() if line]
+
+    # -------------------------------------------------------- canary pointer
+
+    def start_canary(self, version: int, *, against: int, share: float) -> CanaryRecord:
+        """Serve `version` to `share` of users beside live, if `against` is still live (LiveMoved otherwise)."""
+        with self._lock():
+            self._expect_live(against, version)
+            self._require_weights(version)
+            record = CanaryRecord(version=version, against=against, share=share, started_at=_utc_now())
+            write_atomically(self._canary_path, record.model_dump_json().encode(), TEMP_PREFIX)
+        log.info("policy %d serves a canary share of %.3f beside live %d", version, share, against)
+        return record
+
+    def canary(self) -> CanaryRecord | None:
+        """The canary serving beside live, or None. A canary whose live version moved is no canary."""
+        try:
+            record = CanaryRecord.model_validate_json(self._canary_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        live = self.live()
+        return record if live is not None and live.version == record.against else None
+
+    def end_canary(self, version: int) -> None:
+        """Stop serving `version` as the canary (a no-op when another, or none, is)."""
+        with self._lock():
+            try:
+                record = CanaryRecord.model_validate_json(self._canary_path.read_bytes())
+            except FileNotFoundError:
+                return
+            if record.version == version:
+                self._canary_path.unlink()
+                fsync_path(self.root)
 
     # -------------------------------------------------------- gate verdicts and claims
 
@@ -779,6 +843,10 @@ class PolicyRegistry:
     @property
     def _live_path(self) -> Path:
         return self.root / "live.json"
+
+    @property
+    def _canary_path(self) -> Path:
+        return self.root / "canary.json"
 
     @property
     def _history_path(self) -> Path:

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from feedback.config import KafkaSettings, SpoolSettings
+from flywheel.adapters import PolicySettings
 from flywheel.demo.task import GOLDEN_FILE
 from trainer.gate_checks import GateThresholds, SafetyRules
 
@@ -216,3 +217,13 @@ class TrainerConfig(BaseModel):
     kafka: KafkaSettings
     spool: SpoolSettings
     registry_dir: Path
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+    @model_validator(mode="after")
+    def adapters_train_whole_on_every_rank(self) -> "TrainerConfig":
+        if self.policy.uses_adapters and self.trainer.parallelism == "fsdp":
+            raise ValueError(
+                "policy.adapter = lora trains under trainer.parallelism = ddp only: an adapter is small enough "
+                "for every rank to hold whole, and sharding one is not supported"
+            )
+        return self

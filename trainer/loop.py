@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 from aiokafka import TopicPartition
 from rich.live import Live
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.identity import capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
+from flywheel.adapters import ADAPTER_WEIGHTS_FILE, is_adapter
 from flywheel.registry import REWARD_MODEL_DIR, LiveRecord, PolicyRegistry, PolicyVerdict
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
@@ -117,7 +119,7 @@ class Trainer:
         every rank loads it (checkpoints and registry on a filesystem all ranks share).
         """
         registry = PolicyRegistry(config.registry_dir)
-        checkpoint, live_version = None, None
+        checkpoint = live_version = live_is_adapter = reference_version = None
         if ranks.leads:
             checkpoint = latest_checkpoint(config.trainer.checkpoint_dir)
             live = registry.live() if checkpoint is None else None
@@ -125,16 +127,22 @@ class Trainer:
                 raise RuntimeError(
                     f"the policy registry {config.registry_dir} has no live policy to start training from"
                 )
-            live_version = None if live is None else live.version
-        checkpoint, live_version = ranks.broadcast((checkpoint, live_version))
+            if live is not None:
+                live_manifest = registry.manifest(live.version)
+                # An adapter trains on its base; the reference is the base, the adapter switched off.
+                live_version, live_is_adapter = live.version, live_manifest.is_adapter
+                reference_version = live_manifest.base_version or live.version
+        checkpoint, live_version, live_is_adapter, reference_version = ranks.broadcast(
+            (checkpoint, live_version, live_is_adapter, reference_version)
+        )
         # New heads (the reward model's score head, the value head) start the same on every rank.
         if ranks.distributed:
             torch.manual_seed(config.trainer.seed)
         if checkpoint is None:
-            policy_path = registry.path(live_version)
+            policy_path = registry.path(reference_version)
             state = TrainerState(
                 reference_path=str(policy_path),
-                reference_version=live_version,
+                reference_version=reference_version,
                 following_live_version=live_version,
             )
             tokenizer = AutoTokenizer.from_pretrained(policy_path)
@@ -144,30 +152,31 @@ class Trainer:
                 tokenizer.pad_token_id,
                 ranks,
             )
-            models = PolicyWithValue.from_pretrained(policy_path)
+            if live_is_adapter:
+                models = PolicyWithValue.resume(registry.path(live_version), policy_path, None)
+            else:
+                models = PolicyWithValue.from_pretrained(policy_path, config.policy)
             if ranks.leads:
                 # Labels a crashed run marked used never reached a checkpoint: start the store afresh,
                 # and Kafka (no offsets committed yet) hands every event out again.
                 remove_join_store(config.join_store.path)
-                log.info("training starts from live policy %d at %s", live_version, policy_path)
+                log.info("training starts from live policy %d at %s", live_version, registry.path(live_version))
         else:
             state = load_state(checkpoint)
-            tokenizer = AutoTokenizer.from_pretrained(checkpoint / "policy")
+            tokenizer = AutoTokenizer.from_pretrained(state.reference_path)
             reward_model = RewardModelTrainer.load(
                 checkpoint / "reward_model", config.reward_model, tokenizer.pad_token_id, ranks
             )
-            policy = load_without_dropout(AutoModelForCausalLM, checkpoint / "policy")
+            value_head = None
             if (checkpoint / VALUE_HEAD_FILE).exists():
-                value_head = ValueHead.load(checkpoint / VALUE_HEAD_FILE, policy.config.hidden_size)
+                hidden_size = AutoConfig.from_pretrained(state.reference_path).hidden_size
+                value_head = ValueHead.load(checkpoint / VALUE_HEAD_FILE, hidden_size)
             else:
                 log.warning(
                     "checkpoint %s predates the value head (its critic was a separate model): starting a new one",
                     checkpoint.name,
                 )
-                value_head = ValueHead(policy.config.hidden_size)
-            models = PolicyWithValue(
-                policy, value_head, load_without_dropout(AutoModelForCausalLM, state.reference_path)
-            )
+            models = PolicyWithValue.resume(checkpoint / "policy", state.reference_path, value_head)
             if ranks.leads:
                 restore_join_store(checkpoint, config.join_store.path)
                 log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
@@ -252,8 +261,16 @@ class Trainer:
         return self.ranks.reduce_stats(self.ppo.ppo_step(rollout, self.reward_model.model))
 
     def apply_restart(self, policy_path: str | Path) -> None:
-        """Every rank: the policy's weights from `policy_path`, its optimizer moments forgotten."""
-        self.ppo.restart_policy(load_without_dropout(AutoModelForCausalLM, policy_path).state_dict())
+        """Every rank: the policy's weights from `policy_path`, its optimizer moments forgotten.
+
+        Training an adapter, `policy_path` is an adapter (its weights) or the base itself (no adapter)."""
+        if not self.ppo.models.uses_adapter:
+            weights = load_without_dropout(AutoModelForCausalLM, policy_path).state_dict()
+        elif is_adapter(Path(policy_path)):
+            weights = load_file(Path(policy_path) / ADAPTER_WEIGHTS_FILE)
+        else:
+            weights = {}
+        self.ppo.restart_policy(weights)
 
     def save_candidate(self, policy_dir: Path, reward_model_dir: Path) -> None:
         """Every rank: the policy and the reward model the gate judges it with, whole; only rank 0 writes."""
@@ -496,6 +513,7 @@ class Trainer:
                 metrics=metrics,
                 reward_model_dir=reward_model_dir,
                 reference_version=self.state.reference_version,
+                base_version=self.state.reference_version if self.ppo.models.uses_adapter else None,
             )
         self.state.last_candidate_version = manifest.version
         self.metrics.candidates.inc()

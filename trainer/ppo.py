@@ -17,10 +17,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from flywheel.adapters import PolicySettings, is_adapter
 from trainer.config import PPOSettings
 from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.ppo_math import (
@@ -190,26 +192,72 @@ class ValueHead(nn.Module):
         return head
 
 
-class PolicyWithValue(nn.Module):
-    """The trainable policy, its critic (a value head on the policy's features), and a frozen
-    reference copy of the starting policy."""
+def lora_policy(base: PreTrainedModel, settings: PolicySettings, adapter_dir: str | Path | None = None) -> PeftModel:
+    """`base` with a trainable LoRA adapter: the one saved in `adapter_dir`, or a new one from `settings`
+    (its B matrices start at zero, so it starts as the base). Only the adapter's weights train."""
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        target_modules=list(settings.target_modules),
+        lora_dropout=0.0,  # as load_without_dropout: two passes over the same tokens must agree
+    )
+    return get_peft_model(base, config)
 
-    def __init__(self, policy: PreTrainedModel, critic: ValueHead, reference: PreTrainedModel):
+
+class PolicyWithValue(nn.Module):
+    """The trainable policy, its critic (a value head on the policy's features), and the reference.
+
+    Whole weights: the reference is a frozen copy of the starting policy. Adapter mode: the policy
+    is the base with a LoRA adapter (a peft model) and the reference is the same model with the
+    adapter switched off (`reference` None), so no second copy of the weights is held.
+    """
+
+    def __init__(self, policy: PreTrainedModel, critic: ValueHead, reference: PreTrainedModel | None):
         super().__init__()
         self.policy = policy
         self.critic = critic
-        self.reference = reference.requires_grad_(False)
+        self.reference = None if reference is None else reference.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, policy_path: str | Path) -> "PolicyWithValue":
+    def from_pretrained(
+        cls, policy_path: str | Path, policy_settings: PolicySettings | None = None
+    ) -> "PolicyWithValue":
+        """Start from the whole-weight policy at `policy_path`; with adapters, a new adapter on it."""
         policy = load_without_dropout(AutoModelForCausalLM, policy_path)
+        if policy_settings is not None and policy_settings.uses_adapters:
+            return cls(lora_policy(policy, policy_settings), ValueHead(policy.config.hidden_size), None)
         return cls(policy, ValueHead(policy.config.hidden_size), copy.deepcopy(policy))
+
+    @classmethod
+    def resume(cls, policy_dir: str | Path, reference_path: str | Path, critic: ValueHead | None) -> "PolicyWithValue":
+        """The policy saved in `policy_dir` (whole weights, or an adapter on `reference_path`) against its reference."""
+        reference = load_without_dropout(AutoModelForCausalLM, reference_path)
+        if is_adapter(Path(policy_dir)):
+            policy = PeftModel.from_pretrained(reference, policy_dir, is_trainable=True)
+            return cls(policy, critic or ValueHead(reference.config.hidden_size), None)
+        policy = load_without_dropout(AutoModelForCausalLM, policy_dir)
+        return cls(policy, critic or ValueHead(policy.config.hidden_size), reference)
+
+    @property
+    def uses_adapter(self) -> bool:
+        return isinstance(self.policy, PeftModel)
 
     @staticmethod
     def response_hidden(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
         """The last hidden state at the column predicting each response token, `(answers, response_len, hidden)`."""
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # A peft model's `base_model` is its tuner; the transformer body (LoRA layers inside) is one further.
+        causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+        hidden = causal_lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return at_positions(hidden, batch.predicting_positions)
+
+    def reference_logits(self, batch: TokenBatch) -> torch.Tensor:
+        """The reference policy's logits for each response token, `(answers, response_len, vocab)`."""
+        if self.reference is not None:
+            return self.response_logits(self.reference, batch)
+        with self.policy.disable_adapter():
+            return self.response_logits(self.policy, batch)
 
     @classmethod
     def response_logits(cls, model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
@@ -222,10 +270,6 @@ class PolicyWithValue(nn.Module):
 
     FSDP_METHODS = ("reference_logits", "generate_answers")
     """Methods besides `forward` that run the models: sharded (FSDP), they gather parameters around these too."""
-
-    def reference_logits(self, batch: TokenBatch) -> torch.Tensor:
-        """The reference's logits predicting each response token, `(answers, response_len, vocab)`."""
-        return self.response_logits(self.reference, batch)
 
     def generate_answers(self, **generate_kwargs) -> torch.Tensor:
         """The policy's `generate`, through a method the sharded models gather their parameters around."""
@@ -305,8 +349,9 @@ class PPOTrainer:
             generate=models.generate_answers if ranks.sharded else None,
         )
         # fused: one kernel per step over all parameters, instead of several per parameter tensor.
+        # With an adapter only its weights require gradients; whole weights all do.
         self.policy_optimizer = torch.optim.AdamW(
-            models.policy.parameters(), lr=settings.policy_learning_rate, fused=True
+            [p for p in models.policy.parameters() if p.requires_grad], lr=settings.policy_learning_rate, fused=True
         )
         self.critic_optimizer = torch.optim.AdamW(
             models.critic.parameters(), lr=settings.critic_learning_rate, fused=True
@@ -415,13 +460,31 @@ class PPOTrainer:
         )
 
     def restart_policy(self, weights: dict[str, torch.Tensor]) -> None:
-        """Replace the policy's weights (e.g. with the live policy's) and forget the optimizer's moments."""
-        self.ranks.load_full_state_dict(self.models.policy, weights)
+        """Replace the policy's weights (e.g. with the live policy's) and forget the optimizer's moments.
+
+        With an adapter, `weights` are an adapter's as peft saves them (empty: back to the base).
+        """
+        if self.models.uses_adapter:
+            adapter = self.models.policy
+            for name, parameter in adapter.named_parameters():
+                if "lora_B" in name:  # B = 0: the adapter adds nothing until the saved weights land
+                    nn.init.zeros_(parameter)
+            if weights:
+                set_peft_model_state_dict(adapter, weights)
+        else:
+            self.ranks.load_full_state_dict(self.models.policy, weights)
         self.policy_optimizer.state.clear()
 
     def save_policy(self, directory: Path) -> None:
-        """Write the policy as a Hugging Face directory vLLM can serve: safetensors weights, config,
-        generation config, tokenizer and chat template. Only rank 0 writes."""
+        """Write the policy as a directory vLLM can serve: whole weights as a Hugging Face model
+        (safetensors weights, config, generation config, tokenizer and chat template), or the
+        adapter alone (adapter_config.json and adapter_model.safetensors), which applies to the base.
+        Only rank 0 writes."""
+        if self.models.uses_adapter:
+            if self.ranks.leads:
+                self.models.policy.save_pretrained(directory)
+                (Path(directory) / "README.md").unlink(missing_ok=True)  # peft's model card template, not the model
+            return
         weights = self.ranks.full_state_dict(self.models.policy)
         if self.ranks.leads:
             self.models.policy.save_pretrained(directory, state_dict=weights)
