@@ -103,7 +103,9 @@ def _serve(args: argparse.Namespace) -> None:
     seed_registry(config)
     spool = config.spool.of_process("server")
     # The event loop runs vLLM's output handler on every engine step and every RPC: uvloop's is the cheaper one.
-    uvloop.run(serve(config.server, config.engine, config.kafka, spool, PolicyRegistry(config.registry_dir)))
+    uvloop.run(
+        serve(config.server, config.engine, config.kafka, spool, PolicyRegistry(config.registry_dir), config.policy)
+    )
 
 
 def _metrics_endpoint(host: str, port: int):

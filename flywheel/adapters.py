@@ -56,3 +56,15 @@ def adapter_name(version: int) -> str:
     """The engine's name for the adapter of a policy version: unique per version, so the prefix
     cache, which keys blocks by adapter name, never hands one version's blocks to another."""
     return f"policy-v{version}"
+
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256)
+"""The values vLLM takes for max_lora_rank (its LoRAConfig); larger ones need more memory per slot."""
+
+
+def engine_max_lora_rank(lora_rank: int) -> int:
+    """The smallest max_lora_rank vLLM takes that serves adapters of `lora_rank`."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= lora_rank:
+            return allowed
+    raise ValueError(f"policy.lora_rank={lora_rank}: vLLM serves ranks up to {VLLM_MAX_LORA_RANKS[-1]}")

@@ -133,15 +133,6 @@ class LiveRecord(BaseModel):
     )
 
 
-class CanaryRecord(BaseModel):
-    """A candidate that passed the gate's offline checks, serving a share of users beside the live version."""
-
-    version: int = Field(ge=1, description="The candidate serving the canary share.")
-    against: int = Field(ge=1, description="The live version it is compared with; the canary ends if live moves.")
-    share: float = Field(gt=0, lt=1, description="Share of users (sticky per principal and user) it serves.")
-    started_at: AwareDatetime = Field(description="When it started serving, UTC: the test counts votes since.")
-
-
 class Withheld(StrEnum):
     """Why a candidate is not live for a reason other than failing one of its checks."""
 
@@ -160,6 +151,18 @@ class VerdictCheck(BaseModel):
     threshold: float | None = Field(None, description="What it was held to; None when nothing was.")
     passed: bool = Field(False, description="Whether the candidate passed it.")
     detail: str = Field("", description="What happened, for the operator.")
+
+
+class CanaryRecord(BaseModel):
+    """A candidate that passed the gate's offline checks, serving a share of users beside the live version."""
+
+    version: int = Field(ge=1, description="The candidate serving the canary share.")
+    against: int = Field(ge=1, description="The live version it is compared with; the canary ends if live moves.")
+    share: float = Field(gt=0, lt=1, description="Share of users (sticky per principal and user) it serves.")
+    started_at: AwareDatetime = Field(description="When it started serving, UTC: the test counts votes since.")
+    checks: list[VerdictCheck] = Field(
+        default_factory=list, description="The offline checks it passed, for its verdict when the online test ends."
+    )
 
 
 class PolicyVerdict(BaseModel):
@@ -641,7 +644,8 @@ class PolicyRegistry:
     def _move_live_locked(self, version: int, *, reason: str, kind: LiveKind, forced: bool) -> LiveRecord:
         """Rewrite live.json, then log the move to history.jsonl. Call under the writers' lock.
 
-        live.json is the truth servers follow; history.jsonl is its log; a canary ends with the move. Under the lock
+        live.json is the truth servers follow; history.jsonl is its log; a canary against the version
+        moved from ends with the move (`canary`). Under the lock
         previous_version is always the version this move replaced, and retention cannot remove
         `version` between the check here and the move.
         """
@@ -656,7 +660,6 @@ class PolicyRegistry:
             forced=forced,
         )
         line = record.model_dump_json()
-        self._canary_path.unlink(missing_ok=True)  # a canary is compared with one live version: any move ends it
         write_atomically(self._live_path, line.encode(), TEMP_PREFIX)
         _append_line(self._history_path, line)
         log.info(
@@ -691,24 +694,29 @@ class PolicyRegistry:
 
     # -------------------------------------------------------- canary pointer
 
-    def start_canary(self, version: int, *, against: int, share: float) -> CanaryRecord:
+    def start_canary(
+        self, version: int, *, against: int, share: float, checks: Sequence[VerdictCheck] = ()
+    ) -> CanaryRecord:
         """Serve `version` to `share` of users beside live, if `against` is still live (LiveMoved otherwise)."""
         with self._lock():
             self._expect_live(against, version)
             self._require_weights(version)
-            record = CanaryRecord(version=version, against=against, share=share, started_at=_utc_now())
+            record = CanaryRecord(
+                version=version, against=against, share=share, started_at=_utc_now(), checks=list(checks)
+            )
             write_atomically(self._canary_path, record.model_dump_json().encode(), TEMP_PREFIX)
         log.info("policy %d serves a canary share of %.3f beside live %d", version, share, against)
         return record
 
-    def canary(self) -> CanaryRecord | None:
-        """The canary serving beside live, or None. A canary whose live version moved is no canary."""
+    def canary(self, *, include_ended: bool = False) -> CanaryRecord | None:
+        """The canary serving beside live, or None. A canary whose live version moved is no canary
+        (servers stop serving it); `include_ended` returns it anyway, for the gate to close it."""
         try:
             record = CanaryRecord.model_validate_json(self._canary_path.read_bytes())
         except FileNotFoundError:
             return None
         live = self.live()
-        return record if live is not None and live.version == record.against else None
+        return record if include_ended or (live is not None and live.version == record.against) else None
 
     def end_canary(self, version: int) -> None:
         """Stop serving `version` as the canary (a no-op when another, or none, is)."""

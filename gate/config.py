@@ -3,6 +3,7 @@
 from pydantic import Field
 
 from flywheel.registry import RegistryRetention
+from gate.canary import CanarySettings
 from gate.rollback import ThumbsDownSPRT
 from trainer.config import CandidateCheckSettings
 
@@ -21,4 +22,5 @@ class GateSettings(CandidateCheckSettings):
         0, ge=0, description="Threads torch computes with; 0 keeps torch's default. Set 1 when sharing few cores."
     )
     rollback: ThumbsDownSPRT = Field(default_factory=ThumbsDownSPRT)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     retention: RegistryRetention = Field(default_factory=RegistryRetention)

@@ -70,24 +70,30 @@ class SPRTResult:
     """The new version's observed thumbs-down rate (NaN with no votes)."""
 
 
-def sprt_bounds(settings: ThumbsDownSPRT) -> tuple[float, float]:
-    """Wald's (lower, upper) bounds on the log-likelihood ratio for the settings' α and β."""
-    alpha, beta = settings.false_alarm_rate, settings.miss_rate
+def wald_bounds(alpha: float, beta: float) -> tuple[float, float]:
+    """Wald's (lower, upper) bounds on the log-likelihood ratio for error rates α (accepting H1
+    when H0 holds) and β (accepting H0 when H1 holds): ln(β / (1 − α)), ln((1 − β) / α)."""
     return math.log(beta / (1.0 - alpha)), math.log((1.0 - beta) / alpha)
 
 
-def thumbs_down_log_likelihood_ratio(down: int, total: int, p0: float, p1: float) -> float:
-    """ln of P(down of total | rate p1) / P(down of total | rate p0) for independent votes.
+def sprt_bounds(settings: ThumbsDownSPRT) -> tuple[float, float]:
+    """Wald's (lower, upper) bounds on the log-likelihood ratio for the settings' α and β."""
+    return wald_bounds(settings.false_alarm_rate, settings.miss_rate)
 
-    = down · ln(p1 / p0) + (total − down) · ln((1 − p1) / (1 − p0)); needs 0 < p0, p1 < 1.
+
+def binomial_log_likelihood_ratio(hits: int, total: int, p0: float, p1: float) -> float:
+    """ln of P(hits of total | rate p1) / P(hits of total | rate p0) for independent votes.
+
+    = hits · ln(p1 / p0) + (total − hits) · ln((1 − p1) / (1 − p0)); needs 0 < p0, p1 < 1.
     """
-    return down * math.log(p1 / p0) + (total - down) * math.log((1.0 - p1) / (1.0 - p0))
+    return hits * math.log(p1 / p0) + (total - hits) * math.log((1.0 - p1) / (1.0 - p0))
 
 
-def _observed_rate(down: int, total: int, who: str) -> float:
-    if not 0 <= down <= total:
-        raise ValueError(f"{who}: thumbs-down count {down} must be between 0 and the vote count {total}")
-    return down / total if total else math.nan
+def observed_rate(hits: int, total: int, who: str, what: str = "thumbs-down") -> float:
+    """hits / total, NaN for no votes; ValueError naming `who` when the counts cannot be."""
+    if not 0 <= hits <= total:
+        raise ValueError(f"{who}: {what} count {hits} must be between 0 and the vote count {total}")
+    return hits / total if total else math.nan
 
 
 def sprt_decision(
@@ -99,14 +105,14 @@ def sprt_decision(
     new_down / new_total: the same for the new version, counted since it went live.
     H0 takes p0 = the parent's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
     """
-    parent_rate = _observed_rate(parent_down, parent_total, "parent")
-    new_rate = _observed_rate(new_down, new_total, "new version")
+    parent_rate = observed_rate(parent_down, parent_total, "parent")
+    new_rate = observed_rate(new_down, new_total, "new version")
     lower, upper = sprt_bounds(settings)
     if parent_total == 0:
         return SPRTResult("continue", 0.0, upper, lower, parent_rate, new_rate)
 
     p0 = min(max(parent_rate, RATE_EPSILON), 1.0 - settings.min_increase - RATE_EPSILON)
-    llr = thumbs_down_log_likelihood_ratio(new_down, new_total, p0, p0 + settings.min_increase)
+    llr = binomial_log_likelihood_ratio(new_down, new_total, p0, p0 + settings.min_increase)
     if min(parent_total, new_total) < settings.min_votes:
         decision = "continue"
     elif llr >= upper:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
@@ -33,14 +33,23 @@ from feedback.identity import DEFAULT_PRINCIPAL, capped_per_principal
 from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
-from flywheel.registry import CorruptPolicy, LiveMoved, PolicyRegistry, RetentionReport, VerdictCheck, Withheld
+from flywheel.registry import (
+    CanaryRecord,
+    CorruptPolicy,
+    LiveMoved,
+    PolicyRegistry,
+    RetentionReport,
+    VerdictCheck,
+    Withheld,
+)
 from flywheel.v1 import events_pb2, serving_pb2
+from gate.canary import CANARY_CHECK, CanaryTest, canary_test
 from gate.config import GateSettings
 from gate.rollback import sprt_decision
 from trainer.config import RewardModelSettings
 from trainer.gate_checks import GateVerdict
 from trainer.policy_eval import EvalPrompt, HeldoutPrompts, PolicyEvaluator, load_golden
-from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
+from trainer.reward_model import RewardModel, RewardModelTrainer, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +76,15 @@ class ThumbsByVersion:
             return
         self._votes[key] = (given_at, event.policy_version, event.rating == serving_pb2.RATING_DOWN)
 
-    def counts(self, version: int) -> tuple[int, int]:
+    def counts(self, version: int, since_ns: int = 0) -> tuple[int, int]:
         """(thumbs down, all thumbs) on answers written by `version`, no principal supplying more than its share.
 
-        Each principal's earliest votes count.
+        Each principal's earliest votes count; `since_ns` counts only votes given at or after it (ns since the epoch).
         """
         votes = sorted(
             (given_at, principal, down)
             for (_, principal, _), (given_at, v, down) in self._votes.items()
-            if v == version
+            if v == version and given_at >= since_ns
         )
         counted = capped_per_principal(votes, lambda vote: vote[1], self._max_principal_share)
         return sum(down for _, _, down in counted), len(counted)
@@ -115,6 +124,25 @@ class GateMetrics:
         )  # fmt: skip
         self.weights_removed = Counter(
             "flywheel_registry_weights_removed", "Policy versions whose weights retention removed.", registry=registry
+        )
+        self.canary_version = Gauge(
+            "flywheel_gate_canary_version", "The candidate answering the canary share; 0 when none.", registry=registry
+        )
+        self.canary_share = Gauge(
+            "flywheel_gate_canary_share", "Share of users the canary answers; 0 when none.", registry=registry
+        )
+        self.canary_votes = Gauge(
+            "flywheel_gate_canary_votes", "Thumbs since the canary started, on live and on the canary.", ["role"],
+            registry=registry,
+        )  # fmt: skip
+        self.canary_thumbs_up_rate = Gauge(
+            "flywheel_gate_canary_thumbs_up_rate", "Thumbs-up rate since the canary started, live and canary.",
+            ["role"], registry=registry,
+        )  # fmt: skip
+        self.canary_log_likelihood_ratio = Gauge(
+            "flywheel_gate_canary_log_likelihood_ratio",
+            "The online test's log-likelihood ratio: promote at its upper bound, reject at its lower.",
+            registry=registry,
         )
 
 
@@ -183,6 +211,8 @@ class Gate:
 
         None when nothing waits, or when another gate holds the claim on the newest candidate.
         """
+        if self.registry.canary(include_ended=True) is not None:
+            return None  # one candidate at a time: the canary's test decides first (canary_due)
         waiting = self.waiting_candidates()
         if not waiting:
             return None
@@ -207,15 +237,19 @@ class Gate:
         reference_path: Path,
         reward_model_path: Path,
         prompts: Sequence[EvalPrompt],
+        base_path: Path | None = None,
     ) -> GateVerdict:
-        """Run the gate's checks on a candidate against the live policy, scored by the reward model published with it."""
+        """Run the gate's checks on a candidate against the live policy, scored by the reward model published with it.
+
+        `base_path`: the base model of any adapter among the three (one lineage shares one base).
+        """
         tokenizer = self._tokenizer()
         reward_model = RewardModelTrainer(
             RewardModel.from_pretrained(reward_model_path), self.reward_model_settings, tokenizer.pad_token_id
         )
-        candidate = load_without_dropout(AutoModelForCausalLM, candidate_path)
-        live = load_without_dropout(AutoModelForCausalLM, live_path)
-        reference = None if reference_path == live_path else load_without_dropout(AutoModelForCausalLM, reference_path)
+        candidate = load_policy(candidate_path, base_path)
+        live = load_policy(live_path, base_path)
+        reference = None if reference_path == live_path else load_policy(reference_path, base_path)
         return PolicyEvaluator(tokenizer, reward_model, self.settings).judge(candidate, live, reference, prompts)
 
     def _judge(self, version: int) -> events_pb2.PolicyEvent:
@@ -242,6 +276,7 @@ class Gate:
             self.registry.path(lineage_root(self.registry, version)),
             reward_model_path,
             prompts,
+            self.registry.path(manifest.base_version) if manifest.is_adapter else None,
         )
         checks = [VerdictCheck(**asdict(check)) for check in verdict.checks]
         for check in verdict.checks:
@@ -256,6 +291,8 @@ class Gate:
                 [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
                 live.version,
             )
+        if manifest.is_adapter and self.settings.canary.share > 0:
+            return self._start_canary(version, live.version, checks, manifest.digest)
         try:
             self.registry.approve(version, judged_against=live.version, checks=checks, reason="approved by the gate")
         except LiveMoved as moved:
@@ -271,6 +308,108 @@ class Gate:
             digest=manifest.digest,
             checks=[_check_proto(c) for c in verdict.checks],
         )
+
+    def _start_canary(self, version: int, live: int, checks: list[VerdictCheck], digest: str) -> events_pb2.PolicyEvent:
+        """A candidate that passed the offline checks answers a share of users beside live, until `canary_due` decides."""
+        share = self.settings.canary.share
+        try:
+            self.registry.start_canary(version, against=live, share=share, checks=checks)
+        except LiveMoved as moved:
+            return self._withhold(version, live, checks, moved)
+        self.metrics.decisions.labels(decision="canary").inc()
+        self.metrics.canary_version.set(version)
+        self.metrics.canary_share.set(share)
+        log.info(
+            "policy %d passed the offline checks and answers %.1f%% of users beside %d", version, share * 100, live
+        )
+        return policy_event(
+            events_pb2.POLICY_EVENT_KIND_CANARY,
+            version,
+            live,
+            path=str(self.registry.path(version)),
+            digest=digest,
+            reasons=[f"passed the offline checks; answers a share of {share:g} of users beside live {live}"],
+        )
+
+    def canary_state(self) -> tuple[CanaryRecord, CanaryTest] | None:
+        """The running canary and its online test over the votes since it started; None without one."""
+        record = self.registry.canary()
+        if record is None:
+            return None
+        since = int(record.started_at.timestamp() * 1e9)
+        live_down, live_total = self.thumbs.counts(record.against, since_ns=since)
+        canary_down, canary_total = self.thumbs.counts(record.version, since_ns=since)
+        test = canary_test(
+            live_total - live_down, live_total, canary_total - canary_down, canary_total, self.settings.canary
+        )
+        self.metrics.canary_log_likelihood_ratio.set(test.log_likelihood_ratio)
+        for role, votes, rate in (("live", live_total, test.live_rate), ("canary", canary_total, test.canary_rate)):
+            self.metrics.canary_votes.labels(role=role).set(votes)
+            self.metrics.canary_thumbs_up_rate.labels(role=role).set(rate)
+        return record, test
+
+    def canary_due(self) -> events_pb2.PolicyEvent | None:
+        """Promote or reject the canary once its online test decides; close one whose live version moved.
+
+        Returns the event to announce, or None while the test goes on (or no canary runs).
+        """
+        ended = self.registry.canary(include_ended=True)
+        if ended is not None and self.registry.canary() is None:  # live moved away while it ran
+            self.registry.end_canary(ended.version)
+            self._canary_ended()
+            if self.registry.verdict(ended.version) is not None:  # promoted: the verdict is written
+                return None
+            return self._withhold(
+                ended.version,
+                ended.against,
+                ended.checks,
+                LiveMoved(ended.version, ended.against, self.registry.live()),
+            )
+        running = self.canary_state()
+        if running is None:
+            return None
+        record, test = running
+        if test.decision == "continue":
+            return None
+        reason = test.reason()
+        check = VerdictCheck(
+            name=CANARY_CHECK,
+            value=test.log_likelihood_ratio,
+            threshold=test.upper,
+            passed=test.decision == "promote",
+            detail=reason,
+        )
+        checks = [*record.checks, check]
+        if test.decision == "reject":
+            self.registry.record_verdict(record.version, False, checks, judged_against=record.against)
+            self.registry.end_canary(record.version)
+            self._canary_ended()
+            self.metrics.decisions.labels(decision="canary_rejected").inc()
+            log.warning("rejected canary %d: %s", record.version, reason)
+            return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, record.version, record.against, reasons=[reason])
+        try:
+            self.registry.approve(record.version, judged_against=record.against, checks=checks, reason=reason)
+        except LiveMoved as moved:
+            self.registry.end_canary(record.version)
+            self._canary_ended()
+            return self._withhold(record.version, record.against, checks, moved)
+        self.registry.end_canary(record.version)
+        self._canary_ended()
+        self.metrics.decisions.labels(decision="approved").inc()
+        self.metrics.approved_version.set(record.version)
+        log.info("promoted canary %d: %s", record.version, reason)
+        return policy_event(
+            events_pb2.POLICY_EVENT_KIND_APPROVED,
+            record.version,
+            record.against,
+            path=str(self.registry.path(record.version)),
+            digest=self.registry.manifest(record.version).digest,
+            reasons=[reason],
+        )
+
+    def _canary_ended(self) -> None:
+        self.metrics.canary_version.set(0)
+        self.metrics.canary_share.set(0)
 
     def _withhold(
         self, version: int, judged_against: int, checks: list[VerdictCheck], moved: LiveMoved
@@ -339,7 +478,8 @@ class Gate:
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         live = self.registry.live()
-        return AutoTokenizer.from_pretrained(self.registry.path(live.version))
+        manifest = self.registry.manifest(live.version)
+        return AutoTokenizer.from_pretrained(self.registry.path(manifest.base_version or live.version))
 
 
 def _check_proto(check) -> events_pb2.GateCheck:
@@ -375,6 +515,7 @@ async def run_gate(
                     await consumer.dead_letter(consumed, "refused_by_gate", reason)
                 decisions = [
                     await asyncio.to_thread(gate.decide_next),
+                    gate.canary_due(),
                     gate.rollback_due() if gate.settings.auto_rollback else None,
                 ]
                 for decided in decisions:

@@ -22,6 +22,7 @@ from feedback.consumer import EventConsumer
 from feedback.intake import FeedbackIntake
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
+from flywheel.adapters import PolicySettings
 from flywheel.registry import PolicyRegistry, weights_digest
 from flywheel.v1 import serving_pb2, serving_pb2_grpc
 from server.admission import AdmissionController
@@ -66,6 +67,7 @@ class FlywheelServer:
         *,
         policy_version: int = 0,
         policy_digest: str | None = None,
+        adapter_path: str | None = None,
         events: EventLog | None = None,
         topics: TopicNames | None = None,
         registry: CollectorRegistry | None = None,
@@ -73,6 +75,7 @@ class FlywheelServer:
         """Serve `engine`, whose weights are `policy_version`; log to `events` when given.
 
         policy_digest: the registry manifest's digest of the policy; None hashes the engine's weight files.
+        adapter_path: the policy's adapter, applied to the engine's base per request; None for the engine's weights.
         """
         registry = registry or CollectorRegistry()
         metrics = ServingMetrics(registry)
@@ -86,7 +89,9 @@ class FlywheelServer:
         metrics.in_flight.set_function(lambda: admission.in_flight)
         metrics.queued.set_function(lambda: admission.queued)
         digest = policy_digest or await asyncio.to_thread(weights_digest, engine.model_path)
-        policy = LivePolicy(LivePolicy.snapshot(policy_version, engine.model_path, digest))
+        policy = LivePolicy(
+            LivePolicy.snapshot(policy_version, adapter_path or engine.model_path, digest, adapter_path)
+        )
         metrics.policy_version.set(policy_version)
 
         if settings.feedback_token_secret is None:
@@ -192,12 +197,14 @@ async def serve(
     kafka: KafkaSettings,
     spool: SpoolSettings,
     policies: PolicyRegistry,
+    policy_settings: PolicySettings | None = None,
 ) -> None:
     """Run one server on the registry's live policy until SIGINT or SIGTERM, following swaps.
 
     The live version is verified first, as a swap verifies it; a refused one is served by an earlier
     version when `startup_policy` finds one, and otherwise the process exits naming the version and why.
     """
+    policy_settings = policy_settings or PolicySettings()
     live = policies.live()
     if live is None:
         raise RuntimeError(f"the policy registry {policies.root} has no live policy; run `flywheel up` or publish one")
@@ -205,11 +212,15 @@ async def serve(
     checker = PolicyChecker(
         policies, PolicyCheckMetrics(registry), settings.policy_poll_seconds, settings.policy_refused_retry_max_seconds
     )
+    base_digest = serving_base_digest(policies, live.version) if policy_settings.uses_adapters else None
     try:
-        version, manifest = startup_policy(checker, live)
+        version, manifest = startup_policy(checker, live, base_digest)
     except NoServablePolicy as error:
         raise SystemExit(f"flywheel serve: {error}") from None
-    engine = PolicyEngine.start(engine_settings, str(policies.path(version)))
+    # In adapter mode the engine runs the base and the live adapter applies per request.
+    engine_version = manifest.base_version or version
+    engine = PolicyEngine.start(engine_settings, str(policies.path(engine_version)), policy_settings)
+    adapter_path = str(policies.path(version)) if manifest.is_adapter else None
     event_metrics = EventMetrics.register(registry)
     producer = None
     if settings.log_generations:
@@ -220,12 +231,21 @@ async def serve(
         engine,
         policy_version=version,
         policy_digest=manifest.digest,
+        adapter_path=adapter_path,
         events=producer,
         topics=kafka.topics,
         registry=registry,
     )
     swapper = PolicySwapper(
-        engine, server.policy, server.admission, checker, server.metrics, producer, kafka.topics, server.server_id
+        engine,
+        server.policy,
+        server.admission,
+        checker,
+        server.metrics,
+        producer,
+        kafka.topics,
+        server.server_id,
+        base_digest=policies.manifest(engine_version).digest,
     )
     policy_events = EventConsumer(
         kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy]
@@ -248,6 +268,12 @@ async def serve(
         if producer is not None:
             await producer.stop()
         engine.shutdown()
+
+
+def serving_base_digest(policies: PolicyRegistry, version: int) -> str:
+    """The digest of the whole weights an adapter-mode server runs for `version`: its base, or itself."""
+    manifest = policies.manifest(version)
+    return policies.manifest(manifest.base_version).digest if manifest.is_adapter else manifest.digest
 
 
 def freeze_startup_heap() -> None:

@@ -12,9 +12,11 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from flywheel.adapters import PolicySettings, adapter_name, engine_max_lora_rank
 from flywheel.prompts import PromptRenderer, RenderedPrompt
 from server.config import EngineSettings
 from server.validation import InvalidRequest, Sampling
@@ -37,8 +39,13 @@ class GenerationDelta:
     (a whole answer); None where the delta's arrival is that time."""
 
 
+def adapter_request(policy_version: int, adapter_path: str) -> LoRARequest:
+    """The engine's handle on a version's adapter: its id is the version, unique as its name is."""
+    return LoRARequest(adapter_name(policy_version), policy_version, adapter_path)
+
+
 class PolicyEngine:
-    """A running vLLM async engine serving one policy."""
+    """A running vLLM async engine serving one policy: whole weights, or adapters on one base model."""
 
     def __init__(self, llm: AsyncLLM, model_path: str):
         self._llm = llm
@@ -50,11 +57,26 @@ class PolicyEngine:
         self.kv_block_tokens: int = llm.vllm_config.cache_config.block_size
         """Tokens per KV-cache block: the prefix cache keeps whole blocks only."""
         self.prefix_caching: bool = bool(llm.vllm_config.cache_config.enable_prefix_caching)
+        self.serves_adapters: bool = llm.vllm_config.lora_config is not None
 
     @classmethod
-    def start(cls, settings: EngineSettings, model_path: str) -> "PolicyEngine":
-        """Start the engine (tens of seconds). Call from the event loop that will use it."""
+    def start(cls, settings: EngineSettings, model_path: str, policy: PolicySettings | None = None) -> "PolicyEngine":
+        """Start the engine (tens of seconds). Call from the event loop that will use it.
+
+        With `policy.adapter = "lora"` the engine serves `model_path` as the base and applies a
+        version's adapter per request (vLLM's LoRA support, on CPU and GPU alike).
+        """
+        lora = (
+            {
+                "enable_lora": True,
+                "max_lora_rank": engine_max_lora_rank(policy.lora_rank),
+                "max_loras": policy.max_adapters,
+            }
+            if policy is not None and policy.uses_adapters
+            else {}
+        )
         args = AsyncEngineArgs(
+            **lora,
             model=model_path,
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
@@ -93,17 +115,26 @@ class PolicyEngine:
         return self.renderer.prompt(prompt)
 
     async def stream(
-        self, request_id: str, prompt: RenderedPrompt, sampling: Sampling, *, whole: bool = False
+        self,
+        request_id: str,
+        prompt: RenderedPrompt,
+        sampling: Sampling,
+        *,
+        whole: bool = False,
+        adapter: tuple[int, str] | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         """Generate; cancelling the consumer aborts the request inside the engine.
 
         `whole` yields the finished answer as one delta instead of one per engine step: a unary
         answer needs no per-token messages between the engine's output loop and the caller.
+        `adapter`: (policy version, adapter directory) to answer with that version's adapter on
+        the base; None answers with the engine's own weights.
         """
         params = self.sampling_params(sampling, whole=whole)
         engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
+        lora_request = None if adapter is None else adapter_request(*adapter)
         try:
-            async for output in self._llm.generate(engine_prompt, params, request_id):
+            async for output in self._llm.generate(engine_prompt, params, request_id, lora_request=lora_request):
                 completion = output.outputs[0]
                 logprobs = [
                     step[token_id].logprob for step, token_id in zip(completion.logprobs or [], completion.token_ids)
@@ -139,6 +170,17 @@ class PolicyEngine:
         # preempting it frees its blocks, so the reset cannot be refused for blocks in use.
         await self._llm.reset_prefix_cache(reset_running_requests=True)
         await self._llm.reset_encoder_cache()
+
+    async def load_adapter(self, policy_version: int, adapter_path: str) -> None:
+        """Load a version's adapter into the engine beside those it holds, so its first request does not
+        wait for it. Nothing pauses: requests keep running on the adapters they started with.
+
+        vLLM keeps up to max_loras adapters and evicts the least recently used; an evicted adapter
+        a request names again is loaded again from its path. Its prefix-cache blocks are keyed by
+        the adapter's name and path, so no version is ever answered from another's cache.
+        """
+        if not await self._llm.add_lora(adapter_request(policy_version, adapter_path)):
+            raise RuntimeError(f"the engine did not load the adapter of policy version {policy_version}")
 
     def shutdown(self) -> None:
         self._llm.shutdown()

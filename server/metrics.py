@@ -56,18 +56,30 @@ class ServingMetrics:
         )
         self.policy_swaps = Counter(
             "flywheel_policy_swaps",
-            "Policy swaps by outcome (ok, digest_mismatch, failed).",
+            "Policy swaps by outcome (ok, digest_mismatch, foreign_base, failed).",
             ["outcome"],
             registry=registry,
         )
         self.policy_swap_seconds = Histogram(
             "flywheel_policy_swap_seconds",
-            "Time admission was paused for a swap: draining running requests and reloading weights.",
+            "Time admission was paused for a swap: draining running requests and reloading weights (0 for an adapter).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.policy_version = Gauge(
             "flywheel_policy_version", "Version of the policy this server answers with.", registry=registry
+        )
+        self.answers = Counter(
+            "flywheel_answers",
+            "Answers by the policy version that wrote them: live's and the canary's (their ratio is the canary share).",
+            ["policy_version"],
+            registry=registry,
+        )
+        self.canary_version = Gauge(
+            "flywheel_canary_version", "Version serving the canary share beside live; 0 when none.", registry=registry
+        )
+        self.canary_share = Gauge(
+            "flywheel_canary_share", "Share of users the canary is meant to answer; 0 when none.", registry=registry
         )
 
 

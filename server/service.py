@@ -198,8 +198,10 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
                     self._limits,
                     request.WhichOneof("input"),
                 )
-                policy = self._policy.current
-                async for delta in self._engine.stream(answer.response_id, prompt, sampling, whole=whole):
+                policy = self._policy.for_user(principal, request.user_id)
+                async for delta in self._engine.stream(
+                    answer.response_id, prompt, sampling, whole=whole, adapter=policy.adapter
+                ):
                     answer.add(delta)
                     yield delta.text
         except Overloaded as error:
@@ -208,6 +210,7 @@ class FlywheelService(serving_pb2_grpc.FlywheelServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(error)))
         answer.finished_at = time.monotonic()
         self._observe(answer, rpc, prompt_tokens=len(prompt.token_ids))
+        self._metrics.answers.labels(policy_version=str(policy.version)).inc()
         log.info(
             "answered",
             extra={

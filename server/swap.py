@@ -1,9 +1,12 @@
-"""Keeping a running server on the live policy: verify, drain, reload in place, flip the version.
+"""Keeping a running server on the live policy (and the canary): verify, load, flip the version.
 
 The registry's live pointer is the truth; policy events on Kafka only say "look now", and a
-periodic look covers events lost with a restarted broker. A swap pauses admission and waits
-for running requests to finish before it reloads, so no request sees two sets of weights.
-A server loads no version, at start-up or in a swap, that `PolicyChecker.verify` refuses.
+periodic look covers events lost with a restarted broker. A whole-weight swap pauses admission
+and waits for running requests to finish before it reloads, so no request sees two sets of
+weights. An adapter swap pauses nothing: the new adapter is loaded beside the old one and new
+requests name it, while running ones finish on the adapter they started with. A server loads
+no version, at start-up or in a swap, that `PolicyChecker.verify` refuses; in adapter mode that
+includes an adapter trained on another base than the one the server runs.
 """
 
 import asyncio
@@ -20,7 +23,7 @@ from flywheel.registry import CorruptPolicy, LiveRecord, PolicyManifest, PolicyR
 from flywheel.v1 import events_pb2
 from server.admission import AdmissionController
 from server.metrics import PolicyCheckMetrics, ServingMetrics
-from server.policy import EventLog, LivePolicy
+from server.policy import CanaryServing, EventLog, LivePolicy, PolicySnapshot
 
 if TYPE_CHECKING:  # the start-up check and its tests run without importing vLLM
     from server.engine import PolicyEngine
@@ -103,10 +106,15 @@ class PolicyChecker:
         refusal = self._refusals.get(version)
         return refusal is None or self._clock() >= refusal.retry_at
 
-    def verify(self, version: int) -> PolicyManifest:
-        """The manifest of `version` when every file matches it; raises PolicyRefused. Blocks while hashing."""
+    def verify(self, version: int, base_digest: str | None = None) -> PolicyManifest:
+        """The manifest of `version` when every file matches it; raises PolicyRefused. Blocks while hashing.
+
+        `base_digest`: the whole weights this server's engine runs, when it serves adapters; an
+        adapter trained on other weights is refused (it would run, and answer nonsense).
+        """
         try:
             manifest = self.registry.verify(version)
+            refuse_foreign_base(manifest, base_digest)
         except (CorruptPolicy, ValueError) as error:  # ValueError: no such version in the registry
             previous = self._refusals.get(version)
             refusals = previous.refusals + 1 if previous else 1
@@ -126,7 +134,26 @@ class PolicyChecker:
         return manifest
 
 
-def startup_policy(checker: PolicyChecker, live: LiveRecord) -> tuple[int, PolicyManifest]:
+def refuse_foreign_base(manifest: PolicyManifest, base_digest: str | None) -> None:
+    """Raise ValueError when `manifest` is an adapter this server cannot apply: it serves whole weights
+    (`base_digest` None), or another base than the adapter's."""
+    if not manifest.is_adapter:
+        return
+    if base_digest is None:
+        raise ValueError(
+            f"policy version {manifest.version} is an adapter (on version {manifest.base_version}), and this "
+            f'server serves whole weights: start it with policy.adapter = "lora"'
+        )
+    if manifest.base_digest != base_digest:
+        raise ValueError(
+            f"policy version {manifest.version} is an adapter on base digest {manifest.base_digest}, and this "
+            f"server serves base digest {base_digest}: an adapter runs only on the weights it was trained on"
+        )
+
+
+def startup_policy(
+    checker: PolicyChecker, live: LiveRecord, base_digest: str | None = None
+) -> tuple[int, PolicyManifest]:
     """The version a starting server loads, and its manifest: the live one if the checker passes it.
 
     Otherwise the first of `fallback_versions` that passes, so a restarted replica serves what the
@@ -135,13 +162,13 @@ def startup_policy(checker: PolicyChecker, live: LiveRecord) -> tuple[int, Polic
     version and why when none passes.
     """
     try:
-        return live.version, checker.verify(live.version)
+        return live.version, checker.verify(live.version, base_digest)
     except PolicyRefused as refused:
         live_refused = refused
     tried: list[str] = []
     for version in fallback_versions(live.version, checker.registry.history()):
         try:
-            manifest = checker.verify(version)
+            manifest = checker.verify(version, base_digest)
         except PolicyRefused as refused:
             tried.append(f"version {version}: {refused.reason}")
             continue
@@ -169,7 +196,9 @@ class PolicySwapper:
         events: EventLog | None,
         topics: TopicNames,
         server_id: str,
+        base_digest: str | None = None,
     ):
+        """`base_digest`: the digest of the whole-weight version the engine runs (for an engine serving adapters)."""
         self._engine = engine
         self._policy = policy
         self._admission = admission
@@ -180,31 +209,92 @@ class PolicySwapper:
         self._topics = topics
         self._server_id = server_id
         self._lock = asyncio.Lock()
+        self._base_digest = base_digest if engine.serves_adapters else None
+        """The digest of the whole weights in the engine, when it serves adapters on them."""
 
     async def sync(self) -> bool:
-        """Swap to the registry's live version if this server is on another one; return whether it swapped.
+        """Swap to the registry's live version if this server is on another one, then follow the
+        canary pointer; return whether live swapped.
 
         A version the checker refused is left alone until its back-off has passed.
         """
         async with self._lock:
             live = await asyncio.to_thread(self._registry.live)
-            if live is None or live.version == self._policy.current.version or not self._checker.due(live.version):
-                return False
-            return await self._swap_to(live.version)
+            swapped = False
+            if live is not None and live.version != self._policy.current.version and self._checker.due(live.version):
+                swapped = await self._swap_to(live.version)
+            await self._follow_canary()
+            return swapped
+
+    async def _follow_canary(self) -> None:
+        """Serve the registry's canary beside live, or stop serving one that ended.
+
+        Only an engine serving adapters runs a canary beside live; with whole weights a canary is
+        a share of replicas running the candidate, and each replica here just follows live.
+        """
+        if self._base_digest is None:
+            return
+        record = await asyncio.to_thread(self._registry.canary)
+        serving = self._policy.canary
+        if record is None or record.against != self._policy.current.version:
+            if serving is not None:
+                self._policy.canary = None
+                self._metrics.canary_version.set(0)
+                self._metrics.canary_share.set(0)
+                log.info("canary %d ended", serving.policy.version)
+            return
+        if serving is not None and serving.policy.version == record.version:
+            if serving.share != record.share:
+                self._policy.canary = CanaryServing(serving.policy, record.share)
+                self._metrics.canary_share.set(record.share)
+            return
+        if not self._checker.due(record.version):
+            return
+        try:
+            manifest = await asyncio.to_thread(self._checker.verify, record.version, self._base_digest)
+            snapshot = await self._load(record.version, manifest)
+        except PolicyRefused:
+            return
+        except Exception:
+            log.exception("loading canary %d failed; answering every user with live", record.version)
+            return
+        self._policy.canary = CanaryServing(snapshot, record.share)
+        self._metrics.canary_version.set(record.version)
+        self._metrics.canary_share.set(record.share)
+        log.info("canary %d answers a share of %.3f of users", record.version, record.share)
+
+    async def _load(self, version: int, manifest: PolicyManifest) -> PolicySnapshot:
+        """Load an adapter (or name the base) into the engine, without a pause; the snapshot that answers with it."""
+        path = self._registry.path(version)  # PolicyRemoved when retention removed it since the check
+        if not manifest.is_adapter:  # the base itself: the engine's own weights
+            return LivePolicy.snapshot(version, self._engine.model_path, manifest.digest)
+        await self._engine.load_adapter(version, str(path))
+        return LivePolicy.snapshot(version, str(path), manifest.digest, adapter_path=str(path))
+
+    def _swaps_without_reload(self, manifest: PolicyManifest) -> bool:
+        """An adapter on this server's base, or the base itself: nothing to reload, nothing to pause."""
+        return self._base_digest is not None and (manifest.is_adapter or manifest.digest == self._base_digest)
 
     async def _swap_to(self, version: int) -> bool:
         try:
-            manifest = await asyncio.to_thread(self._checker.verify, version)
-        except PolicyRefused:
-            self._metrics.policy_swaps.labels(outcome="digest_mismatch").inc()
+            manifest = await asyncio.to_thread(self._checker.verify, version, self._base_digest)
+        except PolicyRefused as refused:
+            outcome = "foreign_base" if "an adapter" in refused.reason else "digest_mismatch"
+            self._metrics.policy_swaps.labels(outcome=outcome).inc()
             return False
         try:
-            path = self._registry.path(version)  # PolicyRemoved when retention removed it since the check
-            async with self._admission.paused():
-                paused_at = time.monotonic()
-                await self._engine.reload_weights(str(path))
-                self._policy.current = LivePolicy.snapshot(version, str(path), manifest.digest)
-                paused_seconds = time.monotonic() - paused_at
+            if self._swaps_without_reload(manifest):
+                self._policy.current = await self._load(version, manifest)
+                path, paused_seconds = self._policy.current.model_path, 0.0
+            else:
+                path = self._registry.path(version)  # PolicyRemoved when retention removed it since the check
+                async with self._admission.paused():
+                    paused_at = time.monotonic()
+                    await self._engine.reload_weights(str(path))
+                    self._policy.current = LivePolicy.snapshot(version, str(path), manifest.digest)
+                    paused_seconds = time.monotonic() - paused_at
+                if self._base_digest is not None:
+                    self._base_digest = manifest.digest
         except Exception:
             self._metrics.policy_swaps.labels(outcome="failed").inc()
             log.exception("reloading policy %d failed; still serving %d", version, self._policy.current.version)

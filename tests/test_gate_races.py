@@ -33,7 +33,9 @@ class ScriptedGate(Gate):
         self.while_judging = while_judging
         self.judged: list[tuple[str, str]] = []
 
-    def judge(self, candidate_path, live_path, reference_path, reward_model_path, prompts) -> GateVerdict:
+    def judge(
+        self, candidate_path, live_path, reference_path, reward_model_path, prompts, base_path=None
+    ) -> GateVerdict:
         self.judged.append((candidate_path.name, live_path.name))
         self.while_judging()
         return PASSED

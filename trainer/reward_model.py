@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from flywheel.adapters import is_adapter
 from trainer.config import RewardModelSettings
 from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.join_store import LabelledExample, PreferencePair
@@ -41,6 +43,17 @@ def load_without_dropout(auto_class: type, path: str | Path) -> PreTrainedModel:
         if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
             setattr(config, name, 0.0)
     return auto_class.from_pretrained(path, config=config, dtype=torch.float32).eval()
+
+
+def load_policy(path: str | Path, base_path: str | Path | None = None) -> PreTrainedModel:
+    """A policy version as one model, without dropout: whole weights, or the adapter at `path`
+    merged into its base at `base_path` (what the engine serves, computed once)."""
+    if not is_adapter(Path(path)):
+        return load_without_dropout(AutoModelForCausalLM, path)
+    if base_path is None:
+        raise ValueError(f"{path} holds an adapter: its base model's directory is needed to load it")
+    base = load_without_dropout(AutoModelForCausalLM, base_path)
+    return PeftModel.from_pretrained(base, path).merge_and_unload().eval()
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

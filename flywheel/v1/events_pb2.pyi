@@ -19,12 +19,14 @@ class PolicyEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_EVENT_KIND_REJECTED: _ClassVar[PolicyEventKind]
     POLICY_EVENT_KIND_LIVE: _ClassVar[PolicyEventKind]
     POLICY_EVENT_KIND_ROLLBACK: _ClassVar[PolicyEventKind]
+    POLICY_EVENT_KIND_CANARY: _ClassVar[PolicyEventKind]
 POLICY_EVENT_KIND_UNSPECIFIED: PolicyEventKind
 POLICY_EVENT_KIND_CANDIDATE: PolicyEventKind
 POLICY_EVENT_KIND_APPROVED: PolicyEventKind
 POLICY_EVENT_KIND_REJECTED: PolicyEventKind
 POLICY_EVENT_KIND_LIVE: PolicyEventKind
 POLICY_EVENT_KIND_ROLLBACK: PolicyEventKind
+POLICY_EVENT_KIND_CANARY: PolicyEventKind
 
 class GenerationLogged(_message.Message):
     __slots__ = ("event_id", "response_id", "prompt", "chat", "rendered_prompt", "response_text", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "sampling", "finish_reason", "policy_version", "user_id", "client_request_id", "tags", "requested_at", "finished_at", "server_id", "principal")

@@ -1,0 +1,113 @@
+"""When a canary goes live: a sequential test of its users' thumbs-up rate against live's, over the same window.
+
+A candidate that passed the gate's offline checks answers a share of users (sticky per user)
+beside the live version. Each vote on either is counted from the moment the canary started,
+so both face the same traffic, hours and users mix. The question is one-sided: is the canary
+better than live by at least δ? The hypotheses, for the canary's thumbs-up rate p:
+
+    H0: p = p0          no better than live (p0: live's observed rate over the same window)
+    H1: p = p0 + δ      better by δ (absolute)
+
+Wald's SPRT on the canary's votes (rollback.py has the same test on thumbs-down): promote at
+the upper bound, reject at the lower. α = chance of promoting a canary no better than live;
+β = chance of rejecting one δ better. A canary worse than live drives the ratio down faster
+than an equal one, so it is rejected sooner. Live's rate is taken as known: it has
+(1 − share) / share times the canary's votes, and both need `min_votes` before any decision.
+A canary still undecided after `max_votes` of its own votes is rejected: not shown better.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from gate.rollback import RATE_EPSILON, binomial_log_likelihood_ratio, observed_rate, wald_bounds
+
+
+class CanarySettings(BaseModel):
+    """The canary: the share of users a candidate serves after the offline checks, and the online test."""
+
+    share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of users (sticky per principal and user) an adapter candidate serves beside live after "
+        "passing the offline checks; 0 makes passing candidates live at once.",
+    )
+    false_promote_rate: float = Field(
+        0.05, gt=0, lt=0.5, description="α: chance of promoting a canary whose thumbs-up rate is no better than live's."
+    )
+    false_reject_rate: float = Field(
+        0.10, gt=0, lt=0.5, description="β: chance of rejecting a canary min_improvement better than live."
+    )
+    min_improvement: float = Field(
+        0.10, gt=0, lt=0.5, description="δ: absolute rise of the thumbs-up rate the canary must show to be promoted."
+    )
+    min_votes: int = Field(30, ge=1, description="Votes the canary, and separately live, need before any decision.")
+    max_votes: int = Field(
+        2000, ge=1, description="Votes on the canary after which an undecided test rejects it (not shown better)."
+    )
+
+
+CANARY_CHECK = "canary_thumbs_up"
+"""The name of the online test's check in a canary's verdict."""
+
+CanaryDecision = Literal["promote", "reject", "continue"]
+
+
+@dataclass(frozen=True)
+class CanaryTest:
+    """The online test's state after the votes so far (the gate's metrics and `flywheel canary` show it)."""
+
+    decision: CanaryDecision
+    log_likelihood_ratio: float
+    """ln P(canary's votes | H1) / P(canary's votes | H0); 0 while live has no votes."""
+    lower: float
+    """Reject at or below it: ln(β / (1 − α))."""
+    upper: float
+    """Promote at or above it: ln((1 − β) / α)."""
+    live_rate: float
+    """Live's thumbs-up rate over the window (NaN with no votes)."""
+    canary_rate: float
+    live_votes: int
+    canary_votes: int
+
+    def reason(self) -> str:
+        """Why the test decided (or has not), in words for the verdict and the operator."""
+        rates = (
+            f"thumbs-up {self.canary_rate:.1%} over {self.canary_votes} canary votes against {self.live_rate:.1%} "
+            f"over {self.live_votes} live votes"
+        )
+        llr = f"log-likelihood ratio {self.log_likelihood_ratio:.2f}"
+        match self.decision:
+            case "promote":
+                return f"canary better: {rates} ({llr} >= {self.upper:.2f})"
+            case "reject" if self.log_likelihood_ratio <= self.lower:
+                return f"canary not better: {rates} ({llr} <= {self.lower:.2f})"
+            case "reject":
+                return f"canary not shown better within its vote budget: {rates} ({llr})"
+            case _:
+                return f"undecided: {rates} ({llr}, between {self.lower:.2f} and {self.upper:.2f})"
+
+
+def canary_test(
+    live_up: int, live_total: int, canary_up: int, canary_total: int, settings: CanarySettings
+) -> CanaryTest:
+    """Promote, reject, or keep watching a canary, from both versions' thumbs-up counts over the same window.
+
+    H0 takes p0 = live's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
+    """
+    live_rate = observed_rate(live_up, live_total, "live", "thumbs-up")
+    canary_rate = observed_rate(canary_up, canary_total, "canary", "thumbs-up")
+    lower, upper = wald_bounds(settings.false_promote_rate, settings.false_reject_rate)
+    llr = 0.0
+    if live_total:
+        p0 = min(max(live_rate, RATE_EPSILON), 1.0 - settings.min_improvement - RATE_EPSILON)
+        llr = binomial_log_likelihood_ratio(canary_up, canary_total, p0, p0 + settings.min_improvement)
+    decision: CanaryDecision = "continue"
+    if min(live_total, canary_total) >= settings.min_votes:
+        if llr >= upper:
+            decision = "promote"
+        elif llr <= lower or canary_total >= settings.max_votes:
+            decision = "reject"
+    return CanaryTest(decision, llr, lower, upper, live_rate, canary_rate, live_total, canary_total)

@@ -1,0 +1,164 @@
+"""The canary without an engine: who it answers, the online test's arithmetic, the registry's pointer,
+and the gate promoting or rejecting it from users' thumbs."""
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from feedback.consumer import ConsumedEvent
+from flywheel.registry import LiveMoved, PolicyRegistry
+from flywheel.v1 import events_pb2
+from flywheel.v1 import serving_pb2 as pb
+from gate.canary import CanarySettings, canary_test
+from gate.config import GateSettings
+from gate.service import Gate, GateMetrics
+from server.policy import LivePolicy, canary_bucket, serves_canary
+from server.swap import refuse_foreign_base
+from trainer.config import RewardModelSettings
+
+SETTINGS = CanarySettings(false_promote_rate=0.05, false_reject_rate=0.10, min_improvement=0.10, min_votes=30)
+
+
+def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
+    # Bounds: ln(0.10 / 0.95) = -2.2513 and ln(0.90 / 0.05) = ln 18 = 2.8904.
+    # Live 50 up of 100: p0 = 0.5, p1 = 0.6; a thumbs-up adds ln(0.6/0.5) = 0.18232, a thumbs-down ln(0.4/0.5) = -0.22314.
+    better = canary_test(50, 100, 24, 30, SETTINGS)  # 24 × 0.18232 − 6 × 0.22314 = 3.0368 ≥ 2.8904
+    assert better.decision == "promote" and better.log_likelihood_ratio == pytest.approx(3.0368, abs=1e-4)
+    assert better.lower == pytest.approx(-2.2513, abs=1e-4) and better.upper == pytest.approx(2.8904, abs=1e-4)
+    assert "canary better" in better.reason()
+    same = canary_test(50, 100, 15, 30, SETTINGS)  # 15 × 0.18232 − 15 × 0.22314 = −0.6123: between the bounds
+    assert same.decision == "continue" and same.log_likelihood_ratio == pytest.approx(-0.6123, abs=1e-4)
+    worse = canary_test(50, 100, 10, 30, SETTINGS)  # 10 × 0.18232 − 20 × 0.22314 = −2.6397 ≤ −2.2513
+    assert worse.decision == "reject" and "not better" in worse.reason()
+    assert canary_test(50, 100, 29, 29, SETTINGS).decision == "continue"  # below min_votes, however good
+    assert canary_test(5, 29, 30, 30, SETTINGS).decision == "continue"  # live below min_votes
+    budget = canary_test(50, 100, 15, 30, SETTINGS.model_copy(update={"max_votes": 30}))
+    assert budget.decision == "reject" and "vote budget" in budget.reason()
+    assert canary_test(0, 0, 0, 0, SETTINGS).log_likelihood_ratio == 0.0 and math.isnan(
+        canary_test(0, 0, 0, 0, SETTINGS).live_rate
+    )
+
+
+def test_a_canary_answers_its_share_of_users_and_each_user_stays_on_one_side():
+    users = [("tenant", f"user-{n}") for n in range(20_000)]
+    on_canary = [serves_canary(principal, user, 7, 0.1) for principal, user in users]
+    # 20,000 draws at 0.1: sd = sqrt(0.1 × 0.9 / 20000) = 0.0021; 0.01 is almost five of them.
+    assert abs(sum(on_canary) / len(users) - 0.1) < 0.01
+    assert on_canary == [serves_canary(principal, user, 7, 0.1) for principal, user in users]  # sticky
+    # Another canary draws other users; the same user id under another principal is another user.
+    assert on_canary != [serves_canary(principal, user, 8, 0.1) for principal, user in users]
+    assert canary_bucket("a", "u", 7) != canary_bucket("b", "u", 7)
+    # A larger share keeps everyone the smaller one had: raising it moves only live users over.
+    wider = [serves_canary(principal, user, 7, 0.3) for principal, user in users]
+    assert all(w for c, w in zip(on_canary, wider) if c)
+
+
+def test_live_policy_answers_a_canary_user_with_the_canary():
+    policy = LivePolicy(LivePolicy.snapshot(1, "/base", "d1"))
+    from server.policy import CanaryServing
+
+    canary = LivePolicy.snapshot(2, "/v2", "d2", adapter_path="/v2")
+    policy.canary = CanaryServing(canary, 0.5)
+    picked = {user: policy.for_user("p", user).version for user in ("a", "b", "c", "d", "e", "f", "g", "h")}
+    assert set(picked.values()) == {1, 2}
+    assert all(picked[user] == (2 if serves_canary("p", user, 2, 0.5) else 1) for user in picked)
+    assert policy.for_user("p", "a").adapter == ((2, "/v2") if picked["a"] == 2 else None)
+
+
+def publish_adapter(registry: PolicyRegistry, tmp_path: Path, name: str, base_version: int, parent: int) -> int:
+    """An adapter-shaped version: the registry checks files and digests, not what the weights say."""
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text('{"r": 4}')
+    (directory / "adapter_model.safetensors").write_bytes(name.encode())
+    return registry.publish(
+        directory, parent_version=parent, training_step=1, metrics={}, base_version=base_version
+    ).version
+
+
+@pytest.fixture
+def registry(tmp_path) -> PolicyRegistry:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    (base / "config.json").write_text("{}")
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(base)
+    return registry
+
+
+def test_an_adapter_names_its_base_and_a_server_on_another_base_refuses_it(registry, tmp_path):
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    manifest = registry.manifest(version)
+    assert manifest.is_adapter and manifest.base_digest == registry.manifest(1).digest
+    refuse_foreign_base(manifest, registry.manifest(1).digest)  # its own base: served
+    with pytest.raises(ValueError, match="server serves base digest other"):
+        refuse_foreign_base(manifest, "other")
+    with pytest.raises(ValueError, match="serves whole weights"):
+        refuse_foreign_base(manifest, None)
+    with pytest.raises(ValueError, match="is an adapter"):  # an adapter's base has whole weights
+        publish_adapter(registry, tmp_path, "b", base_version=version, parent=version)
+
+
+def test_the_canary_pointer_lives_only_as_long_as_the_live_version_it_is_compared_with(registry, tmp_path):
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    with pytest.raises(LiveMoved):
+        registry.start_canary(version, against=version, share=0.1)
+    registry.start_canary(version, against=1, share=0.1, checks=[{"name": "reward_score", "passed": True}])
+    assert registry.canary().version == version and registry.canary().checks[0]["name"] == "reward_score"
+    other = publish_adapter(registry, tmp_path, "b", base_version=1, parent=1)
+    registry.set_live(other, reason="operator", kind="rollback")
+    assert registry.canary() is None and registry.canary(include_ended=True).version == version
+    registry.end_canary(version)
+    assert registry.canary(include_ended=True) is None
+
+
+def votes(version: int, ups: int, total: int, prefix: str) -> list[ConsumedEvent]:
+    """`total` users' thumbs on answers of `version`, `ups` of them up, all given now."""
+    now = time.time_ns()
+    events = []
+    for n in range(total):
+        event = events_pb2.FeedbackGiven(
+            event_id=f"{prefix}-{n}", response_id=f"{prefix}-r{n}", user_id=f"{prefix}-u{n}", principal="p",
+            policy_version=version, rating=pb.RATING_UP if n < ups else pb.RATING_DOWN,
+        )  # fmt: skip
+        event.given_at.FromNanoseconds(now)
+        events.append(ConsumedEvent("feedback", 0, n, event.response_id, event))
+    return events
+
+
+def gate_on(registry: PolicyRegistry, tmp_path: Path) -> Gate:
+    settings = GateSettings(canary=SETTINGS, max_principal_share=1.0)
+    return Gate(settings, RewardModelSettings(), tmp_path / "no-checkpoint", registry, GateMetrics(CollectorRegistry()))
+
+
+@pytest.mark.parametrize("canary_ups, decision", [(24, "promote"), (10, "reject")])
+def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_like_worse(
+    registry, tmp_path, canary_ups, decision
+):
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    offline = [{"name": "reward_score", "value": 0.1, "threshold": 0.0, "passed": True, "detail": ""}]
+    registry.start_canary(version, against=1, share=0.25, checks=offline)
+    gate = gate_on(registry, tmp_path)
+    gate.take(votes(1, 40, 80, "before"))  # votes before the canary started would count: they must not
+    registry.start_canary(version, against=1, share=0.25, checks=offline)  # restart the window after them
+    assert gate.decide_next() is None  # nothing else is judged while the canary runs
+    gate.take(votes(1, 50, 100, "live"))
+    assert gate.canary_due() is None  # no canary votes yet
+    gate.take(votes(version, canary_ups, 30, "canary"))
+    event = gate.canary_due()
+    verdict = registry.verdict(version)
+    assert [check["name"] for check in verdict["checks"]] == ["reward_score", "canary_thumbs_up"]
+    assert verdict["checks"][-1]["detail"] == event.reasons[0]
+    assert "over 100 live votes" in event.reasons[0]  # the same window: the 80 earlier votes left out
+    if decision == "promote":
+        assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED and verdict["approved"]
+        assert registry.live().version == version and registry.live().reason == event.reasons[0]
+    else:
+        assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and not verdict["approved"]
+        assert registry.live().version == 1
+    assert registry.canary(include_ended=True) is None
+    assert gate.metrics.registry.get_sample_value("flywheel_gate_canary_version") == 0
