@@ -215,6 +215,12 @@ class RollbackConfig(ProcessConfig):
     spool: SpoolSettings
 
 
+class CanaryConfig(ProcessConfig):
+    """`flywheel canary`: it reads the registry's canary pointer and the gate's /metrics."""
+
+    gate: GateSettings
+
+
 class UpConfig(ProcessConfig):
     """`flywheel up`: it starts the others (each reads the whole file for itself) and says where they listen."""
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from cli.config import (
     BrokerConfig,
+    CanaryConfig,
     GateConfig,
     ProcessConfig,
     ProcessT,
@@ -204,6 +205,24 @@ def _rollback(args: argparse.Namespace) -> None:
     )
 
 
+def _canary(args: argparse.Namespace) -> None:
+    import urllib.error
+    import urllib.request
+
+    from cli.canary import canary_report, gate_samples, past_canaries
+    from flywheel.registry import PolicyRegistry
+
+    config = _config_from(args, CanaryConfig)
+    registry = PolicyRegistry(config.registry_dir)
+    url = f"http://{config.gate.host}:{config.gate.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            samples = gate_samples(response.read().decode())
+    except (OSError, urllib.error.URLError):
+        samples = None
+    print(canary_report(registry.canary(), samples, past_canaries(registry)))
+
+
 async def _announce(config: RollbackConfig, event) -> None:
     """Publish one policy event; if Kafka does not take it in time, servers still see the registry."""
     from prometheus_client import CollectorRegistry
@@ -278,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     rollback.add_argument("--to", type=int, required=True, help="the policy version to go back to")
     rollback.add_argument("--reason", default="operator rollback", help="why, for the audit history")
     rollback.set_defaults(handler=_rollback)
+
+    canary = commands.add_parser("canary", help="show the canary: its share, thumbs per version, the online test")
+    _add_config_flags(canary)
+    canary.set_defaults(handler=_canary)
 
     # A flag not given is left out (SUPPRESS): cli.simulate.SimulationSettings holds the defaults.
     simulate = commands.add_parser(

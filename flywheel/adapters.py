@@ -53,8 +53,7 @@ def is_adapter(policy_dir: Path) -> bool:
 
 
 def adapter_name(version: int) -> str:
-    """The engine's name for the adapter of a policy version: unique per version, so the prefix
-    cache, which keys blocks by adapter name, never hands one version's blocks to another."""
+    """How the engine names the adapter of a policy version (in its logs and metrics)."""
     return f"policy-v{version}"
 
 

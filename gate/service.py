@@ -139,6 +139,10 @@ class GateMetrics:
             "flywheel_gate_canary_thumbs_up_rate", "Thumbs-up rate since the canary started, live and canary.",
             ["role"], registry=registry,
         )  # fmt: skip
+        self.canary_bound = Gauge(
+            "flywheel_gate_canary_bound", "The online test's bounds: reject at or below lower, promote at or above upper.",
+            ["bound"], registry=registry,
+        )  # fmt: skip
         self.canary_log_likelihood_ratio = Gauge(
             "flywheel_gate_canary_log_likelihood_ratio",
             "The online test's log-likelihood ratio: promote at its upper bound, reject at its lower.",
@@ -343,6 +347,8 @@ class Gate:
             live_total - live_down, live_total, canary_total - canary_down, canary_total, self.settings.canary
         )
         self.metrics.canary_log_likelihood_ratio.set(test.log_likelihood_ratio)
+        self.metrics.canary_bound.labels(bound="lower").set(test.lower)
+        self.metrics.canary_bound.labels(bound="upper").set(test.upper)
         for role, votes, rate in (("live", live_total, test.live_rate), ("canary", canary_total, test.canary_rate)):
             self.metrics.canary_votes.labels(role=role).set(votes)
             self.metrics.canary_thumbs_up_rate.labels(role=role).set(rate)

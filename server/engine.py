@@ -39,11 +39,6 @@ class GenerationDelta:
     (a whole answer); None where the delta's arrival is that time."""
 
 
-def adapter_request(policy_version: int, adapter_path: str) -> LoRARequest:
-    """The engine's handle on a version's adapter: its id is the version, unique as its name is."""
-    return LoRARequest(adapter_name(policy_version), policy_version, adapter_path)
-
-
 class PolicyEngine:
     """A running vLLM async engine serving one policy: whole weights, or adapters on one base model."""
 
@@ -58,6 +53,7 @@ class PolicyEngine:
         """Tokens per KV-cache block: the prefix cache keeps whole blocks only."""
         self.prefix_caching: bool = bool(llm.vllm_config.cache_config.enable_prefix_caching)
         self.serves_adapters: bool = llm.vllm_config.lora_config is not None
+        self._adapter_ids: dict[tuple[int, str], int] = {}
 
     @classmethod
     def start(cls, settings: EngineSettings, model_path: str, policy: PolicySettings | None = None) -> "PolicyEngine":
@@ -132,7 +128,7 @@ class PolicyEngine:
         """
         params = self.sampling_params(sampling, whole=whole)
         engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
-        lora_request = None if adapter is None else adapter_request(*adapter)
+        lora_request = None if adapter is None else self.adapter_request(*adapter)
         try:
             async for output in self._llm.generate(engine_prompt, params, request_id, lora_request=lora_request):
                 completion = output.outputs[0]
@@ -171,6 +167,14 @@ class PolicyEngine:
         await self._llm.reset_prefix_cache(reset_running_requests=True)
         await self._llm.reset_encoder_cache()
 
+    def adapter_request(self, policy_version: int, adapter_path: str) -> LoRARequest:
+        """The engine's handle on a version's adapter. vLLM knows an adapter by its integer id, so
+        each (version, directory) gets its own for the engine's life: a version number that names
+        other files (another registry) is never answered by the adapter loaded first. The name
+        carries the id too, and the prefix cache keys blocks by name and path."""
+        lora_id = self._adapter_ids.setdefault((policy_version, adapter_path), len(self._adapter_ids) + 1)
+        return LoRARequest(f"{adapter_name(policy_version)}-{lora_id}", lora_id, adapter_path)
+
     async def load_adapter(self, policy_version: int, adapter_path: str) -> None:
         """Load a version's adapter into the engine beside those it holds, so its first request does not
         wait for it. Nothing pauses: requests keep running on the adapters they started with.
@@ -179,7 +183,7 @@ class PolicyEngine:
         a request names again is loaded again from its path. Its prefix-cache blocks are keyed by
         the adapter's name and path, so no version is ever answered from another's cache.
         """
-        if not await self._llm.add_lora(adapter_request(policy_version, adapter_path)):
+        if not await self._llm.add_lora(self.adapter_request(policy_version, adapter_path)):
             raise RuntimeError(f"the engine did not load the adapter of policy version {policy_version}")
 
     def shutdown(self) -> None:

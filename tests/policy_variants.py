@@ -58,3 +58,47 @@ def far_from_reference(base: Path, out: Path) -> Path:
 def slightly_better(base: Path, out: Path) -> Path:
     """A few gentle steps toward short, correct answers: close to the reference."""
     return fine_tuned(base, out, lambda question: question.answer, steps=5, learning_rate=1e-4)
+
+
+def lora_fine_tuned(
+    base: Path,
+    out: Path,
+    answer_for: Callable[[DemoQuestion], str],
+    steps: int,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    rank: int = 4,
+) -> Path:
+    """A LoRA adapter on `base` trained for `steps` batches to answer each demo question with `answer_for(question)`:
+    the adapter's files alone, as the trainer publishes a candidate in adapter mode."""
+    from flywheel.adapters import PolicySettings
+    from trainer.ppo import lora_policy
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = lora_policy(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        PolicySettings(adapter="lora", lora_rank=rank, lora_alpha=4 * rank),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        questions = sample_questions(rng, 16)
+        loss = model(**training_batch(tokenizer, questions, [answer_for(q) for q in questions])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    return out
+
+
+def concise_adapter(base: Path, out: Path) -> Path:
+    """Answers with the bare answer, as the demo's simulated users like (the base mostly hedges)."""
+    return lora_fine_tuned(base, out, lambda question: question.answer, steps=30, learning_rate=1e-3)
+
+
+def wrong_adapter(base: Path, out: Path) -> Path:
+    """Answers every question with the same concise, wrong answer: users dislike it."""
+    return lora_fine_tuned(base, out, lambda question: "It is 7.", steps=30)

@@ -162,3 +162,26 @@ def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_l
         assert registry.live().version == 1
     assert registry.canary(include_ended=True) is None
     assert gate.metrics.registry.get_sample_value("flywheel_gate_canary_version") == 0
+
+
+def test_flywheel_canary_shows_the_share_the_votes_the_test_and_past_decisions(registry, tmp_path):
+    from prometheus_client import generate_latest
+
+    from cli.canary import canary_report, gate_samples, past_canaries
+
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    registry.start_canary(version, against=1, share=0.25)
+    gate = gate_on(registry, tmp_path)
+    gate.take(votes(1, 50, 100, "live"))
+    gate.take(votes(version, 15, 30, "canary"))
+    assert gate.canary_due() is None  # undecided: −0.61 between the bounds
+    shown = canary_report(
+        registry.canary(), gate_samples(generate_latest(gate.metrics.registry).decode()), past_canaries(registry)
+    )
+    assert f"canary: policy {version} answers 25.0% of users beside live 1" in shown
+    assert "live      100 votes, thumbs-up 50.0%" in shown and "canary     30 votes, thumbs-up 50.0%" in shown
+    assert "log-likelihood ratio -0.61; reject at <= -2.25, promote at >= 2.89" in shown
+    gate.take(votes(version, 0, 10, "more"))  # 10 more downs: −0.61 − 2.23 = −2.84, rejected
+    assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_REJECTED
+    shown = canary_report(registry.canary(), None, past_canaries(registry))
+    assert shown.startswith("no canary running") and f"policy {version}: rejected: canary not better" in shown
