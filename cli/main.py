@@ -105,7 +105,14 @@ def _serve(args: argparse.Namespace) -> None:
     spool = config.spool.of_process("server")
     # The event loop runs vLLM's output handler on every engine step and every RPC: uvloop's is the cheaper one.
     uvloop.run(
-        serve(config.server, config.engine, config.kafka, spool, PolicyRegistry(config.registry_dir), config.policy)
+        serve(
+            config.server,
+            config.engine,
+            config.kafka,
+            spool,
+            PolicyRegistry(config.registry_dir),
+            policy_settings=config.policy,
+        )
     )
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from transformers import AutoTokenizer
 
 from feedback.config import TopicNames
 from feedback.consumer import ConsumedEvent
@@ -32,12 +31,8 @@ from server.metrics import PolicyCheckMetrics
 from server.swap import PolicyChecker, PolicySwapper
 from server.validation import Sampling
 from tests import policy_variants
-from tests.test_gate_and_swap import long_prompt
-from trainer.checkpoint import TrainerState, save_checkpoint
-from trainer.config import PPOSettings, RewardModelSettings
-from trainer.join_store import JoinStore
-from trainer.ppo import PolicyWithValue, PPOTrainer
-from trainer.reward_model import RewardModel, RewardModelTrainer
+from tests.test_gate_and_swap import long_prompt, reward_model_dir
+from trainer.config import RewardModelSettings
 
 pytestmark = pytest.mark.engine
 
@@ -99,8 +94,10 @@ def serving(engine_loop, lora_engine, model_path, tmp_path):
     engine_loop.run(server.stop(0))
 
 
-def publish_adapter(registry: PolicyRegistry, adapter: Path, parent: int = 1) -> int:
-    return registry.publish(adapter, parent_version=parent, training_step=1, metrics={}, base_version=1).version
+def publish_adapter(registry: PolicyRegistry, adapter: Path, reward_model: Path | None = None) -> int:
+    return registry.publish(
+        adapter, parent_version=1, training_step=1, metrics={}, base_version=1, reward_model_dir=reward_model
+    ).version
 
 
 def ask(stub, prompt: str, user_id: str = "", max_tokens: int = 16) -> pb.GenerateResponse:
@@ -236,24 +233,9 @@ def test_a_canary_answers_its_share_of_users_sticky_per_user_each_answer_naming_
 
 
 @pytest.fixture(scope="module")
-def trainer_checkpoint(model_path, tmp_path_factory) -> Path:
-    """The trainer's checkpoint the gate reads its reward model from, with an adapter-mode policy."""
-    directory = tmp_path_factory.mktemp("checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    reward_model = RewardModelTrainer(
-        RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id
-    )
-    ppo = PPOTrainer(PolicyWithValue.from_pretrained(model_path, ADAPTERS), tokenizer, PPOSettings())
-    join_store = JoinStore(directory / "join_store.sqlite3", 3600)
-    save_checkpoint(
-        directory / "trainer",
-        TrainerState(reference_path=str(model_path), reference_version=1),
-        ppo,
-        reward_model,
-        join_store,
-    )
-    join_store.close()
-    return directory / "trainer"
+def published_reward_model(model_path, tmp_path_factory) -> Path:
+    """The reward model the trainer publishes with a candidate (untrained head: both policies get the same judge)."""
+    return reward_model_dir(model_path, tmp_path_factory.mktemp("reward_model") / "reward_model")
 
 
 def users_vote(server, events: EventsInMemory, questions: int, seed: int) -> list[ConsumedEvent]:
@@ -276,13 +258,13 @@ CANARY = CanarySettings(share=0.3, min_votes=20, min_improvement=0.1)
 
 
 def test_an_adapter_candidate_goes_canary_is_promoted_when_users_like_it_better_then_rolled_back(
-    engine_loop, serving, adapters, trainer_checkpoint
+    engine_loop, serving, adapters, published_reward_model
 ):
     registry, server, swapper, events = serving
-    version = publish_adapter(registry, adapters["concise"])
+    version = publish_adapter(registry, adapters["concise"], published_reward_model)
     gate = Gate(
         GateSettings(canary=CANARY, heldout_prompts=0, max_new_tokens=24, max_principal_share=1.0),
-        RewardModelSettings(), trainer_checkpoint, registry, GateMetrics(CollectorRegistry()),
+        RewardModelSettings(), registry, GateMetrics(CollectorRegistry()),
     )  # fmt: skip
     event = gate.decide_next()
     assert event.kind == events_pb2.POLICY_EVENT_KIND_CANARY, event
@@ -304,13 +286,13 @@ def test_an_adapter_candidate_goes_canary_is_promoted_when_users_like_it_better_
         assert ask(stub, PROMPT).policy_version == 1
 
 
-def test_a_canary_its_users_like_worse_is_rejected_and_live_stays(engine_loop, serving, adapters, trainer_checkpoint):
+def test_a_canary_its_users_like_worse_is_rejected_and_live_stays(engine_loop, serving, adapters):
     registry, server, swapper, events = serving
     version = publish_adapter(registry, adapters["wrong"])
     # The offline checks would catch this one (golden accuracy): started by hand, to test the online test alone.
     registry.start_canary(version, against=1, share=0.3)
     gate = Gate(
-        GateSettings(canary=CANARY, max_principal_share=1.0), RewardModelSettings(), trainer_checkpoint, registry,
+        GateSettings(canary=CANARY, max_principal_share=1.0), RewardModelSettings(), registry,
         GateMetrics(CollectorRegistry()),
     )  # fmt: skip
     engine_loop.run(swapper.sync())
@@ -320,7 +302,7 @@ def test_a_canary_its_users_like_worse_is_rejected_and_live_stays(engine_loop, s
         if (decided := gate.canary_due()) is not None:
             break
     assert decided is not None and decided.kind == events_pb2.POLICY_EVENT_KIND_REJECTED, gate.canary_state()
-    assert "canary not better" in registry.verdict(version)["checks"][-1]["detail"]
+    assert "canary not better" in registry.verdict(version).checks[-1].detail
     assert registry.live().version == 1
     engine_loop.run(swapper.sync())
     assert server.policy.canary is None

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from feedback.consumer import ConsumedEvent
-from flywheel.registry import LiveMoved, PolicyRegistry
+from flywheel.registry import LiveMoved, PolicyRegistry, VerdictCheck
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
 from gate.canary import CanarySettings, canary_test
@@ -107,8 +107,8 @@ def test_the_canary_pointer_lives_only_as_long_as_the_live_version_it_is_compare
     version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
     with pytest.raises(LiveMoved):
         registry.start_canary(version, against=version, share=0.1)
-    registry.start_canary(version, against=1, share=0.1, checks=[{"name": "reward_score", "passed": True}])
-    assert registry.canary().version == version and registry.canary().checks[0]["name"] == "reward_score"
+    registry.start_canary(version, against=1, share=0.1, checks=[VerdictCheck(name="reward_score", passed=True)])
+    assert registry.canary().version == version and registry.canary().checks[0].name == "reward_score"
     other = publish_adapter(registry, tmp_path, "b", base_version=1, parent=1)
     registry.set_live(other, reason="operator", kind="rollback")
     assert registry.canary() is None and registry.canary(include_ended=True).version == version
@@ -132,7 +132,7 @@ def votes(version: int, ups: int, total: int, prefix: str) -> list[ConsumedEvent
 
 def gate_on(registry: PolicyRegistry, tmp_path: Path) -> Gate:
     settings = GateSettings(canary=SETTINGS, max_principal_share=1.0)
-    return Gate(settings, RewardModelSettings(), tmp_path / "no-checkpoint", registry, GateMetrics(CollectorRegistry()))
+    return Gate(settings, RewardModelSettings(), registry, GateMetrics(CollectorRegistry()))
 
 
 @pytest.mark.parametrize("canary_ups, decision", [(24, "promote"), (10, "reject")])
@@ -140,7 +140,7 @@ def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_l
     registry, tmp_path, canary_ups, decision
 ):
     version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
-    offline = [{"name": "reward_score", "value": 0.1, "threshold": 0.0, "passed": True, "detail": ""}]
+    offline = [VerdictCheck(name="reward_score", value=0.1, threshold=0.0, passed=True)]
     registry.start_canary(version, against=1, share=0.25, checks=offline)
     gate = gate_on(registry, tmp_path)
     gate.take(votes(1, 40, 80, "before"))  # votes before the canary started would count: they must not
@@ -151,14 +151,14 @@ def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_l
     gate.take(votes(version, canary_ups, 30, "canary"))
     event = gate.canary_due()
     verdict = registry.verdict(version)
-    assert [check["name"] for check in verdict["checks"]] == ["reward_score", "canary_thumbs_up"]
-    assert verdict["checks"][-1]["detail"] == event.reasons[0]
+    assert [check.name for check in verdict.checks] == ["reward_score", "canary_thumbs_up"]
+    assert verdict.checks[-1].detail == event.reasons[0]
     assert "over 100 live votes" in event.reasons[0]  # the same window: the 80 earlier votes left out
     if decision == "promote":
-        assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED and verdict["approved"]
+        assert event.kind == events_pb2.POLICY_EVENT_KIND_APPROVED and verdict.approved
         assert registry.live().version == version and registry.live().reason == event.reasons[0]
     else:
-        assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and not verdict["approved"]
+        assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and not verdict.approved
         assert registry.live().version == 1
     assert registry.canary(include_ended=True) is None
     assert gate.metrics.registry.get_sample_value("flywheel_gate_canary_version") == 0

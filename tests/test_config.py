@@ -271,7 +271,7 @@ def started(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tomllib, "load", counting_load)
     handed = {}
 
-    async def serve(server, engine, kafka, spool, registry):
+    async def serve(server, engine, kafka, spool, registry, policy_settings=None):
         handed.update(server=server, engine=engine)
 
     monkeypatch.setitem(sys.modules, "server.app", types.SimpleNamespace(serve=serve))
