@@ -34,10 +34,16 @@ log = logging.getLogger(__name__)
 class PolicyRefused(Exception):
     """This server will not load a policy version: its files do not match its manifest, or it is not in the registry."""
 
-    def __init__(self, version: int, reason: str):
+    def __init__(self, version: int, reason: str, outcome: str = "digest_mismatch"):
         super().__init__(reason)
         self.version = version
         self.reason = reason
+        self.outcome = outcome
+        """The swap outcome it counts as: digest_mismatch, or foreign_base for an adapter this server cannot apply."""
+
+
+class ForeignBase(ValueError):
+    """An adapter this server cannot apply: it serves whole weights, or another base."""
 
 
 class NoServablePolicy(Exception):
@@ -128,24 +134,25 @@ class PolicyChecker:
                 wait,
                 error,
             )
-            raise PolicyRefused(version, str(error)) from error
+            outcome = "foreign_base" if isinstance(error, ForeignBase) else "digest_mismatch"
+            raise PolicyRefused(version, str(error), outcome) from error
         if self._refusals.pop(version, None) is not None:
             log.info("policy version %d matches its manifest again", version)
         return manifest
 
 
 def refuse_foreign_base(manifest: PolicyManifest, base_digest: str | None) -> None:
-    """Raise ValueError when `manifest` is an adapter this server cannot apply: it serves whole weights
+    """Raise ForeignBase when `manifest` is an adapter this server cannot apply: it serves whole weights
     (`base_digest` None), or another base than the adapter's."""
     if not manifest.is_adapter:
         return
     if base_digest is None:
-        raise ValueError(
+        raise ForeignBase(
             f"policy version {manifest.version} is an adapter (on version {manifest.base_version}), and this "
             f'server serves whole weights: start it with policy.adapter = "lora"'
         )
     if manifest.base_digest != base_digest:
-        raise ValueError(
+        raise ForeignBase(
             f"policy version {manifest.version} is an adapter on base digest {manifest.base_digest}, and this "
             f"server serves base digest {base_digest}: an adapter runs only on the weights it was trained on"
         )
@@ -279,8 +286,7 @@ class PolicySwapper:
         try:
             manifest = await asyncio.to_thread(self._checker.verify, version, self._base_digest)
         except PolicyRefused as refused:
-            outcome = "foreign_base" if "an adapter" in refused.reason else "digest_mismatch"
-            self._metrics.policy_swaps.labels(outcome=outcome).inc()
+            self._metrics.policy_swaps.labels(outcome=refused.outcome).inc()
             return False
         try:
             if self._swaps_without_reload(manifest):
