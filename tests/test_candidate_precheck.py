@@ -131,3 +131,64 @@ def test_the_policy_restarts_from_live_when_live_moves_outside_its_lineage(train
     assert trainer.state.following_live_version == 1
     assert sample(trainer, "flywheel_trainer_policy_restarts_total") == 1
     assert trainer.follow_live() is None, "followed once, not again"
+
+
+@pytest.fixture
+def adapter_trainer(model_path, tmp_path):
+    """A trainer in adapter mode (policy.adapter = lora) on the seeded demo model, as `trainer` above."""
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("\n".join(GOLDEN_FILE.read_text().splitlines()[:4]))
+    config = trainer_config(
+        tmp_path,
+        KafkaSettings(),
+        model_path,
+        policy={"adapter": "lora", "lora_rank": 4},
+        trainer={"min_reward_gain": -1.0},
+        gate={"golden_file": str(golden), "heldout_prompts": 6},
+    )
+    opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
+    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
+    answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
+    topic = config.kafka.topics.generations
+    assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
+    yield opened
+    opened.close()
+
+
+def adapter_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: weight.clone() for name, weight in trainer.ppo.models.policy.named_parameters() if "lora_" in name}
+
+
+def test_an_adapter_trainer_proposes_adapters_on_its_base_and_follows_live_to_an_adapter_and_back(adapter_trainer):
+    trainer, registry = adapter_trainer, adapter_trainer.registry
+    assert trainer.ppo.models.uses_adapter and trainer.ppo.models.reference is None
+    with torch.no_grad():  # an adapter that changes the answers: B no longer zero
+        for name, parameter in trainer.ppo.models.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    own_adapter = adapter_weights(trainer)
+
+    # The pre-check judges the adapter against live (the base) with the base as reference.
+    proposed = trainer.propose_candidate()
+    assert trainer.last_precheck is not None and trainer.last_precheck.kl_to_live > 0
+    assert proposed is not None
+    manifest = registry.manifest(proposed.policy_version)
+    assert manifest.is_adapter and manifest.base_version == 1 and manifest.base_digest == registry.manifest(1).digest
+
+    # Live moves to the trainer's adapter and back to the base: the trainer follows each move outside
+    # its lineage, to the adapter's weights or to no adapter at all.
+    registry.approve(
+        proposed.policy_version,
+        judged_against=1,
+        checks=[VerdictCheck(name="reward_score", passed=True)],
+        reason="test",
+    )
+    assert trainer.follow_live() is None, "live moved to the trainer's own candidate: it trains on"
+    registry.set_live(1, reason="operator rolls back", kind="rollback")
+    assert trainer.follow_live() == 1
+    assert all(weight.abs().max() == 0 for name, weight in adapter_weights(trainer).items() if "lora_B" in name)
+    registry.set_live(proposed.policy_version, reason="operator rolls forward", kind="rollback")
+    assert trainer.follow_live() == proposed.policy_version
+    for name, weight in adapter_weights(trainer).items():
+        torch.testing.assert_close(weight, own_adapter[name], rtol=0, atol=0)

@@ -476,6 +476,7 @@ class Trainer:
             self.reward_model,
             live.version,
             self.registry.path(live.version),
+            Path(self.state.reference_path),
         )
         if result is None:
             log.warning("pre-check skipped: no golden prompts, or fewer than two eval prompts")

@@ -17,13 +17,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.v1 import events_pb2
 from trainer.config import CandidateCheckSettings
 from trainer.gate_checks import EvalAnswer, GateCheck, GateVerdict, PolicyEval, decide, golden_accuracy
 from trainer.policy_eval import EvalPrompt, HeldoutPrompts, PolicyEvaluator, kl_prompts, load_golden
-from trainer.reward_model import RewardModelTrainer, load_without_dropout
+from trainer.reward_model import RewardModelTrainer, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class CandidatePrecheck:
         golden_path = settings.golden_path()
         self.golden = [] if golden_path is None else load_golden(golden_path, tokenizer)
         self._live: _LiveEvaluation | None = None
+        self._base: PreTrainedModel | None = None
         self._reference_golden_accuracy: float | None = None
 
     def offer(self, event: events_pb2.GenerationLogged) -> None:
@@ -104,18 +105,24 @@ class CandidatePrecheck:
     def check(
         self,
         policy: PreTrainedModel,
-        reference: PreTrainedModel,
+        reference: PreTrainedModel | None,
         reward_model: RewardModelTrainer,
         live_version: int,
         live_path: Path,
+        base_path: Path,
     ) -> PrecheckResult | None:
         """The gate's checks on `policy` against live; None when the eval set cannot be judged (no golden
-        prompts, or fewer than two prompts), as the gate could not either."""
+        prompts, or fewer than two prompts), as the gate could not either.
+
+        `base_path`: the base model, which an adapter (the policy's or live's) applies to; training an
+        adapter, `reference` is None and the base, loaded once from there, is the reference."""
         prompts = self.eval_prompts()
         if not self.golden or len(prompts) < 2:
             return None
         evaluator = PolicyEvaluator(self.tokenizer, reward_model, self.settings)
-        live = self._live_evaluation(live_version, live_path, policy.device)
+        live = self._live_evaluation(live_version, live_path, base_path, policy.device)
+        if reference is None:
+            reference = self._base_reference(base_path, policy.device)
         missing = [p for p in prompts if p.text not in live.answers]
         live.answers |= {answer.prompt: answer for answer in evaluator.answers(live.model, missing)}
         if self._reference_golden_accuracy is None:  # the reference never changes while the trainer runs
@@ -129,10 +136,16 @@ class CandidatePrecheck:
         gain = reward_gain_check(candidate_eval, live_eval, self.min_reward_gain)
         return PrecheckResult(verdict, gain, live_version, kl_to_reference, kl_to_live, len(prompts))
 
-    def _live_evaluation(self, version: int, path: Path, device) -> _LiveEvaluation:
-        """Live's weights and answers, loaded again only when live has moved to another version."""
+    def _base_reference(self, base_path: Path, device) -> PreTrainedModel:
+        if self._base is None:
+            self._base = load_policy(base_path).to(device).requires_grad_(False)
+        return self._base
+
+    def _live_evaluation(self, version: int, path: Path, base_path: Path, device) -> _LiveEvaluation:
+        """Live's weights (an adapter merged into its base) and answers, loaded again only when live has
+        moved to another version."""
         if self._live is None or self._live.version != version:
-            model = load_without_dropout(AutoModelForCausalLM, path).to(device).requires_grad_(False)
+            model = load_policy(path, base_path).to(device).requires_grad_(False)
             self._live = _LiveEvaluation(version, model)
             log.info("pre-check: live policy %d loaded from %s", version, path)
         return self._live
