@@ -4,10 +4,16 @@ Everything vLLM-specific in the server lives here, so the gRPC layer never touch
 """
 
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-from transformers import AutoTokenizer
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
@@ -16,7 +22,7 @@ from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from flywheel.adapters import PolicySettings, adapter_name, engine_max_lora_rank
+from flywheel.adapters import ADAPTER_WEIGHTS_FILE, PolicySettings, adapter_name, engine_max_lora_rank
 from flywheel.prompts import PromptRenderer, RenderedPrompt
 from server.config import EngineSettings
 from server.validation import InvalidRequest, Sampling
@@ -42,7 +48,8 @@ class GenerationDelta:
 class PolicyEngine:
     """A running vLLM async engine serving one policy: whole weights, or adapters on one base model."""
 
-    def __init__(self, llm: AsyncLLM, model_path: str):
+    def __init__(self, llm: AsyncLLM, model_path: str, zero_adapter_dir: Path | None = None):
+        """`zero_adapter_dir`: with adapters, an adapter that adds nothing, which answers for the base."""
         self._llm = llm
         self.model_path = model_path
         self.renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path))
@@ -54,6 +61,17 @@ class PolicyEngine:
         self.prefix_caching: bool = bool(llm.vllm_config.cache_config.enable_prefix_caching)
         self.serves_adapters: bool = llm.vllm_config.lora_config is not None
         self._adapter_ids: dict[tuple[int, str], int] = {}
+        self._zero_adapter_dir = zero_adapter_dir
+        # vLLM's CPU LoRA path reads a request without an adapter (slot index -1) from the last slot:
+        # batched with adapter requests, a base answer would be written by whichever adapter sits
+        # there. So with adapters every request names one, the base an adapter that adds zero.
+        self._base_adapter = (
+            None
+            if zero_adapter_dir is None
+            else LoRARequest(
+                "base-zero-adapter", self._next_adapter_id(0, str(zero_adapter_dir)), str(zero_adapter_dir)
+            )
+        )
 
     @classmethod
     def start(cls, settings: EngineSettings, model_path: str, policy: PolicySettings | None = None) -> "PolicyEngine":
@@ -62,15 +80,14 @@ class PolicyEngine:
         With `policy.adapter = "lora"` the engine serves `model_path` as the base and applies a
         version's adapter per request (vLLM's LoRA support, on CPU and GPU alike).
         """
-        lora = (
-            {
+        lora, zero_adapter_dir = {}, None
+        if policy is not None and policy.uses_adapters:
+            lora = {
                 "enable_lora": True,
                 "max_lora_rank": engine_max_lora_rank(policy.lora_rank),
                 "max_loras": policy.max_adapters,
             }
-            if policy is not None and policy.uses_adapters
-            else {}
-        )
+            zero_adapter_dir = write_zero_adapter(model_path, policy, Path(tempfile.mkdtemp(prefix="zero-adapter-")))
         args = AsyncEngineArgs(
             **lora,
             model=model_path,
@@ -85,7 +102,7 @@ class PolicyEngine:
             enable_log_requests=False,
             worker_extension_cls="server.vllm_worker.PolicyWorkerExtension",
         )
-        return cls(AsyncLLM.from_engine_args(args), model_path)
+        return cls(AsyncLLM.from_engine_args(args), model_path, zero_adapter_dir)
 
     def sampling_params(self, sampling: Sampling, *, whole: bool = False) -> SamplingParams:
         """The engine's parameters for `sampling`; raises InvalidRequest naming the field the engine refuses."""
@@ -124,11 +141,11 @@ class PolicyEngine:
         `whole` yields the finished answer as one delta instead of one per engine step: a unary
         answer needs no per-token messages between the engine's output loop and the caller.
         `adapter`: (policy version, adapter directory) to answer with that version's adapter on
-        the base; None answers with the engine's own weights.
+        the base; None answers with the engine's own weights (with adapters: through the zero adapter).
         """
         params = self.sampling_params(sampling, whole=whole)
         engine_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
-        lora_request = None if adapter is None else self.adapter_request(*adapter)
+        lora_request = self._base_adapter if adapter is None else self.adapter_request(*adapter)
         try:
             async for output in self._llm.generate(engine_prompt, params, request_id, lora_request=lora_request):
                 completion = output.outputs[0]
@@ -172,8 +189,11 @@ class PolicyEngine:
         each (version, directory) gets its own for the engine's life: a version number that names
         other files (another registry) is never answered by the adapter loaded first. The name
         carries the id too, and the prefix cache keys blocks by name and path."""
-        lora_id = self._adapter_ids.setdefault((policy_version, adapter_path), len(self._adapter_ids) + 1)
+        lora_id = self._next_adapter_id(policy_version, adapter_path)
         return LoRARequest(f"{adapter_name(policy_version)}-{lora_id}", lora_id, adapter_path)
+
+    def _next_adapter_id(self, policy_version: int, adapter_path: str) -> int:
+        return self._adapter_ids.setdefault((policy_version, adapter_path), len(self._adapter_ids) + 1)
 
     async def load_adapter(self, policy_version: int, adapter_path: str) -> None:
         """Load a version's adapter into the engine beside those it holds, so its first request does not
@@ -188,6 +208,28 @@ class PolicyEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        if self._zero_adapter_dir is not None:
+            shutil.rmtree(self._zero_adapter_dir, ignore_errors=True)
+
+
+def write_zero_adapter(base_path: str, policy: PolicySettings, directory: Path) -> Path:
+    """Write a LoRA adapter of `policy`'s rank and targets whose every weight is zero: applied to the
+    base it changes no output. The layers' shapes come from the base's config (a model on the meta
+    device: no weights are loaded)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in policy.target_modules:
+            weights[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(policy.lora_rank, module.in_features)
+            weights[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(module.out_features, policy.lora_rank)
+    if not weights:
+        raise ValueError(f"policy.target_modules {policy.target_modules} name no linear layer of {base_path}")
+    LoraConfig(
+        r=policy.lora_rank, lora_alpha=policy.lora_alpha, target_modules=policy.target_modules, task_type="CAUSAL_LM"
+    ).save_pretrained(directory)
+    save_file(weights, directory / ADAPTER_WEIGHTS_FILE)
+    return directory
 
 
 SAMPLING_FIELDS = {field.name for field in fields(Sampling)}

@@ -5,6 +5,7 @@ The engine here is its own (LoRA enabled), started once for the module; the user
 by the demo task's judge (correct and concise: thumbs up).
 """
 
+import asyncio
 import concurrent.futures
 import random
 import threading
@@ -170,6 +171,35 @@ def test_an_adapter_answers_a_prompt_the_base_cached_as_if_nothing_were_cached(
     cold = engine_loop.run(answer("twin", twin))
     assert base.behavior_logprobs != cold.behavior_logprobs, "base and adapter must differ on this prompt"
     assert adapted.token_ids == cold.token_ids and adapted.behavior_logprobs == cold.behavior_logprobs
+
+
+def test_a_base_answer_batched_with_adapter_answers_is_the_bases_whichever_adapters_the_engine_holds(
+    engine_loop, lora_engine, serving, adapters
+):
+    """vLLM's CPU LoRA path reads a request without an adapter (slot index -1) from the last slot: once
+    every slot holds an adapter, a base answer batched with adapter answers was written by one of them."""
+    registry, server, swapper, _ = serving
+    versions = [publish_adapter(registry, adapters["concise"]) for _ in range(ADAPTERS.max_adapters + 1)]
+    prompt = lora_engine.render_chat([{"role": "user", "content": PROMPT}])
+    sampling = Sampling(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=(), min_tokens=0)
+
+    async def answer(request_id: str, version: int | None) -> tuple[int, ...]:
+        adapter = None if version is None else (version, str(registry.path(version)))
+        deltas = [d async for d in lora_engine.stream(request_id, prompt, sampling, whole=True, adapter=adapter)]
+        return deltas[-1].token_ids
+
+    async def batched() -> list[tuple[int, ...]]:
+        for version in versions:  # more adapters than slots: every slot holds one
+            await lora_engine.load_adapter(version, str(registry.path(version)))
+        requests = [answer(f"base-{n}", None) for n in range(4)] + [answer(f"v{v}", v) for v in versions[-3:]]
+        return await asyncio.gather(*requests)
+
+    base_alone = engine_loop.run(answer("base-alone", None))
+    adapter_alone = engine_loop.run(answer("adapter-alone", versions[0]))
+    assert base_alone != adapter_alone, "base and adapter must answer differently for this test to mean anything"
+    answers = engine_loop.run(batched())
+    assert answers[:4] == [base_alone] * 4, "a base answer was written with an adapter"
+    assert answers[4:] == [adapter_alone] * 3
 
 
 def test_an_adapter_on_another_base_is_refused_and_the_server_keeps_serving(
