@@ -25,6 +25,7 @@ from feedback.broker import free_port
 from flywheel.registry import PolicyRegistry
 from flywheel.v1 import serving_pb2 as pb
 from flywheel.v1 import serving_pb2_grpc
+from gate.canary import CANARY_CHECK
 from trainer.checkpoint import latest_checkpoint, load_state
 
 pytestmark = pytest.mark.subprocess  # every test drives a `flywheel up` process
@@ -52,8 +53,9 @@ SMALL_LOOP = {
 class Up:
     """A `flywheel up` subprocess on free ports with its own state directory."""
 
-    def __init__(self, model_path: Path, state_dir: Path):
+    def __init__(self, model_path: Path, state_dir: Path, environment: dict[str, str] | None = None):
         self.state_dir = state_dir
+        self.environment = SMALL_LOOP | (environment or {})
         self.address = f"127.0.0.1:{free_port('127.0.0.1')}"
         self.kafka = f"127.0.0.1:{free_port('127.0.0.1')}"
         self.flags = [
@@ -66,7 +68,7 @@ class Up:
         self.output = (self.state_dir / f"up-{uuid.uuid4().hex[:6]}.out").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli", "up", *self.flags],
-            stdout=self.output, stderr=subprocess.STDOUT, env={**os.environ, **SMALL_LOOP},
+            stdout=self.output, stderr=subprocess.STDOUT, env={**os.environ, **self.environment},
         )  # fmt: skip
         wait_for(self.serving, "the server to answer health checks")
 
@@ -178,3 +180,61 @@ def test_stop_and_start_resumes_from_the_registry_and_the_checkpoint(up):
     assert serving_versions(up.log("serve"))[-1] == live_at_stop
     wait_for(lambda: "training resumes from step-" in up.log("train"), "the trainer to resume from its checkpoint")
     assert [record.kind for record in registry.history()].count("initial") == 1
+
+
+# Adapter mode: LoRA rank 4 (a tenth of the whole model's learning rate would barely move an
+# adapter), and a canary on half the users that decides within a few dozen votes.
+ADAPTER_LOOP = {
+    "FLYWHEEL_POLICY__ADAPTER": "lora",
+    "FLYWHEEL_POLICY__LORA_RANK": "4",
+    "FLYWHEEL_PPO__POLICY_LEARNING_RATE": "3e-4",
+    "FLYWHEEL_GATE__CANARY__SHARE": "0.5",
+    "FLYWHEEL_GATE__CANARY__MIN_VOTES": "10",
+    "FLYWHEEL_GATE__CANARY__MAX_VOTES": "40",
+}
+
+
+@pytest.fixture(scope="module")
+def up_adapters(model_path, tmp_path_factory):
+    running = Up(model_path, tmp_path_factory.mktemp("up-adapters"), ADAPTER_LOOP)
+    running.start()
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def canary_verdicts(registry: PolicyRegistry) -> dict[int, str]:
+    """The online test's reason for each candidate a canary decided, by version."""
+    decided = {}
+    for version in range(2, (registry.latest() or 1) + 1):
+        verdict = registry.verdict(version)
+        checks = [] if verdict is None else [check for check in verdict.checks if check.name == CANARY_CHECK]
+        if checks:
+            decided[version] = checks[0].detail
+    return decided
+
+
+def test_in_adapter_mode_a_ppo_trained_adapter_is_gated_then_its_canary_is_decided_by_users_thumbs(up_adapters):
+    up = up_adapters
+    registry = PolicyRegistry(up.state_dir / "registry")
+    deadline, round_ = time.monotonic() + HANG_GUARD_S, 0
+    while not (decided := canary_verdicts(registry)):  # users keep voting until a canary has been decided
+        assert time.monotonic() < deadline, f"no canary was decided:\n{up.log('gate')[-3000:]}"
+        simulated = up.simulate(
+            "--events", "40", "--seed", str(round_), "--heldout-questions", "5", "--out", str(up.state_dir / f"run-{round_}")
+        )  # fmt: skip
+        assert simulated.returncode == 0, simulated.stdout + simulated.stderr
+        round_ += 1
+    train_log, gate_log = up.log("train"), up.log("gate")
+    assert "PPO step 1" in train_log and "candidate policy 2 proposed" in train_log
+    version, reason = next(iter(decided.items()))
+    manifest = registry.manifest(version)
+    assert manifest.is_adapter and manifest.base_digest == registry.manifest(1).digest
+    assert f"policy {version} passed the offline checks and answers 50.0% of users" in gate_log
+    votes = int(re.search(r"over (\d+) canary votes", reason).group(1))
+    assert votes >= 10, reason  # users were answered by the canary's version, and voted on it
+    if registry.verdict(version).approved:
+        assert reason.startswith("canary better") and f"promoted canary {version}" in gate_log
+        wait_for(lambda: live_version(up.address) >= version, "the promoted adapter to go live")
+    else:
+        assert reason.startswith("canary not") and f"rejected canary {version}" in gate_log
