@@ -4,6 +4,8 @@
   written to the registry, the withheld metric names the failed check, and the KL to live is
   reported. The policy live serves passes the gate's checks but is no better: withheld too,
   unless the trainer's margin allows it.
+- Only drift counts toward a restart: a candidate that fails only the reward model's checks (not
+  better yet, by a reward model that may still be young) keeps training.
 - When live moves to a version outside the trainer's lineage (an operator's rollback), the
   policy restarts from it; live moving to the trainer's own approved candidate does not.
 
@@ -26,7 +28,7 @@ from tests.test_trainer_loop import DemoTraffic, trainer_config
 from trainer.gate_checks import DegenerationRates, PolicyEval
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
-from trainer.precheck import reward_gain_check
+from trainer.precheck import drift_checks_failed, reward_gain_check
 
 
 @pytest.fixture
@@ -74,6 +76,17 @@ def test_reward_gain_asks_the_candidates_mean_reward_to_beat_lives_by_more_than_
     assert check.passed and check.value == pytest.approx(0.3)
     assert not reward_gain_check(scored(0.0, 1.0), scored(0.4, 0.0), min_gain=0.35).passed
     assert not reward_gain_check(scored(1.0, 2.0), scored(1.0, 2.0), min_gain=0.0).passed, "equal is no gain"
+
+
+def test_only_checks_the_reward_model_does_not_judge_say_a_policy_drifted():
+    assert drift_checks_failed(["reward_score", "reward_gain"]) == []
+    assert drift_checks_failed(["reward_gain"]) == []
+    assert drift_checks_failed(["reward_score", "golden_accuracy", "reward_gain"]) == ["golden_accuracy"]
+    assert drift_checks_failed(["kl_to_reference", "degenerate_rate", "safety_violation_rate"]) == [
+        "kl_to_reference",
+        "degenerate_rate",
+        "safety_violation_rate",
+    ]
 
 
 def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_is_proposed(trainer):
@@ -192,3 +205,47 @@ def test_an_adapter_trainer_proposes_adapters_on_its_base_and_follows_live_to_an
     assert trainer.follow_live() == proposed.policy_version
     for name, weight in adapter_weights(trainer).items():
         torch.testing.assert_close(weight, own_adapter[name], rtol=0, atol=0)
+
+
+@pytest.fixture
+def trainer_asked_for_a_proven_gain(model_path, tmp_path):
+    """The `trainer` above, but the gate's reward check asks for a proven gain (max_reward_drop 0), so a
+    policy the reward model cannot yet tell better than live fails it, as while the reward model is young."""
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("\n".join(GOLDEN_FILE.read_text().splitlines()[:4]))
+    config = trainer_config(
+        tmp_path,
+        KafkaSettings(),
+        model_path,
+        trainer={"restart_after_withheld": 2},
+        gate={"golden_file": str(golden), "heldout_prompts": 6, "thresholds": {"max_reward_drop": 0.0}},
+    )
+    opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
+    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
+    answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
+    topic = config.kafka.topics.generations
+    assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
+    yield opened
+    opened.close()
+
+
+def test_a_candidate_only_the_reward_model_finds_wanting_keeps_training_instead_of_restarting(
+    trainer_asked_for_a_proven_gain,
+):
+    trainer = trainer_asked_for_a_proven_gain
+    drift(trainer, 0.05)  # a step away from live: its answers change, well within the KL budget
+    trained = {name: weight.clone() for name, weight in trainer.ppo.models.policy.state_dict().items()}
+
+    for withheld in (1, 2):  # trainer.restart_after_withheld = 2
+        assert trainer.propose_candidate() is None
+        result = trainer.last_precheck
+        assert "reward_score" in result.verdict.failed, "the gate would reject it on the reward model's word"
+        assert set(result.failed) <= {"reward_score", "reward_gain"}, f"only the reward checks fail: {result.failed}"
+        assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="reward_score") == withheld
+
+    assert trainer.state.withheld_in_a_row == 0, "not better yet is not drifted: it does not count toward a restart"
+    assert trainer.restart_due() is None and trainer.follow_live() is None
+    for name, weight in trainer.ppo.models.policy.state_dict().items():
+        torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)
+    assert sample(trainer, "flywheel_trainer_policy_restarts_total") == 0

@@ -57,7 +57,7 @@ class TrainerState(BaseModel):
     """The live version the policy is trained on from: the one it (re)started from, or its own candidate
     the gate approved. Live moving anywhere else (a rollback, an operator) restarts the policy from it."""
     withheld_in_a_row: int = 0
-    """Candidates the pre-check withheld since the last one it let through or the last restart."""
+    """Candidates the pre-check withheld as drifted since the last one it let through or the last restart."""
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -190,8 +190,10 @@ class TrainerSettings(BaseModel):
     restart_after_withheld: int = Field(
         3,
         ge=0,
-        description="After this many candidates in a row that the pre-check found the gate would reject, the "
-        "trainer's policy restarts from the live policy (fresh optimizer moments); 0 never restarts.",
+        description="After this many candidates in a row that the pre-check found drifted (failing a gate check the "
+        "reward model does not judge: KL, safety, degeneration, golden answers), the trainer's policy restarts from "
+        "the live policy (fresh optimizer moments); one the reward model alone finds no better than live does not "
+        "count. 0 never restarts.",
     )
     seed: int = Field(0, description="Seed of prompt sampling and PPO shuffling.")
     torch_threads: int = Field(

@@ -297,11 +297,15 @@ class GateVerdict:
         return [check.name for check in self.checks if not check.passed]
 
 
+REWARD_SCORE_CHECK = "reward_score"
+"""The one check of the gate that the reward model judges."""
+
+
 def _reward_check(candidate: PolicyEval, live: PolicyEval, thresholds: GateThresholds) -> GateCheck:
     bound = mean_difference_lower_bound(candidate.reward_scores, live.reward_scores, thresholds.reward_confidence)
     threshold = -thresholds.max_reward_drop
     return GateCheck(
-        name="reward_score",
+        name=REWARD_SCORE_CHECK,
         value=bound,
         threshold=threshold,
         passed=bound >= threshold,

@@ -390,14 +390,15 @@ class Trainer:
     def restart_due(self) -> str | None:
         """Why the policy should restart from live now, or None: the gate rejected the last
         `restart_after_rejections` candidates judged since the last restart, or the pre-check withheld
-        the last `restart_after_withheld` candidates in a row.
+        the last `restart_after_withheld` candidates in a row as drifted (`PrecheckResult.drifted`; one
+        the reward model alone finds no better than live neither counts nor breaks the row).
 
         A trainer whose candidates keep failing has drifted from what is served; training on from
         there would only drift further.
         """
         withheld_needed = self.config.trainer.restart_after_withheld
         if withheld_needed and self.state.withheld_in_a_row >= withheld_needed:
-            return f"{self.state.withheld_in_a_row} candidates in a row withheld by the pre-check"
+            return f"{self.state.withheld_in_a_row} candidates in a row withheld by the pre-check as drifted"
         needed = self.config.trainer.restart_after_rejections
         if needed == 0:
             return None
@@ -489,7 +490,7 @@ class Trainer:
             self.state.withheld_in_a_row = 0
             log.info("pre-check passed at PPO step %d", self.state.ppo_steps, extra=values | distances)
             return True
-        if not result.verdict.approved:  # the gate would reject it: drifted, not merely no better than live
+        if result.drifted:
             self.state.withheld_in_a_row += 1
         for name in result.failed:
             self.metrics.candidates_withheld.labels(check=name).inc()

@@ -8,6 +8,10 @@ proposes only when every check passes and the policy is worth proposing: its mea
 live's (`reward_gain`, the trainer's own rule; a policy no better than live would pass the gate's
 non-inferiority check, and cost a swap for nothing). It also measures how far its policy is from live.
 
+Only a candidate that fails a check the reward model does not judge (KL, safety, degeneration,
+golden answers) has drifted; one that fails only the reward checks is not better yet, by a reward
+model that may still be young, and should train on rather than restart from live.
+
 Live's answers are cached per live version and prompt (greedy, so they do not change); its
 scores are taken again each time, as the reward model moves.
 """
@@ -21,11 +25,28 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.v1 import events_pb2
 from trainer.config import CandidateCheckSettings
-from trainer.gate_checks import EvalAnswer, GateCheck, GateVerdict, PolicyEval, decide, golden_accuracy
+from trainer.gate_checks import (
+    REWARD_SCORE_CHECK,
+    EvalAnswer,
+    GateCheck,
+    GateVerdict,
+    PolicyEval,
+    decide,
+    golden_accuracy,
+)
 from trainer.policy_eval import EvalPrompt, HeldoutPrompts, PolicyEvaluator, kl_prompts, load_golden
 from trainer.reward_model import RewardModelTrainer, load_policy
 
 log = logging.getLogger(__name__)
+
+REWARD_GAIN_CHECK = "reward_gain"
+CHECKS_JUDGED_BY_REWARD_MODEL = frozenset({REWARD_SCORE_CHECK, REWARD_GAIN_CHECK})
+
+
+def drift_checks_failed(failed: list[str]) -> list[str]:
+    """Of the names of failed checks, those that say the policy drifted where the gate forbids it: every
+    check but the ones the reward model judges, whose failure alone means only "not better yet"."""
+    return [name for name in failed if name not in CHECKS_JUDGED_BY_REWARD_MODEL]
 
 
 @dataclass(frozen=True)
@@ -52,13 +73,18 @@ class PrecheckResult:
     def failed(self) -> list[str]:
         return [check.name for check in self.checks if not check.passed]
 
+    @property
+    def drifted(self) -> bool:
+        """Whether a check the reward model does not judge failed (see `drift_checks_failed`)."""
+        return bool(drift_checks_failed(self.failed))
+
 
 def reward_gain_check(candidate: PolicyEval, live: PolicyEval, min_gain: float) -> GateCheck:
     """Whether the candidate's mean reward beats live's by more than `min_gain` (reward-model units), on the
     same prompts: worth a gate evaluation and a swap."""
     gain = statistics.fmean(candidate.reward_scores) - statistics.fmean(live.reward_scores)
     return GateCheck(
-        name="reward_gain",
+        name=REWARD_GAIN_CHECK,
         value=gain,
         threshold=min_gain,
         passed=gain > min_gain,
