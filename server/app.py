@@ -175,12 +175,7 @@ async def start_openai_door(
 ) -> tuple[web.AppRunner, str]:
     """The OpenAI-compatible HTTP door on this event loop, over the same service; (its runner, its base URL)."""
     door = OpenAIDoor(service, metrics, principals_by_digest)
-    runner = web.AppRunner(
-        door.application(settings.limits.max_request_bytes),
-        handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
-        shutdown_timeout=settings.grace_period_seconds,
-        access_log=None,
-    )
+    runner = door.runner(settings.limits.max_request_bytes, shutdown_timeout_seconds=settings.grace_period_seconds)
     await runner.setup()
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:

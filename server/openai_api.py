@@ -346,6 +346,16 @@ class OpenAIDoor:
         self._metrics = metrics
         self._principals_by_digest = principals_by_digest
 
+    def runner(self, max_request_bytes: int, shutdown_timeout_seconds: float) -> web.AppRunner:
+        """The door's aiohttp runner, for a site to serve; `shutdown_timeout_seconds` is the wait for answers in
+        flight when it is cleaned up."""
+        return web.AppRunner(
+            self.application(max_request_bytes),
+            handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
+            shutdown_timeout=shutdown_timeout_seconds,
+            access_log=None,
+        )
+
     def application(self, max_request_bytes: int) -> web.Application:
         """Bodies larger than `max_request_bytes` are refused (413) before they are parsed."""
         app = web.Application(client_max_size=max_request_bytes, middlewares=[self._aiohttp_refusals])
