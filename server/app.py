@@ -175,7 +175,11 @@ async def start_openai_door(
 ) -> tuple[web.AppRunner, str]:
     """The OpenAI-compatible HTTP door on this event loop, over the same service; (its runner, its base URL)."""
     door = OpenAIDoor(service, metrics, principals_by_digest)
-    runner = door.runner(settings.limits.max_request_bytes, shutdown_timeout_seconds=settings.grace_period_seconds)
+    runner = door.runner(
+        settings.limits.max_request_bytes,
+        read_timeout_seconds=settings.http_read_timeout_seconds,
+        shutdown_timeout_seconds=settings.grace_period_seconds,
+    )
     await runner.setup()
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:

@@ -330,6 +330,8 @@ def sse(event: dict[str, Any] | str) -> bytes:
 # --- the door ------------------------------------------------------------------------------------------------
 
 
+READ_TIMEOUT = web.AppKey("read_timeout_seconds", float)
+"""How long a request's body may take to arrive (server.http_read_timeout_seconds)."""
 RPC = web.RequestKey("rpc", str)
 """The servicer method a request is counted under, when it is not the route's (a streamed chat completion)."""
 STREAM_STATUS = web.RequestKey("stream_status", grpc.StatusCode)
@@ -346,19 +348,31 @@ class OpenAIDoor:
         self._metrics = metrics
         self._principals_by_digest = principals_by_digest
 
-    def runner(self, max_request_bytes: int, shutdown_timeout_seconds: float) -> web.AppRunner:
+    def runner(
+        self, max_request_bytes: int, read_timeout_seconds: float, shutdown_timeout_seconds: float
+    ) -> web.AppRunner:
         """The door's aiohttp runner, for a site to serve; `shutdown_timeout_seconds` is the wait for answers in
-        flight when it is cleaned up."""
+        flight when it is cleaned up.
+
+        `read_timeout_seconds` bounds every wait for a client's bytes: for a request's headers, from the connection's
+        opening or its last answer (aiohttp's default is an hour, so a client trickling headers, or opening
+        connections and sending nothing, would hold a socket each); for its body (408); and for the rest of a body
+        refused unread, which is drained before the connection closes so that the client reads its refusal.
+        """
         return web.AppRunner(
-            self.application(max_request_bytes),
+            self.application(max_request_bytes, read_timeout_seconds),
             handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
+            keepalive_timeout=read_timeout_seconds,
+            lingering_time=read_timeout_seconds,
             shutdown_timeout=shutdown_timeout_seconds,
             access_log=None,
         )
 
-    def application(self, max_request_bytes: int) -> web.Application:
-        """Bodies larger than `max_request_bytes` are refused (413) before they are parsed."""
+    def application(self, max_request_bytes: int, read_timeout_seconds: float) -> web.Application:
+        """Bodies larger than `max_request_bytes` are refused (413) before they are parsed, and bodies that have not
+        all arrived `read_timeout_seconds` after their headers, 408."""
         app = web.Application(client_max_size=max_request_bytes, middlewares=[self._aiohttp_refusals])
+        app[READ_TIMEOUT] = read_timeout_seconds
         app.router.add_post("/v1/chat/completions", self._call("Generate", self._chat_completions, CHAT_PARAMS))
         app.router.add_get("/v1/models", self._call("GetPolicy", self._models, {}))
         app.router.add_post("/v1/feedback", self._call("SubmitFeedback", self._feedback, FEEDBACK_PARAMS))
@@ -493,8 +507,16 @@ def _lower_headers(request: web.Request) -> Iterator[tuple[str, str]]:
 
 
 async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:
+    read_timeout = request.app[READ_TIMEOUT]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(read_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise CallRefused(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the request body did not arrive within {read_timeout:g} s (server.http_read_timeout_seconds)",
+            http_status=408,
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise CallRefused(
             grpc.StatusCode.INVALID_ARGUMENT,

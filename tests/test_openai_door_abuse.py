@@ -1,0 +1,114 @@
+"""The HTTP door against hostile and careless clients, over a real socket and the door's own aiohttp runner.
+
+The service behind the door is a stand-in that answers at once: what is tested here is the door's alone
+(reading, bounding and timing requests, connections), and the real servicer imports vLLM. The door against
+the real server is tests/test_client_and_http_door.py.
+"""
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry
+
+from flywheel.v1 import serving_pb2 as pb
+from server.metrics import ServingMetrics
+from server.openai_api import OpenAIDoor
+
+CHAT = b'{"model": "flywheel", "messages": [{"role": "user", "content": "hi"}]}'
+GUARD_S = 10.0
+"""Longest any exchange here may take before the test fails instead of hanging."""
+
+
+class AnsweringService:
+    """Answers every chat completion with the same short answer, and counts what it was asked."""
+
+    def __init__(self):
+        self.generated: list[pb.GenerateRequest] = []
+
+    async def Generate(self, request, context):
+        self.generated.append(request)
+        return pb.GenerateResponse(response_id="resp-1", text="hello", policy_version=1, feedback_token="token")
+
+
+@contextlib.asynccontextmanager
+async def door_at(
+    service, max_request_bytes: int = 1 << 20, read_timeout_seconds: float = GUARD_S
+) -> AsyncIterator[int]:
+    """The door over `service` on a free local port, with its runner as the server builds it; yields the port."""
+    from aiohttp import web
+
+    door = OpenAIDoor(service, ServingMetrics(CollectorRegistry()), principals_by_digest={})
+    runner = door.runner(max_request_bytes, read_timeout_seconds=read_timeout_seconds, shutdown_timeout_seconds=1)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+def post(path: str, body: bytes, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: door", f"Content-Length: {len(body)}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def send(port: int, data: bytes) -> Connection:
+    """A connection that has sent `data` and then sends nothing more; it stays open while the writer is held."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+async def answer_of(connection: Connection) -> bytes:
+    """The door's answer on the connection, headers and body; b"" if it closed the connection unanswered."""
+    reader, _ = connection
+    try:
+        async with asyncio.timeout(GUARD_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            return head + await reader.readexactly(length)
+    except asyncio.IncompleteReadError as closed:
+        return closed.partial
+
+
+async def closed(connection: Connection) -> bool:
+    """Whether the door closes the connection (within GUARD_S) with nothing more sent."""
+    reader, writer = connection
+    try:
+        return await asyncio.wait_for(reader.read(), GUARD_S) == b""
+    finally:
+        writer.close()
+
+
+def status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_a_client_slower_than_the_read_timeout_is_answered_or_let_go():
+    async def scenario():
+        async with door_at(AnsweringService(), read_timeout_seconds=0.5) as port:
+            silent = await send(port, b"")
+            half_headers = await send(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: door\r\n")
+            half_body = await send(port, post("/v1/chat/completions", CHAT)[:-10])
+            answered_then_idle = await send(port, post("/v1/chat/completions", CHAT))
+            connections = (silent, half_headers, half_body, answered_then_idle)
+            answers = await asyncio.gather(*(answer_of(connection) for connection in connections))
+            return answers, await asyncio.gather(*(closed(connection) for connection in connections))
+
+    (silent, half_headers, half_body, answered_then_idle), all_closed = asyncio.run(scenario())
+    assert silent == b"" and half_headers == b"", "closed unanswered: there is no request to answer"
+    status, refusal = status_and_json(half_body)
+    assert status == 408 and refusal["error"]["code"] == "deadline_exceeded" and refusal["error"]["param"] is None
+    assert "server.http_read_timeout_seconds" in refusal["error"]["message"]
+    assert status_and_json(answered_then_idle)[0] == 200
+    assert all(all_closed), "each connection is closed: unanswered, after its late body, or idle after its answer"
