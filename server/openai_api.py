@@ -26,7 +26,7 @@ import grpc
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flywheel.errors import field_of, status_message
+from flywheel.errors import field_of, shown, status_message
 from flywheel.logs import request_id_var
 from flywheel.v1 import serving_pb2
 from server.interceptors import UNAUTHENTICATED_MESSAGE, principal_of, principal_var
@@ -364,6 +364,8 @@ class OpenAIDoor:
             handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
             keepalive_timeout=read_timeout_seconds,
             lingering_time=read_timeout_seconds,
+            # A compressed body is refused (_parsed); unpacking it to drain it would cost the loop a thousandfold.
+            auto_decompress=False,
             shutdown_timeout=shutdown_timeout_seconds,
             access_log=None,
         )
@@ -507,6 +509,13 @@ def _lower_headers(request: web.Request) -> Iterator[tuple[str, str]]:
 
 
 async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:
+    encoding = request.headers.get("Content-Encoding", "identity")
+    if encoding.lower() != "identity":
+        raise CallRefused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"content-encoding: {shown(encoding)} is not accepted; send the body uncompressed",
+            http_status=415,
+        )
     read_timeout = request.app[READ_TIMEOUT]
     try:
         async with asyncio.timeout(read_timeout):

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import re
+import time
+import zlib
 from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry
@@ -112,3 +114,38 @@ def test_a_client_slower_than_the_read_timeout_is_answered_or_let_go():
     assert "server.http_read_timeout_seconds" in refusal["error"]["message"]
     assert status_and_json(answered_then_idle)[0] == 200
     assert all(all_closed), "each connection is closed: unanswered, after its late body, or idle after its answer"
+
+
+def gzip_bomb(json_prefix: bytes, zeros: int) -> bytes:
+    """`json_prefix` and then `zeros` zero bytes, gzipped: about a thousandth of its unpacked size."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits=31)
+    block = bytes(1 << 20)
+    return packer.compress(json_prefix) + b"".join(packer.compress(block) for _ in range(zeros >> 20)) + packer.flush()
+
+
+def test_a_compressed_body_is_refused_unread():
+    # 128 KiB on the wire, 128 MiB unpacked: aiohttp unpacked all of it, on the event loop every other client
+    # shares, to drain it after the 413 (0.3 s of one stall and 0.5 s of CPU per MiB sent, measured).
+    bomb = gzip_bomb(b'{"model": "flywheel", "messages": [{"role": "user", "content": "', zeros=128 << 20)
+    service = AnsweringService()
+
+    async def scenario():
+        async with door_at(service) as port:
+            compressed_chat = await send(
+                port, post("/v1/chat/completions", zlib.compress(CHAT), Content_Encoding="deflate")
+            )
+            refused_chat = await answer_of(compressed_chat)
+            cpu_before = time.process_time()
+            bombed = await send(port, post("/v1/feedback", bomb, Content_Encoding="gzip"))
+            refused_bomb = await answer_of(bombed)
+            bombed[1].write(post("/v1/feedback", b"{"))  # answered once the bomb's rest is drained
+            next_on_the_connection = await answer_of(bombed)
+            return refused_chat, refused_bomb, time.process_time() - cpu_before, next_on_the_connection
+
+    refused_chat, refused_bomb, cpu_seconds, next_on_the_connection = asyncio.run(scenario())
+    for refused, encoding in ((refused_chat, "deflate"), (refused_bomb, "gzip")):
+        status, refusal = status_and_json(refused)
+        assert status == 415 and refusal["error"]["param"] == "content-encoding"
+        assert refusal["error"]["message"].startswith(f"content-encoding: '{encoding}' is not accepted")
+    assert not service.generated and status_and_json(next_on_the_connection)[0] == 400
+    assert cpu_seconds < 0.1, f"the door spent {cpu_seconds:.2f} s of CPU on a body it refused"
