@@ -31,7 +31,9 @@ class ApiKey(BaseModel):
 
 
 def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # The HTTP door's headers come decoded with surrogateescape: bytes that are not UTF-8 stay as surrogates,
+    # and are hashed as the bytes they were.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_api_key(principal: str) -> tuple[str, ApiKey]:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry
 
+from feedback.identity import key_digest
 from flywheel.v1 import serving_pb2 as pb
 from server.metrics import ServingMetrics
 from server.openai_api import OpenAIDoor
@@ -37,12 +38,15 @@ class AnsweringService:
 
 @contextlib.asynccontextmanager
 async def door_at(
-    service, max_request_bytes: int = 1 << 20, read_timeout_seconds: float = GUARD_S
+    service,
+    max_request_bytes: int = 1 << 20,
+    read_timeout_seconds: float = GUARD_S,
+    principals_by_digest: dict[str, str] | None = None,
 ) -> AsyncIterator[int]:
     """The door over `service` on a free local port, with its runner as the server builds it; yields the port."""
     from aiohttp import web
 
-    door = OpenAIDoor(service, ServingMetrics(CollectorRegistry()), principals_by_digest={})
+    door = OpenAIDoor(service, ServingMetrics(CollectorRegistry()), principals_by_digest or {})
     runner = door.runner(max_request_bytes, read_timeout_seconds=read_timeout_seconds, shutdown_timeout_seconds=1)
     await runner.setup()
     try:
@@ -53,10 +57,12 @@ async def door_at(
         await runner.cleanup()
 
 
-def post(path: str, body: bytes, **headers: str) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: door", f"Content-Length: {len(body)}"]
-    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+def post(path: str, body: bytes, **headers: str | bytes) -> bytes:
+    """The request's bytes; a header given as bytes is sent as those bytes."""
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: door", f"Content-Length: {len(body)}".encode()]
+    for name, value in headers.items():
+        lines.append(name.replace("_", "-").encode() + b": " + (value if isinstance(value, bytes) else value.encode()))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -149,3 +155,21 @@ def test_a_compressed_body_is_refused_unread():
         assert refusal["error"]["message"].startswith(f"content-encoding: '{encoding}' is not accepted")
     assert not service.generated and status_and_json(next_on_the_connection)[0] == 400
     assert cpu_seconds < 0.1, f"the door spent {cpu_seconds:.2f} s of CPU on a body it refused"
+
+
+def test_an_api_key_that_is_not_utf8_is_unknown():
+    # aiohttp hands header bytes that are not UTF-8 on as surrogates, which hashing the key raised on: a 500.
+    service = AnsweringService()
+
+    async def scenario():
+        async with door_at(service, principals_by_digest={key_digest("fw-good"): "acme"}) as port:
+            keys = (b"Bearer fw-\xff", "Bearer fw-caf\u00e9".encode(), b"Bearer fw-good")
+            return [
+                await answer_of(await send(port, post("/v1/chat/completions", CHAT, Authorization=key))) for key in keys
+            ]
+
+    not_utf8, unknown_utf8, good = asyncio.run(scenario())
+    for refused in (not_utf8, unknown_utf8):
+        status, refusal = status_and_json(refused)
+        assert (status, refusal["error"]["type"]) == (401, "authentication_error")
+    assert status_and_json(good)[0] == 200 and len(service.generated) == 1
