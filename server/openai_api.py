@@ -416,7 +416,7 @@ class OpenAIDoor:
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parsed(request, ChatCompletionRequest)
-        generate = generate_request(body, request.headers.get("X-Client-Request-Id", ""))
+        generate = generate_request(body, _header_text(request, "X-Client-Request-Id", "client_request_id"))
         if not body.stream:
             answer = await self._service.Generate(generate, HttpCallContext())
             return web.json_response(chat_completion(answer), headers=flywheel_headers(answer))
@@ -506,6 +506,17 @@ def _allow(refusal: web.HTTPException) -> dict[str, str]:
 def _lower_headers(request: web.Request) -> Iterator[tuple[str, str]]:
     """Headers as gRPC metadata: lower-case names."""
     return ((name.lower(), value) for name, value in request.headers.items())
+
+
+def _header_text(request: web.Request, name: str, proto_field: str) -> str:
+    """A header's value as text; INVALID_ARGUMENT on `proto_field` when its bytes are not UTF-8 (aiohttp hands
+    such bytes on as surrogates, which a proto string field cannot hold)."""
+    value = request.headers.get(name, "")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise CallRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{proto_field}: is not valid UTF-8") from None
+    return value
 
 
 async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:

@@ -173,3 +173,16 @@ def test_an_api_key_that_is_not_utf8_is_unknown():
         status, refusal = status_and_json(refused)
         assert (status, refusal["error"]["type"]) == (401, "authentication_error")
     assert status_and_json(good)[0] == 200 and len(service.generated) == 1
+
+
+def test_a_client_request_id_that_is_not_utf8_is_refused_naming_its_header():
+    service = AnsweringService()
+
+    async def scenario():
+        async with door_at(service) as port:
+            request = post("/v1/chat/completions", CHAT, X_Client_Request_Id=b"req-\xff")
+            return await answer_of(await send(port, request))
+
+    status, refusal = status_and_json(asyncio.run(scenario()))
+    assert (status, refusal["error"]["param"]) == (400, "x-client-request-id"), "was a 500"
+    assert refusal["error"]["message"] == "x-client-request-id: is not valid UTF-8" and not service.generated
