@@ -214,6 +214,15 @@ CHAT_PARAMS = {
     "client_request_id": "x-client-request-id",
     "sampling": "",
 }
+
+
+def chat_params(body: ChatCompletionRequest) -> dict[str, str]:
+    """CHAT_PARAMS, with max_tokens spelled as this body spells it (http_param takes the first prefix that matches)."""
+    if body.max_completion_tokens is None:
+        return CHAT_PARAMS
+    return {"sampling.max_tokens": "max_completion_tokens", **CHAT_PARAMS}
+
+
 FEEDBACK_PARAMS = {
     "response.response_id": "response_id",
     "response.feedback_token": "feedback_token",
@@ -332,6 +341,8 @@ def sse(event: dict[str, Any] | str) -> bytes:
 
 READ_TIMEOUT = web.AppKey("read_timeout_seconds", float)
 """How long a request's body may take to arrive (server.http_read_timeout_seconds)."""
+PARAMS = web.RequestKey("params", dict)
+"""HTTP names of proto fields for this request's refusals, when they are not the route's."""
 RPC = web.RequestKey("rpc", str)
 """The servicer method a request is counted under, when it is not the route's (a streamed chat completion)."""
 STREAM_STATUS = web.RequestKey("stream_status", grpc.StatusCode)
@@ -393,7 +404,7 @@ class OpenAIDoor:
                 return await handle(request)
             except CallRefused as refused:
                 code = refused.code
-                http_status, body = error_body(refused.code, refused.message, params)
+                http_status, body = error_body(refused.code, refused.message, request.get(PARAMS, params))
                 return web.json_response(body, status=refused.http_status or http_status)
             except (ConnectionResetError, asyncio.CancelledError):  # the client left; its answer is aborted
                 code = grpc.StatusCode.CANCELLED
@@ -416,6 +427,7 @@ class OpenAIDoor:
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await _parsed(request, ChatCompletionRequest)
+        request[PARAMS] = chat_params(body)
         generate = generate_request(body, _header_text(request, "X-Client-Request-Id", "client_request_id"))
         if not body.stream:
             answer = await self._service.Generate(generate, HttpCallContext())
@@ -454,7 +466,7 @@ class OpenAIDoor:
             await response.write(sse("[DONE]"))
         except CallRefused as refused:
             request[STREAM_STATUS] = refused.code
-            _, body = error_body(refused.code, refused.message, CHAT_PARAMS)
+            _, body = error_body(refused.code, refused.message, request[PARAMS])
             await response.write(sse(body))
         except (ConnectionResetError, asyncio.CancelledError):
             request[STREAM_STATUS] = grpc.StatusCode.CANCELLED

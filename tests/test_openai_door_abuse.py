@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from feedback.identity import key_digest
@@ -34,6 +35,13 @@ class AnsweringService:
     async def Generate(self, request, context):
         self.generated.append(request)
         return pb.GenerateResponse(response_id="resp-1", text="hello", policy_version=1, feedback_token="token")
+
+
+class RefusingService:
+    """Refuses every chat completion as the servicer refuses a max_tokens out of bounds."""
+
+    async def Generate(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: is 0; allowed is 1 to 1024")
 
 
 @contextlib.asynccontextmanager
@@ -186,3 +194,19 @@ def test_a_client_request_id_that_is_not_utf8_is_refused_naming_its_header():
     status, refusal = status_and_json(asyncio.run(scenario()))
     assert (status, refusal["error"]["param"]) == (400, "x-client-request-id"), "was a 500"
     assert refusal["error"]["message"] == "x-client-request-id: is not valid UTF-8" and not service.generated
+
+
+def test_a_refused_max_tokens_is_named_as_the_client_spelled_it():
+    async def scenario():
+        async with door_at(RefusingService()) as port:
+            answers = []
+            for field in ("max_tokens", "max_completion_tokens"):
+                body = json.dumps({**json.loads(CHAT), field: 0}).encode()
+                answers.append(await answer_of(await send(port, post("/v1/chat/completions", body))))
+            return answers
+
+    as_max_tokens, as_max_completion_tokens = asyncio.run(scenario())
+    assert status_and_json(as_max_tokens)[1]["error"]["param"] == "max_tokens"
+    refusal = status_and_json(as_max_completion_tokens)[1]["error"]
+    assert refusal["param"] == "max_completion_tokens", "was max_tokens, a field the client did not send"
+    assert refusal["message"] == "max_completion_tokens: is 0; allowed is 1 to 1024"
