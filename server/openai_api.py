@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.errors import field_of, shown, status_message
@@ -36,6 +38,20 @@ if TYPE_CHECKING:  # the servicer imports the engine, so vLLM: the translations 
     from server.service import FlywheelService
 
 log = logging.getLogger(__name__)
+
+
+class ConnectionLog(logging.LoggerAdapter):
+    """aiohttp's connection log, where a request it cannot parse (a header too long, too many headers, a malformed
+    chunk) is the client's fault: one debug line, not an error with its traceback per request, which any client
+    could send until the logs fill."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        error = sys.exc_info()[1] if exc_info is True else exc_info
+        if isinstance(error, HttpProcessingError):
+            self.debug(f"{msg}: %s", *args, error.message, **kwargs)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
 
 MODEL_ID = "flywheel"
 """The one model this door serves: whichever policy is live. Requests name it in `model`."""
@@ -379,6 +395,7 @@ class OpenAIDoor:
             auto_decompress=False,
             shutdown_timeout=shutdown_timeout_seconds,
             access_log=None,
+            logger=ConnectionLog(logging.getLogger("aiohttp.server")),
         )
 
     def application(self, max_request_bytes: int, read_timeout_seconds: float) -> web.Application:

@@ -8,6 +8,7 @@ the real server is tests/test_client_and_http_door.py.
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 import zlib
@@ -210,3 +211,17 @@ def test_a_refused_max_tokens_is_named_as_the_client_spelled_it():
     refusal = status_and_json(as_max_completion_tokens)[1]["error"]
     assert refusal["param"] == "max_completion_tokens", "was max_tokens, a field the client did not send"
     assert refusal["message"] == "max_completion_tokens: is 0; allowed is 1 to 1024"
+
+
+def test_a_request_aiohttp_cannot_parse_is_refused_without_an_error_in_the_log(caplog):
+    # It was logged as an ERROR with its traceback, one per request: any client could fill the server's logs.
+    async def scenario():
+        async with door_at(AnsweringService()) as port:
+            too_long = post("/v1/chat/completions", CHAT, X_Padding="x" * 10_000)
+            too_many = post("/v1/chat/completions", CHAT, **{f"X_Header_{i}": "x" for i in range(200)})
+            return [await answer_of(await send(port, request)) for request in (too_long, too_many)]
+
+    with caplog.at_level(logging.DEBUG):
+        answers = asyncio.run(scenario())
+    assert [int(answer.split(b" ", 2)[1]) for answer in answers] == [400, 400]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING or record.exc_info]
