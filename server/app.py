@@ -177,7 +177,7 @@ async def start_openai_door(
     door = OpenAIDoor(service, metrics, principals_by_digest)
     runner = door.runner(
         settings.limits.max_request_bytes,
-        read_timeout_seconds=settings.http_read_timeout_seconds,
+        client_timeout_seconds=settings.http_client_timeout_seconds,
         shutdown_timeout_seconds=settings.grace_period_seconds,
     )
     await runner.setup()

@@ -36,11 +36,12 @@ class ServerSettings(BaseModel):
         description="OpenAI-compatible HTTP port (/v1/chat/completions, /v1/models, /v1/feedback) beside gRPC, "
         "with its keys, limits and TLS; unset means off, 0 picks a free one.",
     )
-    http_read_timeout_seconds: float = Field(
+    http_client_timeout_seconds: float = Field(
         30.0,
         gt=0,
-        description="How long the HTTP door waits for a request's headers (from the connection's opening or its "
-        "last answer) and for its body; a slower client is disconnected, or answered 408.",
+        description="How long the HTTP door waits on a client: for a request's headers (from the connection's "
+        "opening or its last answer), for its body, and to take each part of a streamed answer; a slower client is "
+        "answered 408 or disconnected.",
     )
     server_id: str = Field("", description="Name of this replica in logs and events; empty means host:port.")
     max_in_flight: int = Field(32, ge=1, description="Requests running in the engine at once.")

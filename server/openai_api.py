@@ -92,6 +92,10 @@ class CallRefused(Exception):
         """Overrides the HTTP status of `code`, for refusals HTTP names more precisely (413)."""
 
 
+class ClientStalled(Exception):
+    """A streaming client took none of its answer for server.http_client_timeout_seconds."""
+
+
 class HttpCallContext:
     """What FlywheelService uses of grpc.aio.ServicerContext, for a call that came over HTTP."""
 
@@ -355,8 +359,8 @@ def sse(event: dict[str, Any] | str) -> bytes:
 # --- the door ------------------------------------------------------------------------------------------------
 
 
-READ_TIMEOUT = web.AppKey("read_timeout_seconds", float)
-"""How long a request's body may take to arrive (server.http_read_timeout_seconds)."""
+CLIENT_TIMEOUT = web.AppKey("client_timeout_seconds", float)
+"""How long the door waits on a client (server.http_client_timeout_seconds)."""
 PARAMS = web.RequestKey("params", dict)
 """HTTP names of proto fields for this request's refusals, when they are not the route's."""
 RPC = web.RequestKey("rpc", str)
@@ -376,21 +380,22 @@ class OpenAIDoor:
         self._principals_by_digest = principals_by_digest
 
     def runner(
-        self, max_request_bytes: int, read_timeout_seconds: float, shutdown_timeout_seconds: float
+        self, max_request_bytes: int, client_timeout_seconds: float, shutdown_timeout_seconds: float
     ) -> web.AppRunner:
         """The door's aiohttp runner, for a site to serve; `shutdown_timeout_seconds` is the wait for answers in
         flight when it is cleaned up.
 
-        `read_timeout_seconds` bounds every wait for a client's bytes: for a request's headers, from the connection's
+        `client_timeout_seconds` bounds every wait on a client: for a request's headers, from the connection's
         opening or its last answer (aiohttp's default is an hour, so a client trickling headers, or opening
-        connections and sending nothing, would hold a socket each); for its body (408); and for the rest of a body
-        refused unread, which is drained before the connection closes so that the client reads its refusal.
+        connections and sending nothing, would hold a socket each); for its body (408); for the rest of a body
+        refused unread, which is drained before the connection closes so that the client reads its refusal; and
+        for each part of a streamed answer to be taken (_stream).
         """
         return web.AppRunner(
-            self.application(max_request_bytes, read_timeout_seconds),
+            self.application(max_request_bytes, client_timeout_seconds),
             handler_cancellation=True,  # a client that leaves cancels its answer, as a cancelled RPC does
-            keepalive_timeout=read_timeout_seconds,
-            lingering_time=read_timeout_seconds,
+            keepalive_timeout=client_timeout_seconds,
+            lingering_time=client_timeout_seconds,
             # A compressed body is refused (_parsed); unpacking it to drain it would cost the loop a thousandfold.
             auto_decompress=False,
             shutdown_timeout=shutdown_timeout_seconds,
@@ -398,11 +403,11 @@ class OpenAIDoor:
             logger=ConnectionLog(logging.getLogger("aiohttp.server")),
         )
 
-    def application(self, max_request_bytes: int, read_timeout_seconds: float) -> web.Application:
+    def application(self, max_request_bytes: int, client_timeout_seconds: float) -> web.Application:
         """Bodies larger than `max_request_bytes` are refused (413) before they are parsed, and bodies that have not
-        all arrived `read_timeout_seconds` after their headers, 408."""
+        all arrived `client_timeout_seconds` after their headers, 408."""
         app = web.Application(client_max_size=max_request_bytes, middlewares=[self._aiohttp_refusals])
-        app[READ_TIMEOUT] = read_timeout_seconds
+        app[CLIENT_TIMEOUT] = client_timeout_seconds
         app.router.add_post("/v1/chat/completions", self._call("Generate", self._chat_completions, CHAT_PARAMS))
         app.router.add_get("/v1/models", self._call("GetPolicy", self._models, {}))
         app.router.add_post("/v1/feedback", self._call("SubmitFeedback", self._feedback, FEEDBACK_PARAMS))
@@ -461,41 +466,59 @@ class OpenAIDoor:
         first = await anext(events)  # refusals (validation, capacity) raise here, before any byte is sent
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        client_timeout = request.app[CLIENT_TIMEOUT]
+
+        async def in_time(sending: Awaitable[None]) -> None:
+            # A client that stops reading would otherwise hold its answer, and its admission slot, for as long as
+            # it likes: the write waits on its TCP window.
+            try:
+                async with asyncio.timeout(client_timeout):
+                    await sending
+            except TimeoutError:
+                raise ClientStalled from None
 
         async def send(event: serving_pb2.GenerateStreamResponse) -> None:
             if event.HasField("text_delta"):
-                await response.write(sse(chunk(completion_id, created, {"content": event.text_delta})))
+                await in_time(response.write(sse(chunk(completion_id, created, {"content": event.text_delta}))))
                 return
             answer = event.summary
             finish_reason = FINISH_REASONS.get(answer.finish_reason)
-            await response.write(sse(chunk(completion_id, created, {}, finish_reason, **flywheel_fields(answer))))
+            finished = chunk(completion_id, created, {}, finish_reason, **flywheel_fields(answer))
+            await in_time(response.write(sse(finished)))
             if include_usage:
                 last = chunk(completion_id, created, {}, usage=usage(answer), **flywheel_fields(answer))
                 last["choices"] = []
-                await response.write(sse(last))
+                await in_time(response.write(sse(last)))
 
         try:
-            await response.prepare(request)
-            await response.write(sse(chunk(completion_id, created, {"role": "assistant", "content": ""})))
-            await send(first)
-            async for event in events:
-                await send(event)
-            await response.write(sse("[DONE]"))
-        except CallRefused as refused:
-            request[STREAM_STATUS] = refused.code
-            _, body = error_body(refused.code, refused.message, request[PARAMS])
-            await response.write(sse(body))
-        except (ConnectionResetError, asyncio.CancelledError):
-            request[STREAM_STATUS] = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as unexpected:
-            request[STREAM_STATUS] = grpc.StatusCode.INTERNAL
-            log.error("HTTP %s failed unexpectedly mid-stream", request.path, exc_info=unexpected)
-            _, body = error_body(grpc.StatusCode.INTERNAL, "internal error; the server logged it", CHAT_PARAMS)
-            await response.write(sse(body))
-        finally:
-            await events.aclose()  # a client that left mid-answer: the engine stops generating it
-        await response.write_eof()
+            try:
+                await response.prepare(request)
+                await in_time(response.write(sse(chunk(completion_id, created, {"role": "assistant", "content": ""}))))
+                await send(first)
+                async for event in events:
+                    await send(event)
+                await in_time(response.write(sse("[DONE]")))
+            except CallRefused as refused:
+                request[STREAM_STATUS] = refused.code
+                _, body = error_body(refused.code, refused.message, request[PARAMS])
+                await in_time(response.write(sse(body)))
+            except (ConnectionResetError, asyncio.CancelledError):
+                request[STREAM_STATUS] = grpc.StatusCode.CANCELLED
+                raise
+            except ClientStalled:
+                raise
+            except Exception as unexpected:
+                request[STREAM_STATUS] = grpc.StatusCode.INTERNAL
+                log.error("HTTP %s failed unexpectedly mid-stream", request.path, exc_info=unexpected)
+                _, body = error_body(grpc.StatusCode.INTERNAL, "internal error; the server logged it", CHAT_PARAMS)
+                await in_time(response.write(sse(body)))
+            finally:
+                await events.aclose()  # a client that left mid-answer: the engine stops generating it
+            await in_time(response.write_eof())
+        except ClientStalled:
+            request[STREAM_STATUS] = grpc.StatusCode.DEADLINE_EXCEEDED
+            if request.transport is not None:
+                request.transport.abort()  # closing it would wait for the client to take what is buffered
         return response
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -556,14 +579,14 @@ async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:
             f"content-encoding: {shown(encoding)} is not accepted; send the body uncompressed",
             http_status=415,
         )
-    read_timeout = request.app[READ_TIMEOUT]
+    client_timeout = request.app[CLIENT_TIMEOUT]
     try:
-        async with asyncio.timeout(read_timeout):
+        async with asyncio.timeout(client_timeout):
             raw = await request.read()
     except TimeoutError:
         raise CallRefused(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"the request body did not arrive within {read_timeout:g} s (server.http_read_timeout_seconds)",
+            f"the request body did not arrive within {client_timeout:g} s (server.http_client_timeout_seconds)",
             http_status=408,
         ) from None
     except web.HTTPRequestEntityTooLarge:

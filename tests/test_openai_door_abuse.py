@@ -38,6 +38,21 @@ class AnsweringService:
         return pb.GenerateResponse(response_id="resp-1", text="hello", policy_version=1, feedback_token="token")
 
 
+class EndlessStreamService:
+    """Streams long deltas for as long as it is read; says whether its stream was closed."""
+
+    def __init__(self):
+        self.stream_closed = asyncio.Event()
+
+    async def GenerateStream(self, request, context):
+        try:
+            while True:
+                yield pb.GenerateStreamResponse(text_delta="token " * 100)
+                await asyncio.sleep(0)
+        finally:
+            self.stream_closed.set()
+
+
 class RefusingService:
     """Refuses every chat completion as the servicer refuses a max_tokens out of bounds."""
 
@@ -49,14 +64,14 @@ class RefusingService:
 async def door_at(
     service,
     max_request_bytes: int = 1 << 20,
-    read_timeout_seconds: float = GUARD_S,
+    client_timeout_seconds: float = GUARD_S,
     principals_by_digest: dict[str, str] | None = None,
 ) -> AsyncIterator[int]:
     """The door over `service` on a free local port, with its runner as the server builds it; yields the port."""
     from aiohttp import web
 
     door = OpenAIDoor(service, ServingMetrics(CollectorRegistry()), principals_by_digest or {})
-    runner = door.runner(max_request_bytes, read_timeout_seconds=read_timeout_seconds, shutdown_timeout_seconds=1)
+    runner = door.runner(max_request_bytes, client_timeout_seconds=client_timeout_seconds, shutdown_timeout_seconds=1)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -111,9 +126,9 @@ def status_and_json(answer: bytes) -> tuple[int, dict]:
     return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
-def test_a_client_slower_than_the_read_timeout_is_answered_or_let_go():
+def test_a_client_slower_than_the_timeout_to_send_is_answered_or_let_go():
     async def scenario():
-        async with door_at(AnsweringService(), read_timeout_seconds=0.5) as port:
+        async with door_at(AnsweringService(), client_timeout_seconds=0.5) as port:
             silent = await send(port, b"")
             half_headers = await send(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: door\r\n")
             half_body = await send(port, post("/v1/chat/completions", CHAT)[:-10])
@@ -126,7 +141,7 @@ def test_a_client_slower_than_the_read_timeout_is_answered_or_let_go():
     assert silent == b"" and half_headers == b"", "closed unanswered: there is no request to answer"
     status, refusal = status_and_json(half_body)
     assert status == 408 and refusal["error"]["code"] == "deadline_exceeded" and refusal["error"]["param"] is None
-    assert "server.http_read_timeout_seconds" in refusal["error"]["message"]
+    assert "server.http_client_timeout_seconds" in refusal["error"]["message"]
     assert status_and_json(answered_then_idle)[0] == 200
     assert all(all_closed), "each connection is closed: unanswered, after its late body, or idle after its answer"
 
@@ -225,3 +240,22 @@ def test_a_request_aiohttp_cannot_parse_is_refused_without_an_error_in_the_log(c
         answers = asyncio.run(scenario())
     assert [int(answer.split(b" ", 2)[1]) for answer in answers] == [400, 400]
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING or record.exc_info]
+
+
+def test_a_client_that_stops_reading_its_stream_is_let_go_and_its_answer_aborted():
+    # Its answer waited on the client's TCP window for as long as the client liked, holding an admission slot.
+    service = EndlessStreamService()
+    streamed_chat = post("/v1/chat/completions", json.dumps({**json.loads(CHAT), "stream": True}).encode())
+
+    async def scenario():
+        async with door_at(service, client_timeout_seconds=0.5) as port:
+            reader, _ = await send(port, streamed_chat)  # its buffer fills, then it reads no more
+            await asyncio.wait_for(service.stream_closed.wait(), GUARD_S)
+            received = b""
+            with contextlib.suppress(ConnectionResetError):  # the door drops the connection, unflushed
+                while data := await asyncio.wait_for(reader.read(1 << 16), GUARD_S):
+                    received += data
+            return received
+
+    received = asyncio.run(scenario())
+    assert received.startswith(b"HTTP/1.1 200 OK") and b"data: " in received and b"[DONE]" not in received
