@@ -259,12 +259,31 @@ def http_param(proto_field: str, params: dict[str, str]) -> str:
     return proto_field
 
 
+UNION_SHAPES = frozenset({"str", "list[str]", "list[TextPart]"})
+"""pydantic's names for the shapes of the fields that take either (content, stop), as it puts them in an error's
+location: no field of the body."""
+
+
 def pydantic_param(location: tuple[str | int, ...]) -> str | None:
     """("messages", 0, "content") -> "messages[0].content"; None for the body as a whole."""
     param = ""
     for part in location:
+        if part in UNION_SHAPES:
+            continue
         param += f"[{part}]" if isinstance(part, int) else f".{part}"
     return param.lstrip(".") or None
+
+
+def furthest_shape(errors: list) -> dict:
+    """The first error, or, where it is about one shape of a field that takes either, the error of the shape that
+    got furthest into the body: a list of parts with one bad part is named by that part, not as "not a string"."""
+    first = errors[0]
+    shape_at = next((i for i, part in enumerate(first["loc"]) if part in UNION_SHAPES), None)
+    if shape_at is None:
+        return first
+    field = first["loc"][:shape_at]
+    same_field = [e for e in errors if e["loc"][:shape_at] == field and len(e["loc"]) > shape_at]
+    return max(same_field, key=lambda e: len(e["loc"]))  # the first of the longest
 
 
 def error_body(code: grpc.StatusCode, message: str, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -282,7 +301,7 @@ def error_body(code: grpc.StatusCode, message: str, params: dict[str, str]) -> t
 
 def validation_refusal(error: ValidationError) -> CallRefused:
     """A body that does not parse or fit the request's shape, as INVALID_ARGUMENT naming the first bad field."""
-    first = error.errors(include_url=False, include_input=False)[0]
+    first = furthest_shape(error.errors(include_url=False, include_input=False))
     if first["type"] == "json_invalid":
         return CallRefused(grpc.StatusCode.INVALID_ARGUMENT, "the request body is not valid JSON")
     param = pydantic_param(first["loc"]) or "body"

@@ -124,10 +124,18 @@ def test_another_model_is_not_found():
             '{"model": "flywheel", "messages": [], "presence_penalty": 0.5}',
             "presence_penalty: Input should be less than or equal to 0",
         ),
+        # A field that takes one of two shapes (content, stop) is refused by the shape that got furthest, and
+        # named as the body names it: pydantic's name for the shape ("str", "list[TextPart]") is no field.
         (
             '{"model": "flywheel", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-            "messages[0].content.str: Input should be a valid string",
+            "messages[0].content[0].type: Input should be 'text'",
         ),
+        (
+            '{"model": "flywheel", "messages": [{"role": "user", "content": 5}]}',
+            "messages[0].content: Input should be a valid string",
+        ),
+        ('{"model": "flywheel", "messages": [], "stop": ["\\n", 5]}', "stop[1]: Input should be a valid string"),
+        ('{"model": "flywheel", "messages": [], "stop": {"a": 1}}', "stop: Input should be a valid string"),
     ],
 )
 def test_a_body_that_is_not_a_chat_completion_is_refused_naming_the_field(raw, message):
