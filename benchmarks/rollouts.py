@@ -8,7 +8,7 @@ exactly `new_tokens` tokens per answer (end-of-sequence suppressed: `min_new_tok
 The trainer's policy changes every PPO step, and transformers samples from it directly, while vLLM holds its own
 copy of the weights. So every vLLM round first pays the weight sync a trainer would pay: the policy is nudged (a
 stand-in for an update), `save_pretrained` to a temporary directory, then
-the server's reload (`server.vllm_worker`: vLLM's `reload_weights`, then the tied LM head re-packed) and a prefix
+the server's reload (`flywheel.vllm_worker`: vLLM's `reload_weights`, then the tied LM head re-packed) and a prefix
 cache reset, checked by comparing a weight checksum read back from vLLM's worker. The sync cost does not depend on
 the batch; it is reported beside each row.
 
@@ -117,7 +117,7 @@ class VLLMSampler:
             max_model_len=512,
             seed=seed,
             # The server's reload: on CPU vLLM's own left a tied LM head on the start-up weights.
-            worker_extension_cls="server.vllm_worker.PolicyWorkerExtension",
+            worker_extension_cls="flywheel.vllm_worker.PolicyWorkerExtension",
         )
 
     def sample(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

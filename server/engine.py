@@ -100,7 +100,7 @@ class PolicyEngine:
             # The sampled tokens' log-probs as the sampler saw them: the behavior policy PPO needs.
             logprobs_mode="processed_logprobs",
             enable_log_requests=False,
-            worker_extension_cls="server.vllm_worker.PolicyWorkerExtension",
+            worker_extension_cls="flywheel.vllm_worker.PolicyWorkerExtension",
         )
         return cls(AsyncLLM.from_engine_args(args), model_path, zero_adapter_dir)
 

@@ -41,6 +41,20 @@ class RewardModelSettings(BaseModel):
     )
 
 
+class RolloutEngineSettings(BaseModel):
+    """The vLLM engine that samples PPO answers when ppo.rollouts = "vllm"."""
+
+    dtype: str = Field("auto", description="Weights' dtype in the engine (vLLM's `dtype`).")
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt plus answer the engine holds, in tokens.")
+    kv_cache_bytes: int = Field(
+        0, ge=0, description="KV cache size in bytes; 0 sizes it by gpu_memory_utilization (required on CPU)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of the GPU's memory the engine may take (the trainer needs the rest)."
+    )
+    enforce_eager: bool = Field(False, description="No CUDA graphs: faster start, slower sampling.")
+
+
 class PPOSettings(BaseModel):
     """One PPO step: sample answers, score them, then several epochs of clipped updates."""
 
@@ -81,6 +95,13 @@ class PPOSettings(BaseModel):
     candidate_every_steps: int = Field(
         10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
     )
+    rollouts: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What samples the PPO answers: transformers' generate on the policy itself, or a vLLM engine "
+        "beside the trainer, the policy's weights pushed into it before every rollout (faster on GPUs; on CPU not "
+        "worth its engine, see BENCHMARKS.md). vllm runs in one process (not under torchrun).",
+    )
+    rollout_engine: RolloutEngineSettings = Field(default_factory=RolloutEngineSettings)
 
     @model_validator(mode="after")
     def _step_within_kl_horizon(self) -> "PPOSettings":

@@ -59,7 +59,7 @@ from trainer.config import RewardModelSettings, TrainerConfig
 from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.join_store import JoinStore, LabelledExample, PairBounds, PreferencePair
 from trainer.metrics import TrainerMetrics
-from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead
+from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead, end_of_sequence_ids
 from trainer.precheck import CandidatePrecheck, PrecheckResult
 from trainer.progress import live_display, progress_table
 from trainer.ranks import (
@@ -74,6 +74,7 @@ from trainer.ranks import (
     rank_seed,
 )
 from trainer.reward_model import RewardModel, RewardModelTrainer, load_without_dropout
+from trainer.vllm_rollouts import VLLMSampler
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,23 @@ class Trainer:
             if ranks.leads:
                 restore_join_store(checkpoint, config.join_store.path)
                 log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
-        ppo = PPOTrainer(models, tokenizer, config.ppo, ranks=ranks)
+        sampler = None
+        if config.ppo.rollouts == "vllm":
+            if ranks.distributed:
+                raise ValueError(
+                    'ppo.rollouts = "vllm" runs in one process: under torchrun each rank\'s engine would need '
+                    "vLLM's external launcher, which is not built; use transformers"
+                )
+            sampler = VLLMSampler(
+                models.policy,
+                state.reference_path,
+                end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id),
+                config.ppo.rollout_engine,
+                config.policy,
+                sync_dir=config.trainer.checkpoint_dir.parent / "rollout-weights",
+                seed=config.trainer.seed,
+            )
+        ppo = PPOTrainer(models, tokenizer, config.ppo, sampler=sampler, ranks=ranks)
         if checkpoint is not None:
             restore_optimizers(checkpoint, ppo, state)
         join_store = None
@@ -561,6 +578,8 @@ class Trainer:
     def close(self) -> None:
         if self.join_store is not None:
             self.join_store.close()
+        if isinstance(self.ppo.sampler, VLLMSampler):
+            self.ppo.sampler.shutdown()
 
     # ------------------------------------------------------------ the loop
 
