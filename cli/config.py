@@ -187,6 +187,16 @@ class ServeConfig(ProcessConfig):
     kafka: KafkaSettings
     spool: SpoolSettings
 
+    @model_validator(mode="after")
+    def _canary_replicas_serve_whole_weights(self) -> "ServeConfig":
+        if self.server.canary_replica and self.policy.uses_adapters:
+            raise ValueError(
+                "server.canary_replica is for whole weights; with policy.adapter = "
+                f"{self.policy.adapter!r} every server answers the canary's share of users beside live: "
+                "set gate.canary.share instead"
+            )
+        return self
+
 
 class TrainConfig(ProcessConfig, TrainerConfig):
     """`flywheel train`: the trainer's own sections (trainer.config.TrainerConfig), and of the `gate` section the

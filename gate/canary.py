@@ -14,6 +14,10 @@ the upper bound, reject at the lower. α = chance of promoting a canary no bette
 than an equal one, so it is rejected sooner. Live's rate is taken as known: it has
 (1 − share) / share times the canary's votes, and both need `min_votes` before any decision.
 A canary still undecided after `max_votes` of its own votes is rejected: not shown better.
+
+An adapter canary answers `share` of users in every server's engine. A whole-weight canary is
+served by the canary replicas (server.canary_replica), `replica_share` of all: the replicas and
+the load balancer decide who it answers, and the test counts votes per version all the same.
 """
 
 from dataclasses import dataclass
@@ -34,6 +38,15 @@ class CanarySettings(BaseModel):
         description="Share of users (sticky per principal and user) an adapter candidate serves beside live after "
         "passing the offline checks; 0 makes passing candidates live at once.",
     )
+    replica_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Whole weights: the share of server replicas that are canary replicas (server.canary_replica; "
+        "Helm sets it from server.canaryReplicas). Above 0, a whole-weight candidate that passed the offline checks "
+        "is served by those replicas until the online test decides; recorded as the canary's share, which the "
+        "replicas and the load balancer decide. 0 makes such candidates live at once.",
+    )
     false_promote_rate: float = Field(
         0.05, gt=0, lt=0.5, description="α: chance of promoting a canary whose thumbs-up rate is no better than live's."
     )
@@ -47,6 +60,11 @@ class CanarySettings(BaseModel):
     max_votes: int = Field(
         2000, ge=1, description="Votes on the canary after which an undecided test rejects it (not shown better)."
     )
+
+
+def canary_share(is_adapter: bool, settings: CanarySettings) -> float:
+    """The share of users a candidate that passed the offline checks answers as a canary; 0: it goes live at once."""
+    return settings.share if is_adapter else settings.replica_share
 
 
 CANARY_CHECK = "canary_thumbs_up"

@@ -43,7 +43,7 @@ from flywheel.registry import (
     Withheld,
 )
 from flywheel.v1 import events_pb2, serving_pb2
-from gate.canary import CANARY_CHECK, CanaryTest, canary_test
+from gate.canary import CANARY_CHECK, CanaryTest, canary_share, canary_test
 from gate.config import GateSettings
 from gate.rollback import sprt_decision
 from trainer.config import RewardModelSettings
@@ -295,8 +295,9 @@ class Gate:
                 [f"{c.name}: {c.detail}" for c in verdict.checks if not c.passed],
                 live.version,
             )
-        if manifest.is_adapter and self.settings.canary.share > 0:
-            return self._start_canary(version, live.version, checks, manifest.digest)
+        share = canary_share(manifest.is_adapter, self.settings.canary)
+        if share > 0:
+            return self._start_canary(version, live.version, checks, manifest.digest, share)
         try:
             self.registry.approve(version, judged_against=live.version, checks=checks, reason="approved by the gate")
         except LiveMoved as moved:
@@ -313,9 +314,10 @@ class Gate:
             checks=[_check_proto(c) for c in verdict.checks],
         )
 
-    def _start_canary(self, version: int, live: int, checks: list[VerdictCheck], digest: str) -> events_pb2.PolicyEvent:
+    def _start_canary(
+        self, version: int, live: int, checks: list[VerdictCheck], digest: str, share: float
+    ) -> events_pb2.PolicyEvent:
         """A candidate that passed the offline checks answers a share of users beside live, until `canary_due` decides."""
-        share = self.settings.canary.share
         try:
             self.registry.start_canary(version, against=live, share=share, checks=checks)
         except LiveMoved as moved:

@@ -245,6 +245,7 @@ async def serve(
         kafka.topics,
         server.server_id,
         base_digest=policies.manifest(engine_version).digest,
+        canary_replica=settings.canary_replica,
     )
     policy_events = EventConsumer(
         kafka, f"flywheel-server-{server.server_id}-{uuid.uuid4().hex[:8]}", event_metrics, [kafka.topics.policy]

@@ -75,6 +75,12 @@ class ServerSettings(BaseModel):
     policy_poll_seconds: float = Field(
         5.0, gt=0, description="How often the server also checks the registry's live pointer, besides policy events."
     )
+    canary_replica: bool = Field(
+        False,
+        description="Whole weights: this replica serves the registry's canary while one runs against live (an in-place "
+        "reload, as any swap), and live otherwise. The share of canary replicas among all is the canary's share of "
+        "traffic; a load balancer hashing on the x-flywheel-user header keeps each user on one replica.",
+    )
     policy_refused_retry_max_seconds: float = Field(
         300.0,
         gt=0,

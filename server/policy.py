@@ -7,6 +7,8 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from flywheel.registry import CanaryRecord
+
 
 @dataclass(frozen=True)
 class PolicySnapshot:
@@ -44,6 +46,19 @@ def canary_bucket(principal: str, user_id: str, canary_version: int) -> float:
 def serves_canary(principal: str, user_id: str, canary_version: int, share: float) -> bool:
     """Whether this user is answered by the canary: sticky for as long as the canary and its share stay."""
     return canary_bucket(principal, user_id, canary_version) < share
+
+
+def whole_weight_version(live_version: int, canary: CanaryRecord | None, canary_replica: bool) -> int:
+    """The version a whole-weight server loads: on a canary replica, the canary while one runs against live;
+    otherwise live.
+
+    A canary ends when live moves off the version it was compared with (`canary.against`), and the
+    replica returns to live: the canary itself when it was promoted (nothing to reload), the
+    version it was compared with when it was rejected.
+    """
+    if canary_replica and canary is not None and canary.against == live_version:
+        return canary.version
+    return live_version
 
 
 class LivePolicy:

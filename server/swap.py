@@ -7,6 +7,10 @@ weights. An adapter swap pauses nothing: the new adapter is loaded beside the ol
 requests name it, while running ones finish on the adapter they started with. A server loads
 no version, at start-up or in a swap, that `PolicyChecker.verify` refuses; in adapter mode that
 includes an adapter trained on another base than the one the server runs.
+
+A canary runs beside live in the one engine of an adapter server. With whole weights a canary is
+a share of replicas: a server marked as a canary replica swaps to the canary while it runs, by the
+same drained reload, and back to live when it ends (`whole_weight_version`).
 """
 
 import asyncio
@@ -19,11 +23,11 @@ from typing import TYPE_CHECKING
 from feedback.config import TopicNames
 from feedback.consumer import EventConsumer
 from feedback.policy_events import policy_event
-from flywheel.registry import CorruptPolicy, LiveRecord, PolicyManifest, PolicyRegistry
+from flywheel.registry import CanaryRecord, CorruptPolicy, LiveRecord, PolicyManifest, PolicyRegistry
 from flywheel.v1 import events_pb2
 from server.admission import AdmissionController
 from server.metrics import PolicyCheckMetrics, ServingMetrics
-from server.policy import CanaryServing, EventLog, LivePolicy, PolicySnapshot
+from server.policy import CanaryServing, EventLog, LivePolicy, PolicySnapshot, whole_weight_version
 
 if TYPE_CHECKING:  # the start-up check and its tests run without importing vLLM
     from server.engine import PolicyEngine
@@ -204,8 +208,10 @@ class PolicySwapper:
         topics: TopicNames,
         server_id: str,
         base_digest: str | None = None,
+        canary_replica: bool = False,
     ):
-        """`base_digest`: the digest of the whole-weight version the engine runs (for an engine serving adapters)."""
+        """`base_digest`: the digest of the whole-weight version the engine runs (for an engine serving adapters).
+        `canary_replica`: a whole-weight server that serves the registry's canary while one runs."""
         self._engine = engine
         self._policy = policy
         self._admission = admission
@@ -218,42 +224,47 @@ class PolicySwapper:
         self._lock = asyncio.Lock()
         self._base_digest = base_digest if engine.serves_adapters else None
         """The digest of the whole weights in the engine, when it serves adapters on them."""
+        self._canary_replica = canary_replica
 
     async def sync(self) -> bool:
-        """Swap to the registry's live version if this server is on another one, then follow the
-        canary pointer; return whether live swapped.
+        """Swap to the version this server should run (`whole_weight_version`: live, or on a canary
+        replica the canary), then follow the canary pointer; return whether it swapped.
 
         A version the checker refused is left alone until its back-off has passed.
         """
         async with self._lock:
             live = await asyncio.to_thread(self._registry.live)
+            canary = await asyncio.to_thread(self._registry.canary)
             swapped = False
-            if live is not None and live.version != self._policy.current.version and self._checker.due(live.version):
-                swapped = await self._swap_to(live.version)
-            await self._follow_canary()
+            if live is not None:
+                wanted = whole_weight_version(live.version, canary, self._canary_replica)
+                if wanted != self._policy.current.version and self._checker.due(wanted):
+                    swapped = await self._swap_to(wanted, "live" if wanted == live.version else "the canary")
+            if self._canary_replica:
+                serving_canary = canary is not None and canary.version == self._policy.current.version
+                self._show_canary(canary if serving_canary else None)
+            await self._follow_canary(canary)
             return swapped
 
-    async def _follow_canary(self) -> None:
-        """Serve the registry's canary beside live, or stop serving one that ended.
+    async def _follow_canary(self, record: CanaryRecord | None) -> None:
+        """Serve the registry's canary (`record`) beside live, or stop serving one that ended.
 
         Only an engine serving adapters runs a canary beside live; with whole weights a canary is
-        a share of replicas running the candidate, and each replica here just follows live.
+        a share of replicas running the candidate (`sync`).
         """
         if self._base_digest is None:
             return
-        record = await asyncio.to_thread(self._registry.canary)
         serving = self._policy.canary
         if record is None or record.against != self._policy.current.version:
             if serving is not None:
                 self._policy.canary = None
-                self._metrics.canary_version.set(0)
-                self._metrics.canary_share.set(0)
+                self._show_canary(None)
                 log.info("canary %d ended", serving.policy.version)
             return
         if serving is not None and serving.policy.version == record.version:
             if serving.share != record.share:
                 self._policy.canary = CanaryServing(serving.policy, record.share)
-                self._metrics.canary_share.set(record.share)
+                self._show_canary(record)
             return
         if not self._checker.due(record.version):
             return
@@ -266,9 +277,13 @@ class PolicySwapper:
             log.exception("loading canary %d failed; answering every user with live", record.version)
             return
         self._policy.canary = CanaryServing(snapshot, record.share)
-        self._metrics.canary_version.set(record.version)
-        self._metrics.canary_share.set(record.share)
+        self._show_canary(record)
         log.info("canary %d answers a share of %.3f of users", record.version, record.share)
+
+    def _show_canary(self, record: CanaryRecord | None) -> None:
+        """The canary metrics: the canary this server answers with and its share, or 0 and 0."""
+        self._metrics.canary_version.set(0 if record is None else record.version)
+        self._metrics.canary_share.set(0 if record is None else record.share)
 
     async def _load(self, version: int, manifest: PolicyManifest) -> PolicySnapshot:
         """Load an adapter (or name the base) into the engine, without a pause; the snapshot that answers with it."""
@@ -282,7 +297,8 @@ class PolicySwapper:
         """An adapter on this server's base, or the base itself: nothing to reload, nothing to pause."""
         return self._base_digest is not None and (manifest.is_adapter or manifest.digest == self._base_digest)
 
-    async def _swap_to(self, version: int) -> bool:
+    async def _swap_to(self, version: int, role: str = "live") -> bool:
+        """Load `version` as the one this server answers with; `role` says what it is, for the log: live, the canary."""
         try:
             manifest = await asyncio.to_thread(self._checker.verify, version, self._base_digest)
         except PolicyRefused as refused:
@@ -309,8 +325,9 @@ class PolicySwapper:
         self._metrics.policy_swap_seconds.observe(paused_seconds)
         self._metrics.policy_version.set(version)
         log.info(
-            "policy %d is live", version, extra={"policy_version": version, "paused_seconds": round(paused_seconds, 4)}
-        )
+            "policy %d is %s", version, role,
+            extra={"policy_version": version, "paused_seconds": round(paused_seconds, 4)},
+        )  # fmt: skip
         if self._events is not None:
             self._events.publish(
                 self._topics.policy, str(version), self._live_event(version, manifest.digest, str(path))

@@ -3,19 +3,20 @@ and the gate promoting or rejecting it from users' thumbs."""
 
 import math
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from feedback.consumer import ConsumedEvent
-from flywheel.registry import LiveMoved, PolicyRegistry, VerdictCheck
+from flywheel.registry import CanaryRecord, LiveMoved, PolicyRegistry, VerdictCheck
 from flywheel.v1 import events_pb2
 from flywheel.v1 import serving_pb2 as pb
-from gate.canary import CanarySettings, canary_test
+from gate.canary import CanarySettings, canary_share, canary_test
 from gate.config import GateSettings
 from gate.service import Gate, GateMetrics
-from server.policy import LivePolicy, canary_bucket, serves_canary
+from server.policy import LivePolicy, canary_bucket, serves_canary, whole_weight_version
 from server.swap import refuse_foreign_base
 from trainer.config import RewardModelSettings
 
@@ -66,6 +67,28 @@ def test_live_policy_answers_a_canary_user_with_the_canary():
     assert set(picked.values()) == {1, 2}
     assert all(picked[user] == (2 if serves_canary("p", user, 2, 0.5) else 1) for user in picked)
     assert policy.for_user("p", "a").adapter == ((2, "/v2") if picked["a"] == 2 else None)
+
+
+def test_a_canary_replica_serves_the_canary_while_it_runs_against_live_and_live_otherwise():
+    def canary(version: int, against: int) -> CanaryRecord:
+        return CanaryRecord(version=version, against=against, share=0.25, started_at=datetime.now(UTC))
+
+    assert whole_weight_version(1, None, canary_replica=True) == 1  # no canary: live
+    assert whole_weight_version(1, canary(2, against=1), canary_replica=True) == 2  # the canary runs
+    assert whole_weight_version(1, canary(2, against=1), canary_replica=False) == 1  # other replicas stay on live
+    # Promoted: live is the canary's version now, so the replica stays on what it runs.
+    assert whole_weight_version(2, canary(2, against=1), canary_replica=True) == 2
+    # Live moved elsewhere (rejected and replaced, or rolled back): the canary is over, back to live.
+    assert whole_weight_version(3, canary(2, against=1), canary_replica=True) == 3
+
+
+def test_a_candidate_goes_canary_on_every_server_as_an_adapter_and_on_the_canary_replicas_as_whole_weights():
+    settings = CanarySettings(share=0.1)
+    assert canary_share(is_adapter=True, settings=settings) == 0.1
+    assert canary_share(is_adapter=False, settings=settings) == 0  # no canary replicas by default: live at once
+    replicas = CanarySettings(share=0.1, replica_share=0.25)
+    assert canary_share(is_adapter=False, settings=replicas) == 0.25
+    assert canary_share(is_adapter=True, settings=replicas.model_copy(update={"share": 0})) == 0
 
 
 def publish_adapter(registry: PolicyRegistry, tmp_path: Path, name: str, base_version: int, parent: int) -> int:

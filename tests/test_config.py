@@ -311,3 +311,10 @@ def test_every_process_section_is_a_section_of_the_one_file():
     # the trainer runs the gate's checks before proposing: the same section, of which it prints only the checks
     assert train.gate is config.gate
     assert set(train.model_dump()["gate"]) == set(CandidateCheckSettings.model_fields) < set(GateSettings.model_fields)
+
+
+def test_a_canary_replica_serves_whole_weights_only(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_SERVER__CANARY_REPLICA", "true")
+    assert load_config().for_process(ServeConfig).server.canary_replica
+    with pytest.raises(ValueError, match="server.canary_replica is for whole weights.*set gate.canary.share instead"):
+        load_config(overrides={"policy": {"adapter": "lora"}}).for_process(ServeConfig)
