@@ -16,6 +16,9 @@ RESOURCE_EXHAUSTED: the request was not served, so sending it again cannot answe
 stream is retried only before its first text arrives. Any other refusal is raised at once as a
 `FlywheelError` subclass carrying the status code, the server's message and the field it names.
 
+A call for a user (`user_id`) names it in the `x-flywheel-user` metadata too, for a load balancer
+that keeps each user on one server replica (a whole-weight canary is a share of replicas).
+
 This module needs only grpcio and the generated stubs, so an application can import it without the
 server's dependencies.
 """
@@ -45,6 +48,9 @@ FINISH_REASONS = {
     serving_pb2.FINISH_REASON_ABORT: "abort",
 }
 SAMPLING_FIELDS = frozenset(serving_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+USER_HEADER = "x-flywheel-user"
+"""Metadata naming the user a call is for: a load balancer hashing on it keeps each user on one replica,
+so a user stays on one side of a whole-weight canary (docs/adapters.md)."""
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -385,6 +391,10 @@ class _Client:
     def _attempts(self, timeout: float | None) -> _Attempts:
         return _Attempts(self.retry, self.timeout if timeout is None else timeout, self._rng)
 
+    def _metadata_for(self, user_id: str) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the API key, and the user it is for when there is one."""
+        return (*self._metadata, (USER_HEADER, user_id)) if user_id else self._metadata
+
     def _request(self, prompt_or_messages, user_id, client_request_id, tags, sampling) -> serving_pb2.GenerateRequest:
         return generate_request(
             prompt_or_messages,
@@ -437,7 +447,7 @@ class Flywheel(_Client):
     ) -> Answer:
         """One whole answer. `sampling`: max_tokens, temperature, top_p, top_k, seed, stop, min_tokens."""
         request = self._request(prompt_or_messages, user_id, client_request_id, tags, sampling)
-        response = self._unary(self._stub.Generate, request, timeout)
+        response = self._unary(self._stub.Generate, request, timeout, request.user_id)
         return Answer.of(response, request.user_id, self)
 
     def stream(
@@ -473,14 +483,14 @@ class Flywheel(_Client):
 
     def _submit(self, request: serving_pb2.SubmitFeedbackRequest) -> FeedbackReceipt:
         # A vote sent again is the same standing vote (the trainer keeps one per voter and answer): safe to retry.
-        response = self._unary(self._stub.SubmitFeedback, request, None)
+        response = self._unary(self._stub.SubmitFeedback, request, None, request.user_id)
         return FeedbackReceipt(response.event_id, response.replaced_previous)
 
-    def _unary(self, method: Callable, request, timeout: float | None):
+    def _unary(self, method: Callable, request, timeout: float | None, user_id: str = ""):
         attempts = self._attempts(timeout)
         while True:
             try:
-                return method(request, metadata=self._metadata, timeout=attempts.time_left())
+                return method(request, metadata=self._metadata_for(user_id), timeout=attempts.time_left())
             except grpc.RpcError as error:
                 time.sleep(attempts.wait_before_retry(_raised(error)))
 
@@ -500,7 +510,9 @@ class AnswerStream:
             started = False
             try:
                 self._call = self._client._stub.GenerateStream(
-                    self._request, metadata=self._client._metadata, timeout=self._attempts.time_left()
+                    self._request,
+                    metadata=self._client._metadata_for(self._request.user_id),
+                    timeout=self._attempts.time_left(),
                 )
                 for message in self._call:
                     if message.HasField("summary"):
@@ -562,7 +574,7 @@ class AsyncFlywheel(_Client):
         **sampling,
     ) -> Answer:
         request = self._request(prompt_or_messages, user_id, client_request_id, tags, sampling)
-        response = await self._unary(self._stub.Generate, request, timeout)
+        response = await self._unary(self._stub.Generate, request, timeout, request.user_id)
         return Answer.of(response, request.user_id, self)
 
     def stream(
@@ -597,14 +609,14 @@ class AsyncFlywheel(_Client):
         await self.close()
 
     async def _submit(self, request: serving_pb2.SubmitFeedbackRequest) -> FeedbackReceipt:
-        response = await self._unary(self._stub.SubmitFeedback, request, None)
+        response = await self._unary(self._stub.SubmitFeedback, request, None, request.user_id)
         return FeedbackReceipt(response.event_id, response.replaced_previous)
 
-    async def _unary(self, method: Callable, request, timeout: float | None):
+    async def _unary(self, method: Callable, request, timeout: float | None, user_id: str = ""):
         attempts = self._attempts(timeout)
         while True:
             try:
-                return await method(request, metadata=self._metadata, timeout=attempts.time_left())
+                return await method(request, metadata=self._metadata_for(user_id), timeout=attempts.time_left())
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.wait_before_retry(_raised(error)))
 
@@ -624,7 +636,9 @@ class AsyncAnswerStream:
             started = False
             try:
                 self._call = self._client._stub.GenerateStream(
-                    self._request, metadata=self._client._metadata, timeout=self._attempts.time_left()
+                    self._request,
+                    metadata=self._client._metadata_for(self._request.user_id),
+                    timeout=self._attempts.time_left(),
                 )
                 async for message in self._call:
                     if message.HasField("summary"):

@@ -4,14 +4,19 @@ The client against a real server is tests/test_client_and_http_door.py.
 """
 
 import ast
+import asyncio
 import random
+from concurrent import futures
 
 import grpc
 import pytest
 
 from flywheel import client
 from flywheel.client import (
+    USER_HEADER,
+    AsyncFlywheel,
     DeadlineExceeded,
+    Flywheel,
     FlywheelError,
     InvalidArgument,
     RetryPolicy,
@@ -23,6 +28,7 @@ from flywheel.client import (
     generate_request,
 )
 from flywheel.errors import field_of
+from flywheel.v1 import serving_pb2, serving_pb2_grpc
 from tests.test_layering import REPO_ROOT
 
 
@@ -109,3 +115,59 @@ def test_the_client_imports_only_grpc_the_stubs_and_the_standard_library():
     third_party = {name for name in imported if name.split(".")[0] not in __import__("sys").stdlib_module_names}
     assert third_party == {"grpc", "flywheel.errors", "flywheel.v1"}, third_party
     assert {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED} == client.RETRYABLE_CODES
+
+
+class MetadataRecorder(serving_pb2_grpc.FlywheelServicer):
+    """Answers every call with an empty message and keeps the metadata each arrived with: what a balancer sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    def _record(self, rpc: str, context) -> None:
+        self.seen.append((rpc, dict(context.invocation_metadata())))
+
+    def Generate(self, request, context):
+        self._record("Generate", context)
+        return serving_pb2.GenerateResponse(response_id="r", feedback_token="t")
+
+    def GenerateStream(self, request, context):
+        self._record("GenerateStream", context)
+        yield serving_pb2.GenerateStreamResponse(text_delta="hi")
+        yield serving_pb2.GenerateStreamResponse(summary=serving_pb2.GenerateResponse(response_id="s"))
+
+    def GetPolicy(self, request, context):
+        self._record("GetPolicy", context)
+        return serving_pb2.PolicyInfo(policy_version=1)
+
+    def SubmitFeedback(self, request, context):
+        self._record("SubmitFeedback", context)
+        return serving_pb2.SubmitFeedbackResponse(event_id="e")
+
+
+def test_calls_for_a_user_name_it_in_the_x_flywheel_user_header_for_the_load_balancer():
+    recorder = MetadataRecorder()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    serving_pb2_grpc.add_FlywheelServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Flywheel(f"127.0.0.1:{port}", api_key="k", user_id="alice") as flywheel:
+            flywheel.generate("2+2=").thumbs_up()
+            list(flywheel.stream("2+2=", user_id="bob"))
+            flywheel.generate("2+2=", user_id="")
+            flywheel.policy()
+
+        async def asynchronously() -> None:
+            async with AsyncFlywheel(f"127.0.0.1:{port}", user_id="carol") as flywheel:
+                await flywheel.generate("2+2=")
+
+        asyncio.run(asynchronously())
+    finally:
+        server.stop(0)
+    users = [(rpc, metadata.get(USER_HEADER)) for rpc, metadata in recorder.seen]
+    assert users == [
+        ("Generate", "alice"), ("SubmitFeedback", "alice"), ("GenerateStream", "bob"),
+        ("Generate", None), ("GetPolicy", None),  # no user: no header, any replica
+        ("Generate", "carol"),
+    ]  # fmt: skip
+    assert all(metadata["authorization"] == "Bearer k" for _, metadata in recorder.seen[:5])
