@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cli.config import REPO_ROOT, FlywheelConfig, load_config
+from cli.config import REPO_ROOT, FlywheelConfig, ServeConfig, load_config
 from server.config import ServerSettings
 
 CHART = REPO_ROOT / "helm" / "flywheel"
@@ -81,8 +81,12 @@ LOCKED_DOWN = {
 TRAINER_RANKS = {"trainer": {"nprocPerNode": 2}}
 TRAINER_PYTORCHJOB = {"trainer": {"nprocPerNode": 2, "pytorchJob": {"enabled": True, "workers": 1}}}
 
+# Whole weights with one canary replica beside the two live ones.
+CANARY_REPLICAS = {"server": {"canaryReplicas": 1}}
+
 VALUE_SETS = {
     "defaults": {},
+    "canary-replicas": CANARY_REPLICAS,
     "trainer-ranks": TRAINER_RANKS,
     "trainer-pytorchjob": TRAINER_PYTORCHJOB,
     "gpu": gpu_values(),
@@ -722,3 +726,53 @@ def test_the_openai_door_is_a_named_port_on_the_servers_their_service_and_the_ne
     callers_rule = find(objects, "NetworkPolicy", "fw-flywheel")["spec"]["ingress"][0]
     assert callers_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]
     assert "http_port = 8000" in find(objects, "ConfigMap", "fw-flywheel-config")["data"]["config.toml"]
+
+
+def test_canary_replicas_are_a_second_deployment_behind_the_same_service_and_the_gate_knows_their_share(
+    tmp_path, monkeypatch
+):
+    assert [
+        o["metadata"]["name"] for o in render({}) if o["kind"] == "Deployment" and "server" in o["metadata"]["name"]
+    ] == ["fw-flywheel-server"]
+    objects = render(CANARY_REPLICAS)
+    live, canary = (
+        find(objects, "Deployment", "fw-flywheel-server"),
+        find(objects, "Deployment", "fw-flywheel-server-canary"),
+    )
+    assert (live["spec"]["replicas"], canary["spec"]["replicas"]) == (2, 1)
+    live_pods, canary_pods = (d["spec"]["template"]["metadata"]["labels"].items() for d in (live, canary))
+    assert (dict(live_pods)["flywheel/role"], dict(canary_pods)["flywheel/role"]) == ("live", "canary")
+    for selects_both in (
+        find(objects, "Service", "fw-flywheel-server"),
+        find(objects, "Service", "fw-flywheel-server-metrics"),
+    ):
+        assert selects_both["spec"]["selector"].items() <= live_pods & canary_pods
+    assert find(objects, "PodDisruptionBudget", "fw-flywheel-server")["spec"]["selector"]["matchLabels"].items() <= (
+        live_pods & canary_pods
+    )
+    canary_selector = canary["spec"]["selector"]["matchLabels"].items()
+    assert canary_selector <= canary_pods and not canary_selector <= live_pods
+    assert live["spec"]["selector"] == find(render({}), "Deployment", "fw-flywheel-server")["spec"]["selector"], (
+        "a Deployment's selector cannot change: an upgrade would fail"
+    )
+
+    def config_of(deployment: dict) -> FlywheelConfig:
+        with monkeypatch.context() as patched:
+            return config_in_pod(objects, deployment, tmp_path, patched)
+
+    assert config_of(canary).for_process(ServeConfig).server.canary_replica
+    assert not config_of(live).for_process(ServeConfig).server.canary_replica
+    assert config_of(find(objects, "Deployment", "fw-flywheel-gate")).gate.canary.replica_share == pytest.approx(1 / 3)
+    default = render({})
+    with monkeypatch.context() as patched:
+        assert (
+            config_in_pod(
+                default, find(default, "Deployment", "fw-flywheel-gate"), tmp_path, patched
+            ).gate.canary.replica_share
+            == 0
+        )
+
+    with pytest.raises(helm.HelmRenderError, match="server.canaryReplicas needs server.replicas above 0"):
+        render({"server": {"replicas": 0, "canaryReplicas": 1}})
+    with pytest.raises(helm.HelmRenderError, match="server.canaryReplicas is for whole weights"):
+        render(CANARY_REPLICAS | {"config": {"policy": {"adapter": "lora"}}})

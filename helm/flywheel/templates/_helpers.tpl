@@ -196,6 +196,14 @@ are checked here rather than in the schema because they span config and kafkaAut
 {{- fail (printf "config.kafka.security_protocol %s needs a SASL password: kafkaAuth.saslPasswordSecret.name (a Secret you manage), secrets.kafkaSaslPassword, or the key kafka-sasl-password in secrets.existingSecret" $protocol) }}
 {{- end }}
 {{- end }}
+{{- if gt (int .Values.server.canaryReplicas) 0 }}
+{{- if eq (int .Values.server.replicas) 0 }}
+{{- fail "server.canaryReplicas needs server.replicas above 0: canary replicas serve a candidate beside live servers, not instead of them" }}
+{{- end }}
+{{- if ne (dig "policy" "adapter" "none" .Values.config) "none" }}
+{{- fail "server.canaryReplicas is for whole weights: with config.policy.adapter every server answers the canary's share of users beside live; set config.gate.canary.share instead" }}
+{{- end }}
+{{- end }}
 {{- if and (or .Values.kafkaAuth.caSecret.name .Values.kafkaAuth.clientCertSecret.name) (not (hasSuffix "SSL" $protocol)) }}
 {{- fail (printf "kafkaAuth.caSecret and kafkaAuth.clientCertSecret are for TLS: set config.kafka.security_protocol to SSL or SASL_SSL (it is %s)" $protocol) }}
 {{- end }}
@@ -297,7 +305,7 @@ checksum/secrets: {{ toJson .Values.secrets | sha256sum }}
 The trainer and the gate: one replica each, the shared volume read-write at the state dir (their
 spools are under it, the trainer's join store and checkpoints too; the gate reads the registry alone,
 each candidate's reward model included, never the trainer's checkpoints). Call with
-(dict "root" $ "component" "trainer" "command" "train").
+(dict "root" $ "component" "trainer" "command" "train" ["env" LIST]): env, variables the chart sets for it.
 */}}
 {{- define "flywheel.worker" -}}
 {{- $root := .root }}
@@ -317,7 +325,7 @@ spec:
     matchLabels:
       {{- include "flywheel.selectorLabels" . | nindent 6 }}
   template:
-    {{- include "flywheel.workerPod" (dict "root" $root "component" .component "command" .command "container" .component "torchrun" (list "--standalone")) | nindent 4 }}
+    {{- include "flywheel.workerPod" (dict "root" $root "component" .component "command" .command "container" .component "torchrun" (list "--standalone") "env" .env) | nindent 4 }}
 {{- include "flywheel.metricsService" . }}
 {{- end }}
 
@@ -326,7 +334,7 @@ The pod of a worker process (trainer, gate). With `<component>.nprocPerNode` abo
 started by torchrun, one rank per process; `torchrun` holds its launch flags (--standalone in one
 pod; none in a PyTorchJob, whose operator sets PET_* for torchrun). `labels`: false leaves out the
 selector labels (a PyTorchJob's other pods, which must not receive the metrics Service's traffic).
-Call with (dict "root" $ "component" NAME "command" SUBCOMMAND "container" NAME "torchrun" LIST ["labels" BOOL]).
+Call with (dict "root" $ "component" NAME "command" SUBCOMMAND "container" NAME "torchrun" LIST ["labels" BOOL] ["env" LIST]).
 */}}
 {{- define "flywheel.workerPod" -}}
 {{- $root := .root }}
@@ -366,6 +374,9 @@ spec:
           protocol: TCP
       env:
         {{- include "flywheel.env" $root | nindent 8 }}
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         {{- with $values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -407,4 +418,10 @@ grpc:
   port: {{ .port }}
   service: {{ .service | quote }}
 {{- end }}
+{{- end }}
+
+{{/* The share of the servers that are canary replicas, as the gate records a whole-weight canary's share. */}}
+{{- define "flywheel.canaryReplicaShare" -}}
+{{- $canary := int .Values.server.canaryReplicas }}
+{{- divf $canary (add .Values.server.replicas $canary) | printf "%g" }}
 {{- end }}
