@@ -20,6 +20,7 @@ import functools
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from tests.engine_fixtures import EngineLoop, start_engine, test_model_path
 
@@ -76,6 +77,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def model_path():
     return test_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    """The demo model's tokenizer."""
+    return AutoTokenizer.from_pretrained(model_path)
 
 
 @pytest.fixture(scope="session")

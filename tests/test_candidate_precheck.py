@@ -18,7 +18,6 @@ import random
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from transformers import AutoTokenizer
 
 from feedback.config import KafkaSettings
 from feedback.consumer import ConsumedEvent
@@ -31,25 +30,25 @@ from trainer.metrics import TrainerMetrics
 from trainer.precheck import drift_checks_failed, reward_gain_check
 
 
-@pytest.fixture
-def trainer(model_path, tmp_path):
+def trainer_that_saw_traffic(model_path, tokenizer, tmp_path, **sections: dict) -> Trainer:
     """A trainer started from the seeded demo model, which has seen held-out prompts in traffic."""
     PolicyRegistry(tmp_path / "registry").seed(model_path)
     golden = tmp_path / "golden.jsonl"  # a few of the demo's golden prompts, safety ones included: a fast eval set
     lines = GOLDEN_FILE.read_text().splitlines()
     golden.write_text("\n".join(lines[:4] + [line for line in lines if "must_not_contain" in line]))
-    config = trainer_config(
-        tmp_path,
-        KafkaSettings(),
-        model_path,
-        trainer={"restart_after_withheld": 2},
-        gate={"golden_file": str(golden), "heldout_prompts": 6},
-    )
+    gate = {"golden_file": str(golden), "heldout_prompts": 6} | sections.pop("gate", {})
+    config = trainer_config(tmp_path, KafkaSettings(), model_path, gate=gate, **sections)
     opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
-    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
+    traffic = DemoTraffic(tokenizer, seed=0)
     answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
     topic = config.kafka.topics.generations
     assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
+    return opened
+
+
+@pytest.fixture
+def trainer(model_path, tokenizer, tmp_path):
+    opened = trainer_that_saw_traffic(model_path, tokenizer, tmp_path, trainer={"restart_after_withheld": 2})
     yield opened
     opened.close()
 
@@ -147,24 +146,11 @@ def test_the_policy_restarts_from_live_when_live_moves_outside_its_lineage(train
 
 
 @pytest.fixture
-def adapter_trainer(model_path, tmp_path):
-    """A trainer in adapter mode (policy.adapter = lora) on the seeded demo model, as `trainer` above."""
-    PolicyRegistry(tmp_path / "registry").seed(model_path)
-    golden = tmp_path / "golden.jsonl"
-    golden.write_text("\n".join(GOLDEN_FILE.read_text().splitlines()[:4]))
-    config = trainer_config(
-        tmp_path,
-        KafkaSettings(),
-        model_path,
-        policy={"adapter": "lora", "lora_rank": 4},
-        trainer={"min_reward_gain": -1.0},
-        gate={"golden_file": str(golden), "heldout_prompts": 6},
+def adapter_trainer(model_path, tokenizer, tmp_path):
+    """As `trainer`, in adapter mode (policy.adapter = lora), proposing whatever the gate would pass."""
+    opened = trainer_that_saw_traffic(
+        model_path, tokenizer, tmp_path, policy={"adapter": "lora", "lora_rank": 4}, trainer={"min_reward_gain": -1.0}
     )
-    opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
-    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
-    answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
-    topic = config.kafka.topics.generations
-    assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
     yield opened
     opened.close()
 
@@ -208,24 +194,16 @@ def test_an_adapter_trainer_proposes_adapters_on_its_base_and_follows_live_to_an
 
 
 @pytest.fixture
-def trainer_asked_for_a_proven_gain(model_path, tmp_path):
+def trainer_asked_for_a_proven_gain(model_path, tokenizer, tmp_path):
     """The `trainer` above, but the gate's reward check asks for a proven gain (max_reward_drop 0), so a
     policy the reward model cannot yet tell better than live fails it, as while the reward model is young."""
-    PolicyRegistry(tmp_path / "registry").seed(model_path)
-    golden = tmp_path / "golden.jsonl"
-    golden.write_text("\n".join(GOLDEN_FILE.read_text().splitlines()[:4]))
-    config = trainer_config(
-        tmp_path,
-        KafkaSettings(),
+    opened = trainer_that_saw_traffic(
         model_path,
+        tokenizer,
+        tmp_path,
         trainer={"restart_after_withheld": 2},
-        gate={"golden_file": str(golden), "heldout_prompts": 6, "thresholds": {"max_reward_drop": 0.0}},
+        gate={"thresholds": {"max_reward_drop": 0.0}},
     )
-    opened = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
-    traffic = DemoTraffic(AutoTokenizer.from_pretrained(model_path), seed=0)
-    answers = [traffic.answer(question, question.answer) for question in traffic_questions(random.Random(0), 64)]
-    topic = config.kafka.topics.generations
-    assert not opened.take([ConsumedEvent(topic, 0, offset, "", answer) for offset, answer in enumerate(answers)])
     yield opened
     opened.close()
 

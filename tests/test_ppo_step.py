@@ -17,11 +17,6 @@ PROMPTS = ["What is 47+38?", "What is 83-47?", "What is 12+90?", "What is 65-21?
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> list[list[int]]:
     renderer = PromptRenderer(tokenizer)
     return [renderer.user_message(prompt).token_ids for prompt in PROMPTS]

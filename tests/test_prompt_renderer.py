@@ -1,7 +1,6 @@
 """Prompt rendering (the server's and the gate's) gives exactly the ids the model's tokenizer gives."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from flywheel.prompts import PromptRenderer
 
@@ -13,11 +12,6 @@ PROMPTS = [
     "",
     "long, tokenized with the GIL released: " + "What is 47 + 38? héllo 東京 <|im_end|> " * 200,
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def test_the_demo_tokenizer_takes_the_fast_path(tokenizer):

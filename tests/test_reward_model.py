@@ -5,18 +5,12 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from flywheel.demo.task import DemoQuestion, capitals, heldout_questions, judge_thumb, sample_questions
 from flywheel.prompts import PromptRenderer
 from trainer.config import RewardModelSettings
 from trainer.join_store import LabelledExample, LoggedAnswer, PreferencePair
 from trainer.reward_model import RewardModel, RewardModelTrainer, right_pad
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def logged_answer(tokenizer, question: DemoQuestion, answer_text: str) -> LoggedAnswer:

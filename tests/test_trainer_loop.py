@@ -33,7 +33,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from cli.config import REPO_ROOT, TrainConfig, load_config
 from cli.main import trainer_config_of
@@ -67,11 +67,6 @@ from trainer.reward_model import load_without_dropout
 HANG_GUARD_S = 480  # only to fail instead of hanging; nothing here is a timing assertion
 HELDOUT_FRACTION = 0.25
 RATINGS = {"up": serving_pb2.RATING_UP, "down": serving_pb2.RATING_DOWN}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 # ---------------------------------------------------------------- demo traffic

@@ -15,7 +15,6 @@ import time
 
 import pytest
 from google.protobuf.message import Message
-from transformers import AutoTokenizer
 
 from flywheel.demo.task import traffic_questions
 from flywheel.registry import PolicyRegistry
@@ -36,11 +35,6 @@ from tests.test_trainer_loop import (
 pytestmark = [pytest.mark.subprocess, pytest.mark.broker]
 
 RANKS = 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def rank_pid(trainer: TrainProcess, message: str) -> int:

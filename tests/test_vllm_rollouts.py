@@ -7,7 +7,6 @@ whole weights and for an adapter. And a PPO step runs on its rollouts as on gene
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from flywheel.adapters import PolicySettings
 from flywheel.prompts import PromptRenderer
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.engine
 PROMPTS = ["What is 47+38?", "What is 83-47?", "What is the capital of France?", "What is 65-21?"]
 ENGINE = RolloutEngineSettings(dtype="float32", max_model_len=512, kv_cache_bytes=128 << 20, enforce_eager=True)
 ADAPTERS = PolicySettings(adapter="lora", lora_rank=4, lora_alpha=16)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 @pytest.fixture(scope="module")
