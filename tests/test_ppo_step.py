@@ -46,6 +46,19 @@ def favoured_probability(trainer: PPOTrainer, prompt_ids: list[list[int]]) -> fl
     return torch.softmax(logits / trainer.settings.temperature, -1)[:, ::2].sum(-1).mean().item()
 
 
+def six_toy_reward_steps(trainer: PPOTrainer, prompt_ids: list[list[int]]) -> tuple[float, float, list]:
+    """Six PPO steps on the toy reward: P(favoured first token) before and after, and each step's stats."""
+    toy_reward = favoured_share(len(prompt_ids[0]))
+    before = favoured_probability(trainer, prompt_ids)
+    history = [trainer.ppo_step(trainer.rollout(prompt_ids), toy_reward) for _ in range(6)]
+    after = favoured_probability(trainer, prompt_ids)
+    print(
+        f"P(favoured first token) {before:.3f} -> {after:.3f}; "
+        f"score {[round(h.mean_score, 2) for h in history]}; KL {[round(h.kl_to_reference, 2) for h in history]}"
+    )
+    return before, after, history
+
+
 def test_cut_after_eos_keeps_the_end_token():
     assert cut_after_eos([5, 6, 2, 0, 0], frozenset({2})) == [5, 6, 2]
     assert cut_after_eos([5, 6, 7], frozenset({2})) == [5, 6, 7]
@@ -78,14 +91,7 @@ def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer,
         critic_learning_rate=1e-3,
         missing_eos_penalty=0.0,
     )
-    toy_reward = favoured_share(len(prompt_ids[0]))
-    before = favoured_probability(trainer, prompt_ids)
-    history = [trainer.ppo_step(trainer.rollout(prompt_ids), toy_reward) for _ in range(6)]
-    after = favoured_probability(trainer, prompt_ids)
-    print(
-        f"P(favoured first token) {before:.3f} -> {after:.3f}; "
-        f"score {[round(h.mean_score, 2) for h in history]}; KL {[round(h.kl_to_reference, 2) for h in history]}"
-    )
+    before, after, history = six_toy_reward_steps(trainer, prompt_ids)
     assert after > before + 0.1
     assert all(0 <= h.kl_to_reference < 10.0 for h in history)
 
@@ -119,13 +125,7 @@ def test_adapter_ppo_raises_the_toy_reward_training_only_the_adapter(model_path,
             missing_eos_penalty=0.0,
         ),
     )
-    toy_reward = favoured_share(len(prompt_ids[0]))
-    before = favoured_probability(trainer, prompt_ids)
-    history = [trainer.ppo_step(trainer.rollout(prompt_ids), toy_reward) for _ in range(6)]
-    after = favoured_probability(trainer, prompt_ids)
-    print(
-        f"adapter: P(favoured first token) {before:.3f} -> {after:.3f}; KL {[round(h.kl_to_reference, 2) for h in history]}"
-    )
+    before, after, history = six_toy_reward_steps(trainer, prompt_ids)
     assert history[0].first_minibatch_ratio == 1.0
     assert history[0].kl_to_reference == 0.0  # the adapter starts as the base: B = 0
     assert after > before + 0.1
