@@ -13,7 +13,8 @@ the upper bound, reject at the lower. α = chance of promoting a canary no bette
 β = chance of rejecting one δ better. A canary worse than live drives the ratio down faster
 than an equal one, so it is rejected sooner. Live's rate is taken as known: it has
 (1 − share) / share times the canary's votes, and both need `min_votes` before any decision.
-A canary still undecided after `max_votes` of its own votes is rejected: not shown better.
+A canary still undecided after `max_votes` of its own votes, or `max_hours`, is rejected: not
+shown better.
 
 An adapter canary answers `share` of users in every server's engine. A whole-weight canary is
 served by the canary replicas (server.canary_replica), `replica_share` of all: the replicas and
@@ -60,6 +61,12 @@ class CanarySettings(BaseModel):
     max_votes: int = Field(
         2000, ge=1, description="Votes on the canary after which an undecided test rejects it (not shown better)."
     )
+    max_hours: float = Field(
+        24.0,
+        gt=0,
+        description="Hours after which an undecided canary is rejected (not shown better in time): one that no "
+        "server answers with, or few users vote on, would otherwise hold the gate, which judges nothing else meanwhile.",
+    )
 
 
 def canary_share(is_adapter: bool, settings: CanarySettings) -> float:
@@ -89,6 +96,8 @@ class CanaryTest:
     canary_rate: float
     live_votes: int
     canary_votes: int
+    budget_spent: Literal["", "votes", "time"] = ""
+    """Which budget ran out, for a canary rejected undecided."""
 
     def reason(self) -> str:
         """Why the test decided (or has not), in words for the verdict and the operator."""
@@ -102,6 +111,8 @@ class CanaryTest:
                 return f"canary better: {rates} ({llr} >= {self.upper:.2f})"
             case "reject" if self.log_likelihood_ratio <= self.lower:
                 return f"canary not better: {rates} ({llr} <= {self.lower:.2f})"
+            case "reject" if self.budget_spent == "time":
+                return f"canary not shown better within its time budget: {rates} ({llr})"
             case "reject":
                 return f"canary not shown better within its vote budget: {rates} ({llr})"
             case _:
@@ -109,9 +120,15 @@ class CanaryTest:
 
 
 def canary_test(
-    live_up: int, live_total: int, canary_up: int, canary_total: int, settings: CanarySettings
+    live_up: int,
+    live_total: int,
+    canary_up: int,
+    canary_total: int,
+    settings: CanarySettings,
+    hours_running: float = 0.0,
 ) -> CanaryTest:
-    """Promote, reject, or keep watching a canary, from both versions' thumbs-up counts over the same window.
+    """Promote, reject, or keep watching a canary, from both versions' thumbs-up counts over the same window,
+    `hours_running` since it started.
 
     H0 takes p0 = live's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
     """
@@ -123,9 +140,14 @@ def canary_test(
         p0 = min(max(live_rate, RATE_EPSILON), 1.0 - settings.min_improvement - RATE_EPSILON)
         llr = binomial_log_likelihood_ratio(canary_up, canary_total, p0, p0 + settings.min_improvement)
     decision: CanaryDecision = "continue"
+    budget_spent = ""
     if min(live_total, canary_total) >= settings.min_votes:
         if llr >= upper:
             decision = "promote"
-        elif llr <= lower or canary_total >= settings.max_votes:
+        elif llr <= lower:
             decision = "reject"
-    return CanaryTest(decision, llr, lower, upper, live_rate, canary_rate, live_total, canary_total)
+        elif canary_total >= settings.max_votes:
+            decision, budget_spent = "reject", "votes"
+    if decision == "continue" and hours_running >= settings.max_hours:
+        decision, budget_spent = "reject", "time"
+    return CanaryTest(decision, llr, lower, upper, live_rate, canary_rate, live_total, canary_total, budget_spent)

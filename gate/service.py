@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -345,8 +346,14 @@ class Gate:
         since = int(record.started_at.timestamp() * 1e9)
         live_down, live_total = self.thumbs.counts(record.against, since_ns=since)
         canary_down, canary_total = self.thumbs.counts(record.version, since_ns=since)
+        hours_running = (datetime.now(UTC) - record.started_at).total_seconds() / 3600
         test = canary_test(
-            live_total - live_down, live_total, canary_total - canary_down, canary_total, self.settings.canary
+            live_total - live_down,
+            live_total,
+            canary_total - canary_down,
+            canary_total,
+            self.settings.canary,
+            hours_running,
         )
         self.metrics.canary_log_likelihood_ratio.set(test.log_likelihood_ratio)
         self.metrics.canary_bound.labels(bound="lower").set(test.lower)

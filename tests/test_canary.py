@@ -43,6 +43,15 @@ def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
     )
 
 
+def test_a_canary_undecided_past_its_time_budget_is_rejected_even_with_no_votes():
+    """A canary no server answers with (or few users vote on) must not hold the gate for ever."""
+    assert canary_test(0, 0, 0, 0, SETTINGS, hours_running=23.9).decision == "continue"
+    unserved = canary_test(0, 0, 0, 0, SETTINGS, hours_running=24.0)
+    assert unserved.decision == "reject" and "time budget" in unserved.reason()
+    assert canary_test(50, 100, 15, 30, SETTINGS, hours_running=25.0).decision == "reject"  # undecided by votes
+    assert canary_test(50, 100, 24, 30, SETTINGS, hours_running=25.0).decision == "promote"  # decided by votes
+
+
 def test_a_canary_answers_its_share_of_users_and_each_user_stays_on_one_side():
     users = [("tenant", f"user-{n}") for n in range(20_000)]
     on_canary = [serves_canary(principal, user, 7, 0.1) for principal, user in users]
