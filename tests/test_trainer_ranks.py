@@ -11,7 +11,10 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
@@ -48,6 +51,25 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def rank_stacks(pids: list[int]) -> str:
+    """Each live rank's Python stack (py-spy), to tell where a hung job waits."""
+    dumps = []
+    for pid in pids:
+        if gone(pid):
+            continue
+        try:
+            dump = subprocess.run(
+                [Path(sys.executable).with_name("py-spy"), "dump", "--pid", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            dumps.append(f"--- rank process {pid}\n{dump.stdout}{dump.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as failed:
+            dumps.append(f"--- rank process {pid}: no stack ({failed})")
+    return "\n".join(dumps)
 
 
 def wait_until_gone(pid: int) -> None:
@@ -139,6 +161,9 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
         assert job.process.wait(timeout=HANG_GUARD_S) == 0, job.tail()
         job._reader.join()
 
+    except BaseException:  # a rank that hangs is rare: leave its stack, and every other rank's, in the report
+        print(rank_stacks(rank_pids))
+        raise
     finally:  # a test that failed midway leaves no rank behind
         for pid in rank_pids:
             with contextlib.suppress(ProcessLookupError):
