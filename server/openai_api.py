@@ -591,6 +591,14 @@ def _header_text(request: web.Request, name: str, proto_field: str) -> str:
 
 
 async def _parsed(request: web.Request, model: type[ParsedBody]) -> ParsedBody:
+    # A browser may send a cross-site form or text/plain POST without asking first; JSON it may not.
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise CallRefused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"content-type: {shown(content_type)} is not accepted; send the body as application/json",
+            http_status=415,
+        )
     encoding = request.headers.get("Content-Encoding", "identity")
     if encoding.lower() != "identity":
         raise CallRefused(

@@ -153,6 +153,32 @@ def gzip_bomb(json_prefix: bytes, zeros: int) -> bytes:
     return packer.compress(json_prefix) + b"".join(packer.compress(block) for _ in range(zeros >> 20)) + packer.flush()
 
 
+def test_a_body_sent_as_anything_but_json_is_refused():
+    """A web page may make its visitors' browsers POST a form or text/plain to any server without asking
+    (no CORS preflight); on a server without API keys that would start generations. JSON it may not."""
+    service = AnsweringService()
+
+    async def scenario():
+        async with door_at(service) as port:
+            answers = {}
+            for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+                answers[content_type] = await answer_of(
+                    await send(port, post("/v1/chat/completions", CHAT, Content_Type=content_type))
+                )
+            answers["json"] = await answer_of(
+                await send(port, post("/v1/chat/completions", CHAT, Content_Type="Application/JSON; charset=utf-8"))
+            )
+            answers["none"] = await answer_of(await send(port, post("/v1/chat/completions", CHAT)))
+            return answers
+
+    answers = asyncio.run(scenario())
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, refusal = status_and_json(answers[content_type])
+        assert status == 415 and refusal["error"]["param"] == "content-type", content_type
+    assert status_and_json(answers["json"])[0] == 200 and status_and_json(answers["none"])[0] == 200
+    assert len(service.generated) == 2
+
+
 def test_a_compressed_body_is_refused_unread():
     # 128 KiB on the wire, 128 MiB unpacked: aiohttp unpacked all of it, on the event loop every other client
     # shares, to drain it after the 413 (0.3 s of one stall and 0.5 s of CPU per MiB sent, measured).
