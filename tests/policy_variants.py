@@ -12,6 +12,18 @@ from flywheel.demo.init_model import training_batch
 from flywheel.demo.task import DemoQuestion, sample_questions
 
 
+def train_to_answer(model, tokenizer, answer_for: Callable[[DemoQuestion], str], steps: int, learning_rate: float, rng):
+    """`steps` batches of demo questions, teaching the model's trainable weights to answer with `answer_for`."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        questions = sample_questions(rng, 16)
+        loss = model(**training_batch(tokenizer, questions, [answer_for(q) for q in questions])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def fine_tuned(
     base: Path,
     out: Path,
@@ -25,14 +37,7 @@ def fine_tuned(
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    model.train()
-    for _ in range(steps):
-        questions = sample_questions(rng, 16)
-        loss = model(**training_batch(tokenizer, questions, [answer_for(q) for q in questions])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_to_answer(model, tokenizer, answer_for, steps, learning_rate, rng)
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -81,14 +86,7 @@ def lora_fine_tuned(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         PolicySettings(adapter="lora", lora_rank=rank, lora_alpha=4 * rank),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    model.train()
-    for _ in range(steps):
-        questions = sample_questions(rng, 16)
-        loss = model(**training_batch(tokenizer, questions, [answer_for(q) for q in questions])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_to_answer(model, tokenizer, answer_for, steps, learning_rate, rng)
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)
     return out
