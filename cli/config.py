@@ -226,9 +226,12 @@ class RollbackConfig(ProcessConfig):
 
 
 class CanaryConfig(ProcessConfig):
-    """`flywheel canary`: it reads the registry's canary pointer and the gate's /metrics."""
+    """`flywheel canary`: it reads the registry's canary pointer and the gate's /metrics; `--reject` ends
+    the canary and announces it."""
 
     gate: GateSettings
+    kafka: KafkaSettings
+    spool: SpoolSettings
 
 
 class UpConfig(ProcessConfig):

@@ -221,6 +221,9 @@ def _canary(args: argparse.Namespace) -> None:
 
     config = _config_from(args, CanaryConfig)
     registry = PolicyRegistry(config.registry_dir)
+    if args.reject is not None:
+        _reject_canary(config, registry, args.reject)
+        return
     url = f"http://{config.gate.host}:{config.gate.metrics_port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -230,7 +233,22 @@ def _canary(args: argparse.Namespace) -> None:
     print(canary_report(registry.canary(), samples, past_canaries(registry)))
 
 
-async def _announce(config: RollbackConfig, event) -> None:
+def _reject_canary(config: CanaryConfig, registry, reason: str) -> None:
+    from flywheel.registry import CanaryEnded
+    from gate.service import reject_canary
+
+    try:
+        event = reject_canary(registry, reason)
+    except CanaryEnded:
+        sys.exit("flywheel canary --reject: no canary is running (none started, or it was decided meanwhile)")
+    asyncio.run(_announce(config, event))
+    print(
+        f"canary {event.policy_version} rejected; live {event.parent_version} answers every user again "
+        "within server.policy_poll_seconds"
+    )
+
+
+async def _announce(config: RollbackConfig | CanaryConfig, event) -> None:
     """Publish one policy event; if Kafka does not take it in time, servers still see the registry."""
     from prometheus_client import CollectorRegistry
 
@@ -307,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
 
     canary = commands.add_parser("canary", help="show the canary: its share, thumbs per version, the online test")
     _add_config_flags(canary)
+    canary.add_argument(
+        "--reject", metavar="REASON", default=None,
+        help="end the running canary as rejected now, for this reason (kept in its verdict)",
+    )  # fmt: skip
     canary.set_defaults(handler=_canary)
 
     # A flag not given is left out (SUPPRESS): cli.simulate.SimulationSettings holds the defaults.

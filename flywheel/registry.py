@@ -199,6 +199,16 @@ class PolicyRemoved(ValueError):
     """Retention removed a version's weights: it can no longer be loaded or made live (its manifest stays)."""
 
 
+class CanaryEnded(Exception):
+    """The version a decider meant to decide is no longer the running canary: someone else decided or ended it first."""
+
+    def __init__(self, version: int):
+        self.version = version
+        super().__init__(
+            f"policy {version} is no longer the canary: it was decided or ended first, so nothing was written"
+        )
+
+
 class LiveMoved(Exception):
     """The live pointer no longer names the version a mover expected: another move came first, and this one was not made."""
 
@@ -728,6 +738,34 @@ class PolicyRegistry:
             if record.version == version:
                 self._canary_path.unlink()
                 fsync_path(self.root)
+
+    def close_canary(
+        self, version: int, *, approved: bool, checks: Sequence[VerdictCheck], reason: str
+    ) -> PolicyVerdict:
+        """Decide the running canary `version`: store the verdict, make it live when approved, stop serving it.
+
+        One step under the writers' lock, so the gate's online test and an operator's `flywheel canary
+        --reject` never both decide one canary. Raises CanaryEnded when `version` is not the running
+        canary (decided already, or its live version moved), and LiveMoved when approving over a
+        move of live; either way nothing is written.
+        """
+        with self._lock():
+            record = self.canary()
+            if record is None or record.version != version:
+                raise CanaryEnded(version)
+            if approved:
+                self._expect_live(record.against, version)
+                self._require_weights(version)
+            verdict = PolicyVerdict(
+                version=version, approved=approved, checks=list(checks), at=_utc_now(), judged_against=record.against
+            )
+            write_atomically(self._verdict_path(version), verdict.model_dump_json(indent=2).encode(), TEMP_PREFIX)
+            if approved:
+                self._move_live_locked(version, reason=reason, kind="approved", forced=False)
+            self._canary_path.unlink()
+            fsync_path(self.root)
+        log.info("canary %d %s: %s", version, "promoted" if approved else "rejected", reason)
+        return verdict
 
     # -------------------------------------------------------- gate verdicts and claims
 

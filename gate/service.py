@@ -35,6 +35,7 @@ from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
 from flywheel.registry import (
+    CanaryEnded,
     CanaryRecord,
     CorruptPolicy,
     LiveMoved,
@@ -382,6 +383,7 @@ class Gate:
             )
         running = self.canary_state()
         if running is None:
+            self._canary_ended()  # none, or an operator ended it (`flywheel canary --reject`)
             return None
         record, test = running
         if test.decision == "continue":
@@ -395,21 +397,21 @@ class Gate:
             detail=reason,
         )
         checks = [*record.checks, check]
-        if test.decision == "reject":
-            self.registry.record_verdict(record.version, False, checks, judged_against=record.against)
-            self.registry.end_canary(record.version)
-            self._canary_ended()
-            self.metrics.decisions.labels(decision="canary_rejected").inc()
-            log.warning("rejected canary %d: %s", record.version, reason)
-            return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, record.version, record.against, reasons=[reason])
+        promote = test.decision == "promote"
         try:
-            self.registry.approve(record.version, judged_against=record.against, checks=checks, reason=reason)
+            self.registry.close_canary(record.version, approved=promote, checks=checks, reason=reason)
+        except CanaryEnded:  # an operator decided it first
+            self._canary_ended()
+            return None
         except LiveMoved as moved:
             self.registry.end_canary(record.version)
             self._canary_ended()
             return self._withhold(record.version, record.against, checks, moved)
-        self.registry.end_canary(record.version)
         self._canary_ended()
+        if not promote:
+            self.metrics.decisions.labels(decision="canary_rejected").inc()
+            log.warning("rejected canary %d: %s", record.version, reason)
+            return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, record.version, record.against, reasons=[reason])
         self.metrics.decisions.labels(decision="approved").inc()
         self.metrics.approved_version.set(record.version)
         log.info("promoted canary %d: %s", record.version, reason)
@@ -561,3 +563,18 @@ def publish_rollback(registry: PolicyRegistry, version: int, reason: str) -> eve
     """
     record = registry.set_live(version, reason=reason, kind="rollback")
     return policy_event(events_pb2.POLICY_EVENT_KIND_ROLLBACK, version, record.previous_version, reasons=[reason])
+
+
+def reject_canary(registry: PolicyRegistry, reason: str) -> events_pb2.PolicyEvent:
+    """`flywheel canary --reject`: end the running canary as rejected, before its online test decides.
+
+    Its verdict keeps the offline checks and adds the operator's reason under the online test's
+    check name, so past canaries show it. Raises CanaryEnded when no canary runs (or it was decided meanwhile).
+    """
+    record = registry.canary()
+    if record is None:
+        raise CanaryEnded(0)
+    detail = f"rejected by an operator: {reason}"
+    check = VerdictCheck(name=CANARY_CHECK, value=0.0, threshold=0.0, passed=False, detail=detail)
+    registry.close_canary(record.version, approved=False, checks=[*record.checks, check], reason=detail)
+    return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, record.version, record.against, reasons=[detail])

@@ -1,6 +1,7 @@
 """The canary without an engine: who it answers, the online test's arithmetic, the registry's pointer,
 and the gate promoting or rejecting it from users' thumbs."""
 
+import asyncio
 import math
 import time
 from datetime import UTC, datetime
@@ -217,3 +218,56 @@ def test_flywheel_canary_shows_the_share_the_votes_the_test_and_past_decisions(r
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_REJECTED
     shown = canary_report(registry.canary(), None, past_canaries(registry))
     assert shown.startswith("no canary running") and f"policy {version}: rejected: canary not better" in shown
+
+
+def test_an_operator_rejects_the_canary_and_the_gates_later_decision_writes_nothing(registry, tmp_path):
+    from cli.canary import past_canaries
+    from flywheel.registry import CanaryEnded
+    from gate.service import reject_canary
+
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    waiting = publish_adapter(registry, tmp_path, "b", base_version=1, parent=1)
+    offline = [VerdictCheck(name="reward_score", value=0.1, threshold=0.0, passed=True)]
+    registry.start_canary(version, against=1, share=0.25, checks=offline)
+    gate = gate_on(registry, tmp_path)
+    gate.metrics.canary_version.set(version)  # as the gate set it when it started the canary
+    gate.take(votes(1, 50, 100, "live"))
+    gate.take(votes(version, 24, 30, "canary"))  # the online test would promote it now
+
+    event = reject_canary(registry, "users report wrong sums")
+    assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == version
+    assert event.parent_version == 1 and event.reasons == ["rejected by an operator: users report wrong sums"]
+    assert registry.canary(include_ended=True) is None and registry.live().version == 1
+    verdict = registry.verdict(version)
+    assert not verdict.approved and [c.name for c in verdict.checks] == ["reward_score", "canary_thumbs_up"]
+    assert past_canaries(registry) == [(version, False, "rejected by an operator: users report wrong sums")]
+
+    assert gate.canary_due() is None  # the operator decided first: no promotion, nothing rewritten
+    assert registry.live().version == 1 and registry.verdict(version) == verdict
+    assert gate.metrics.registry.get_sample_value("flywheel_gate_canary_version") == 0
+    with pytest.raises(CanaryEnded):  # a gate that read the canary before the operator ended it
+        registry.close_canary(version, approved=True, checks=offline, reason="promoted")
+    assert registry.live().version == 1 and registry.verdict(version) == verdict
+    with pytest.raises(CanaryEnded):
+        reject_canary(registry, "twice")
+    assert gate.waiting_candidates() == [waiting]  # the gate judges the next candidate again
+
+
+def test_flywheel_canary_reject_ends_the_canary_and_announces_it_on_kafka(
+    registry, tmp_path, kafka_settings, monkeypatch, capsys
+):
+    from cli.main import main
+    from tests.kafka_fixtures import consume_all
+
+    version = publish_adapter(registry, tmp_path, "a", base_version=1, parent=1)
+    registry.start_canary(version, against=1, share=0.25)
+    monkeypatch.setenv("FLYWHEEL_KAFKA__TOPICS__POLICY", kafka_settings.topics.policy)
+    flags = ["--state-dir", str(tmp_path), "--kafka", kafka_settings.bootstrap_servers]
+    main(["canary", *flags, "--reject", "too many complaints"])
+    assert f"canary {version} rejected; live 1 answers every user again" in capsys.readouterr().out
+    assert registry.canary(include_ended=True) is None and not registry.verdict(version).approved
+    (announced,) = asyncio.run(consume_all(kafka_settings, kafka_settings.topics.policy, 1))
+    assert announced.event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED
+    assert announced.event.reasons == ["rejected by an operator: too many complaints"]
+    with pytest.raises(SystemExit, match="no canary is running"):
+        main(["canary", *flags, "--reject", "again"])
