@@ -239,7 +239,7 @@ class PolicySwapper:
             if live is not None:
                 wanted = whole_weight_version(live.version, canary, self._canary_replica)
                 if wanted != self._policy.current.version and self._checker.due(wanted):
-                    swapped = await self._swap_to(wanted, "live" if wanted == live.version else "the canary")
+                    swapped = await self._swap_to(wanted, as_canary=wanted != live.version)
             if self._canary_replica:
                 serving_canary = canary is not None and canary.version == self._policy.current.version
                 self._show_canary(canary if serving_canary else None)
@@ -297,8 +297,8 @@ class PolicySwapper:
         """An adapter on this server's base, or the base itself: nothing to reload, nothing to pause."""
         return self._base_digest is not None and (manifest.is_adapter or manifest.digest == self._base_digest)
 
-    async def _swap_to(self, version: int, role: str = "live") -> bool:
-        """Load `version` as the one this server answers with; `role` says what it is, for the log: live, the canary."""
+    async def _swap_to(self, version: int, *, as_canary: bool = False) -> bool:
+        """Load `version` as the one this server answers with: live, or on a canary replica the canary."""
         try:
             manifest = await asyncio.to_thread(self._checker.verify, version, self._base_digest)
         except PolicyRefused as refused:
@@ -325,20 +325,21 @@ class PolicySwapper:
         self._metrics.policy_swap_seconds.observe(paused_seconds)
         self._metrics.policy_version.set(version)
         log.info(
-            "policy %d is %s", version, role,
+            "policy %d is %s", version, "the canary" if as_canary else "live",
             extra={"policy_version": version, "paused_seconds": round(paused_seconds, 4)},
         )  # fmt: skip
         if self._events is not None:
             self._events.publish(
-                self._topics.policy, str(version), self._live_event(version, manifest.digest, str(path))
+                self._topics.policy, str(version), self._serving_event(version, manifest.digest, str(path), as_canary)
             )
         return True
 
-    def _live_event(self, version: int, digest: str, path: str) -> events_pb2.PolicyEvent:
+    def _serving_event(self, version: int, digest: str, path: str, as_canary: bool) -> events_pb2.PolicyEvent:
+        """This server now answers with `version`: as live, or (a canary replica) as the canary."""
         return policy_event(
-            events_pb2.POLICY_EVENT_KIND_LIVE,
+            events_pb2.POLICY_EVENT_KIND_CANARY if as_canary else events_pb2.POLICY_EVENT_KIND_LIVE,
             version,
-            event_id=f"live-{self._server_id}-{version}-{time.time_ns()}",
+            event_id=f"{'canary' if as_canary else 'live'}-{self._server_id}-{version}-{time.time_ns()}",
             path=path,
             digest=digest,
             server_id=self._server_id,

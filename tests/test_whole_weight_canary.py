@@ -50,6 +50,23 @@ def candidate(model_path, tmp_path_factory) -> tuple[Path, Path]:
     return policy_variants.slightly_better(model_path, root / "policy"), reward_model_dir(model_path, root / "reward")
 
 
+class PublishedEvents:
+    """What a swapper hands its event producer, kept in order (the producer itself is tested on the real broker)."""
+
+    def __init__(self):
+        self.events: list[events_pb2.PolicyEvent] = []
+
+    def publish(self, topic: str, key: str, event: events_pb2.PolicyEvent) -> bool:
+        self.events.append(event)
+        return True
+
+    def kinds(self) -> list[tuple[int, int, str]]:
+        """(kind, version, server) of each event, and forget them."""
+        seen = [(event.kind, event.policy_version, event.server_id) for event in self.events]
+        self.events.clear()
+        return seen
+
+
 class Replica:
     """One server on its own engine, following the registry as `flywheel serve` does."""
 
@@ -59,9 +76,10 @@ class Replica:
             FlywheelServer.start(settings, engine, policy_version=1, policy_digest=registry.manifest(1).digest)
         )
         checker = PolicyChecker(registry, PolicyCheckMetrics(self.server.registry), 60, 300)
+        self.published = PublishedEvents()
         self.swapper = PolicySwapper(
-            engine, self.server.policy, self.server.admission, checker, self.server.metrics, None, TopicNames(),
-            "canary" if canary_replica else "live", canary_replica=canary_replica,
+            engine, self.server.policy, self.server.admission, checker, self.server.metrics, self.published,
+            TopicNames(), "canary" if canary_replica else "live", canary_replica=canary_replica,
         )  # fmt: skip
         self._engine_loop = engine_loop
 
@@ -110,6 +128,7 @@ def test_a_whole_weight_candidate_goes_to_the_canary_replica_and_promoted_stays_
     assert registry.canary().version == 2 and registry.canary().share == 0.5 and registry.live().version == 1
 
     assert not live.sync() and canary.sync()
+    assert canary.published.kinds() == [(events_pb2.POLICY_EVENT_KIND_CANARY, 2, "canary")]  # not live: v1 is
     assert live.answers() == before
     on_canary = canary.answers()
     assert {version for version, _ in on_canary} == {2}
@@ -145,6 +164,7 @@ def test_a_rejected_canary_sends_the_canary_replica_back_to_live(replicas):
     assert registry.live().version == 1
 
     assert canary.sync()  # reloads live
+    assert canary.published.kinds()[-1] == (events_pb2.POLICY_EVENT_KIND_LIVE, 1, "canary")
     assert canary.answers() == before  # live's own answers: nothing of the candidate's weights or cache left
     assert canary.metric("flywheel_policy_swaps_total", {"outcome": "ok"}) == 2
     assert canary.metric("flywheel_canary_version") == 0 and canary.metric("flywheel_canary_share") == 0
