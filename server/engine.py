@@ -11,7 +11,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from vllm import SamplingParams
@@ -216,6 +215,8 @@ def write_zero_adapter(base_path: str, policy: PolicySettings, directory: Path) 
     """Write a LoRA adapter of `policy`'s rank and targets whose every weight is zero: applied to the
     base it changes no output. The layers' shapes come from the base's config (a model on the meta
     device: no weights are loaded)."""
+    from peft import LoraConfig  # only an engine serving adapters needs peft
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
     weights = {}
