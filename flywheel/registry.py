@@ -202,10 +202,13 @@ class PolicyRemoved(ValueError):
 class CanaryEnded(Exception):
     """The version a decider meant to decide is no longer the running canary: someone else decided or ended it first."""
 
-    def __init__(self, version: int):
+    def __init__(self, version: int | None):
+        """`version`: the canary the decider read, or None when it found none running."""
         self.version = version
         super().__init__(
-            f"policy {version} is no longer the canary: it was decided or ended first, so nothing was written"
+            "no canary is running"
+            if version is None
+            else f"policy {version} is no longer the canary: it was decided or ended first, so nothing was written"
         )
 
 

@@ -573,7 +573,7 @@ def reject_canary(registry: PolicyRegistry, reason: str) -> events_pb2.PolicyEve
     """
     record = registry.canary()
     if record is None:
-        raise CanaryEnded(0)
+        raise CanaryEnded(None)
     detail = f"rejected by an operator: {reason}"
     check = VerdictCheck(name=CANARY_CHECK, value=0.0, threshold=0.0, passed=False, detail=detail)
     registry.close_canary(record.version, approved=False, checks=[*record.checks, check], reason=detail)
