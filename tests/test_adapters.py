@@ -124,25 +124,33 @@ def test_adapter_swaps_under_load_pause_nothing_and_never_mix_versions(engine_lo
         )
 
         stop = threading.Event()
+        answered = threading.Condition()
         answers: list[tuple[int, str]] = []
 
         def client() -> int:
             calls = 0
             while not stop.is_set():
                 response = ask(stub, PROMPT)  # any failure raises and fails the test
-                answers.append((response.policy_version, response.text))
+                with answered:
+                    answers.append((response.policy_version, response.text))
+                    answered.notify_all()
                 calls += 1
             return calls
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            clients = [pool.submit(client) for _ in range(8)]
+        clients_count = 8
+        with concurrent.futures.ThreadPoolExecutor(clients_count) as pool:
+            clients = [pool.submit(client) for _ in range(clients_count)]
             for swap in range(20):
                 registry.set_live(1 if swap % 2 == 0 else version, reason="test", kind="approved")
                 assert engine_loop.run(swapper.sync())
+                # Requests overlap every swap however fast the machine swaps: wait for a round of answers.
+                with answered:
+                    after_swap = len(answers)
+                    assert answered.wait_for(lambda: len(answers) >= after_swap + clients_count, timeout=120)
             stop.set()
             calls = sum(future.result() for future in clients)
 
-    assert calls == len(answers) > 20
+    assert calls == len(answers) >= 20 * clients_count
     assert {v for v, _ in answers} == {1, version}
     mixed = [(v, text) for v, text in answers if text != expected[v]]
     assert not mixed, f"{len(mixed)} answers do not match the version they carry: {mixed[:3]}"
