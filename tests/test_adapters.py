@@ -146,7 +146,9 @@ def test_adapter_swaps_under_load_pause_nothing_and_never_mix_versions(engine_lo
                 # Requests overlap every swap however fast the machine swaps: wait for a round of answers.
                 with answered:
                     after_swap = len(answers)
-                    assert answered.wait_for(lambda after=after_swap: len(answers) >= after + clients_count, timeout=120)
+                    assert answered.wait_for(
+                        lambda after=after_swap: len(answers) >= after + clients_count, timeout=120
+                    )
             stop.set()
             calls = sum(future.result() for future in clients)
 
