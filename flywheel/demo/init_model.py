@@ -74,7 +74,7 @@ policy_learning_rate = 3e-5
 max_new_tokens = 24
 candidate_every_steps = 5
 init_kl_coef = 0.2
-target_kl = 1.0
+target_kl = 2.0
 kl_horizon = 100
 
 [reward_model]
@@ -87,9 +87,6 @@ torch_threads = 1
 [gate]
 max_new_tokens = 24
 torch_threads = 1
-
-[gate.thresholds]
-kl_budget = 2.0
 """
 
 
