@@ -8,8 +8,9 @@ engine calls its methods with `collective_rpc`. It imports vLLM only inside the 
 class PolicyWorkerExtension:
     """Methods vLLM adds to its worker class (so `self` is the worker)."""
 
-    def reload_policy_weights(self, weights_path: str) -> None:
-        """Load the weights in `weights_path` into the running model, in place, leaving nothing of the old ones.
+    def reload_policy_weights(self, weights_path: str | None = None, weights: list | None = None) -> None:
+        """Load the weights in `weights_path`, or `weights` ((checkpoint name, tensor) pairs, from a
+        caller in the same process), into the running model, in place, leaving nothing of the old ones.
 
         vLLM's in-place reload re-processes each layer that loaded weights from the checkpoint. A
         tied LM head loads none (it shares the input embeddings' weight), so on CPU it kept the
@@ -19,7 +20,10 @@ class PolicyWorkerExtension:
         """
         from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-        self.reload_weights(weights_path=weights_path)
+        if weights is None:
+            self.reload_weights(weights_path=weights_path)
+        else:
+            self.reload_weights(weights_iterator=iter(weights))
         lm_head = getattr(self.model_runner.get_model(), "lm_head", None)
         quant_method = getattr(lm_head, "quant_method", None)
         # A quantized head's processing is not safe to repeat (it repacks what it packed).

@@ -1,12 +1,14 @@
 """One rank of a data-parallel PPO run on the demo model, for tests/test_distributed.py.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR \
-        [--device cuda] [--parallelism fsdp]
+        [--device cuda] [--parallelism fsdp] [--rollouts vllm]
 
 Every rank takes `--steps` PPO steps on the same list of demo prompts (each samples answers for
 its own share) and writes OUT_DIR/rank-<rank>.json: what it sampled, each step's statistics (its
 own and over all ranks), and a digest of its policy weights before and after. Rank 0 also
 writes the whole trained policy to OUT_DIR/policy.safetensors (gathered from the shards under FSDP).
+With `--rollouts vllm` each rank samples with its own vLLM engine (the external launcher), and after
+the steps reports that engine's greedy answers to its share of the prompts.
 """
 
 import argparse
@@ -19,10 +21,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
+from flywheel.adapters import PolicySettings
 from flywheel.prompts import PromptRenderer
-from trainer.config import PPOSettings
+from trainer.config import PPOSettings, RolloutEngineSettings
 from trainer.distributed import close_ranks, init_ranks
-from trainer.ppo import PolicyWithValue, PPOTrainer
+from trainer.ppo import PolicyWithValue, PPOTrainer, end_of_sequence_ids
 from trainer.ranks import rank_seed
 from trainer.reward_model import RewardModel
 
@@ -48,6 +51,7 @@ def main() -> None:
         "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo; cuda: NCCL, one GPU per rank"
     )
     parser.add_argument("--parallelism", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--rollouts", choices=("transformers", "vllm"), default="transformers")
     args = parser.parse_args()
 
     ranks = init_ranks(args.device, args.parallelism)
@@ -60,7 +64,16 @@ def main() -> None:
         prompts_per_step=len(PROMPTS), max_new_tokens=8, minibatch_size=4, epochs=2, policy_learning_rate=1e-4
     )
     started_from = weights_digest(models.policy)
-    ppo = PPOTrainer(models, tokenizer, settings, ranks=ranks)
+    sampler = None
+    if args.rollouts == "vllm":
+        from trainer.vllm_rollouts import VLLMSampler
+
+        eos = end_of_sequence_ids(models.policy.generation_config.eos_token_id, tokenizer.eos_token_id)
+        engine = RolloutEngineSettings(dtype="float32", max_model_len=256, kv_cache_bytes=64 << 20, enforce_eager=True)
+        sampler = VLLMSampler(
+            models.policy, args.model_dir, eos, engine, PolicySettings(), args.out_dir / "sync", ranks=ranks
+        )
+    ppo = PPOTrainer(models, tokenizer, settings, sampler=sampler, ranks=ranks)
 
     renderer = PromptRenderer(tokenizer)
     prompt_ids = [renderer.user_message(prompt).token_ids for prompt in PROMPTS]
@@ -80,6 +93,10 @@ def main() -> None:
                 "kl_coef_after": ppo.kl_controller.kl_coef,
             }
         )
+    greedy = None
+    if sampler is not None:
+        share = ranks.shard(prompt_ids)
+        greedy = {"prompt_ids": share, "answers": sampler(share, 12, 0.0)}
     policy = ranks.full_state_dict(models.policy)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if ranks.leads:
@@ -93,8 +110,11 @@ def main() -> None:
         "policy": None if ranks.sharded else weights_digest(models.policy),
         "critic": None if ranks.sharded else weights_digest(models.critic),
         "steps": steps,
+        "engine_greedy_after": greedy,
     }
     (args.out_dir / f"rank-{ranks.rank}.json").write_text(json.dumps(report, indent=2))
+    if sampler is not None:  # its shutdown takes the process group down with it: after the last use
+        sampler.shutdown()
     close_ranks(ranks)
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from trainer.distributed import SINGLE_PROCESS, Ranks
+from trainer.ppo import TransformersSampler, end_of_sequence_ids
 from trainer.ranks import rank_seed
 
 WORKER = Path(__file__).with_name("distributed_ppo_worker.py")
@@ -112,3 +114,27 @@ def test_sharded_ranks_train_the_policy_whole_copies_train(model_path, tmp_path)
     assert moved > 1e-4
     for name in ddp_policy:
         torch.testing.assert_close(fsdp_policy[name], ddp_policy[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_each_ranks_vllm_engine_answers_with_the_trained_policy(model_path, tokenizer, tmp_path, parallelism):
+    """`ppo.rollouts = "vllm"` under torchrun: every rank's own engine (vLLM's external launcher)
+    samples its share, and after PPO steps answers greedily as the trained policy does (whole
+    weights handed over in memory, gathered from the shards under FSDP)."""
+    reports = two_ranks(model_path, tmp_path / parallelism, "--parallelism", parallelism, "--rollouts", "vllm")
+    trained = AutoModelForCausalLM.from_pretrained(model_path)
+    trained.load_state_dict(load_file(tmp_path / parallelism / "policy.safetensors"), strict=False)
+    trained.tie_weights()
+    started = AutoModelForCausalLM.from_pretrained(model_path)
+    eos = end_of_sequence_ids(trained.generation_config.eos_token_id, tokenizer.eos_token_id)
+    moved = False
+    for report in reports:
+        engine = report["engine_greedy_after"]
+        assert all(step["own"]["first_minibatch_ratio"] == 1.0 for step in report["steps"])
+        policy_answers = TransformersSampler(trained.eval(), tokenizer.pad_token_id, eos)(engine["prompt_ids"], 12, 0.0)
+        assert engine["answers"] == policy_answers, "a rank's engine answered with weights other than the policy's"
+        base = TransformersSampler(started.eval(), tokenizer.pad_token_id, eos)(engine["prompt_ids"], 12, 0.0)
+        moved |= base != policy_answers
+    assert reports[0]["engine_greedy_after"]["prompt_ids"] != reports[1]["engine_greedy_after"]["prompt_ids"]
+    assert moved, "PPO must change some greedy answer for this test to mean anything"

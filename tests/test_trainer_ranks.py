@@ -81,8 +81,14 @@ def wait_until_gone(pid: int) -> None:
 
 
 @pytest.mark.timeout(900)  # two starts of two ranks, each importing torch and transformers
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_settings, tmp_path, parallelism):
+@pytest.mark.parametrize(
+    ("parallelism", "rollouts"),
+    [("ddp", "transformers"), ("fsdp", "transformers"), ("ddp", "vllm"), ("fsdp", "vllm")],
+    ids=["ddp", "fsdp", "ddp-vllm", "fsdp-vllm"],
+)
+def test_two_ranks_train_as_one_through_a_sigkill(
+    model_path, tokenizer, kafka_settings, tmp_path, parallelism, rollouts
+):
     state_dir, registry_dir = tmp_path / "state", tmp_path / "registry"
     checkpoint_dir, join_store_path = state_dir / "trainer" / "checkpoint", state_dir / "trainer" / "join_store.sqlite3"
     PolicyRegistry(registry_dir).seed(model_path)
@@ -105,6 +111,9 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
             # Each rank samples 4 prompts x 2 answers and trains on minibatches of 4.
             "prompts_per_step": 8, "responses_per_prompt": 2, "max_new_tokens": 8, "epochs": 2, "minibatch_size": 8,
             "candidate_every_steps": 2,
+            # vllm: each rank's own engine in its own process (vLLM's external launcher) samples its prompts.
+            "rollouts": rollouts,
+            "rollout_engine": {"dtype": "float32", "max_model_len": 256, "kv_cache_bytes": 64 << 20, "enforce_eager": True},
         },
     }  # fmt: skip
     config_file = tmp_path / "flywheel.toml"
@@ -178,10 +187,12 @@ def test_two_ranks_train_as_one_through_a_sigkill(model_path, tokenizer, kafka_s
     if parallelism == "ddp":
         for model in ("policy", "critic", "reward_model"):
             assert len({line[f"{model}_digest"] for line in stopped.values()}) == 1, model
+    if rollouts == "vllm":  # every rank's own engine sampled: the policy went into it before each rollout
+        assert all(line["rollout_engine_syncs"] >= 1 for line in stopped.values()), stopped
 
     account = LabelAccount.of(checkpoint_dir, published, tmp_path)
     print(
-        f"2 ranks ({parallelism}), rank 1 killed after checkpoint {killed_after}, resumed from {restored}; "
+        f"2 ranks ({parallelism}, {rollouts} rollouts), rank 1 killed after checkpoint {killed_after}, resumed from {restored}; "
         f"{account.summary(len(published))}; {time.perf_counter() - started:.1f}s"
     )
     # Every published event taken exactly once, every label trained on once, none skipped.

@@ -99,7 +99,7 @@ class PPOSettings(BaseModel):
         "transformers",
         description="What samples the PPO answers: transformers' generate on the policy itself, or a vLLM engine "
         "beside the trainer, the policy's weights pushed into it before every rollout (faster on GPUs; on CPU not "
-        "worth its engine, see BENCHMARKS.md). vllm runs in one process (not under torchrun).",
+        "worth its engine, see BENCHMARKS.md). Under torchrun each rank has its own engine (vLLM's external launcher).",
     )
     rollout_engine: RolloutEngineSettings = Field(default_factory=RolloutEngineSettings)
 

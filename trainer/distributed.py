@@ -46,6 +46,8 @@ Parallelism = Literal["ddp", "fsdp"]
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Whole tensors, on the CPU, on rank 0 only (the others get an empty dict): what files are written from."""
+FULL_STATE_EVERY_RANK = StateDictOptions(full_state_dict=True)
+"""Whole tensors on every rank, on the device they train on: what each rank's rollout engine loads."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,12 @@ class Ranks:
             register_fsdp_forward_method(module, method)
         return module
 
-    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, module: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
         """`module`'s weights, whole, to write to files. Sharded: a collective every rank must call,
-        and only rank 0 gets them (the others get {}). Otherwise its own state dict."""
+        and only rank 0 gets them (the others get {}) unless `every_rank`. Otherwise its own state dict."""
         if not self.sharded:
             return module.state_dict()
-        return get_model_state_dict(module, options=FULL_STATE)
+        return get_model_state_dict(module, options=FULL_STATE_EVERY_RANK if every_rank else FULL_STATE)
 
     def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load whole weights (every rank passes the same) into `module`, sharded or not."""
@@ -225,6 +227,7 @@ def init_ranks(device_type: str = "cpu", parallelism: Parallelism = "ddp") -> Ra
 
 
 def close_ranks(ranks: Ranks) -> None:
-    """Leave the process group (nothing to do for a single process)."""
-    if ranks.distributed:
+    """Leave the process group (nothing to do for a single process, or when vLLM's rollout engine,
+    which shares it under the external launcher, already destroyed it on its shutdown)."""
+    if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -183,11 +183,6 @@ class Trainer:
                 log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())
         sampler = None
         if config.ppo.rollouts == "vllm":
-            if ranks.distributed:
-                raise ValueError(
-                    'ppo.rollouts = "vllm" runs in one process: under torchrun each rank\'s engine would need '
-                    "vLLM's external launcher, which is not built; use transformers"
-                )
             sampler = VLLMSampler(
                 models.policy,
                 state.reference_path,
@@ -196,6 +191,7 @@ class Trainer:
                 config.policy,
                 sync_dir=config.trainer.checkpoint_dir.parent / "rollout-weights",
                 seed=config.trainer.seed,
+                ranks=ranks,
             )
         ppo = PPOTrainer(models, tokenizer, config.ppo, sampler=sampler, ranks=ranks)
         if checkpoint is not None:
@@ -313,7 +309,9 @@ class Trainer:
     def log_weights_digest(self) -> None:
         """Log, as it stops, what each rank's weights are: under DDP every rank's must be the same."""
         digests = {} if self.ranks.sharded else self.weights_digest()
-        log.info("rank %d stops", self.ranks.rank, extra={"rank": self.ranks.rank, **digests})
+        sampler = self.ppo.sampler
+        engine_syncs = {"rollout_engine_syncs": sampler.syncs} if isinstance(sampler, VLLMSampler) else {}
+        log.info("rank %d stops", self.ranks.rank, extra={"rank": self.ranks.rank, **digests, **engine_syncs})
 
     # ------------------------------------------------------------ the decisions
 

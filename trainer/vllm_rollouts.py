@@ -4,9 +4,13 @@ On GPUs vLLM samples many times faster than transformers' generate (paged attent
 batching, CUDA graphs), which is why TRL, OpenRLHF and verl roll out with it. On this project's
 CPU machine it is not worth its engine (BENCHMARKS.md, "Rollouts"), so `transformers` stays the
 default. The engine must answer with the policy being trained: before every rollout the policy's
-current weights go in (whole weights: written and reloaded in place, the prefix cache reset, since
-cached blocks were computed by the old weights; an adapter: written under a new LoRA id, which
+current weights go in (whole weights: reloaded in place, the prefix cache reset, since cached
+blocks were computed by the old weights; an adapter: written under a new LoRA id, which
 vLLM's prefix cache keys apart).
+
+Under torchrun every rank holds an engine of its own in its own process (vLLM's external launcher,
+one data-parallel rank of vLLM per trainer rank) and samples its own share of the prompts; whole
+weights then go to it in memory (gathered whole on every rank under FSDP), not through a file.
 """
 
 import shutil
@@ -18,6 +22,7 @@ from transformers import PreTrainedModel
 
 from flywheel.adapters import PolicySettings, engine_max_lora_rank
 from trainer.config import RolloutEngineSettings
+from trainer.distributed import SINGLE_PROCESS, Ranks
 
 WORKER_EXTENSION = "flywheel.vllm_worker.PolicyWorkerExtension"
 
@@ -26,7 +31,9 @@ class VLLMSampler:
     """Samples answers with a vLLM engine holding the policy's weights as of the call.
 
     `base_path`: the model the engine starts on (the trainer's reference: the base of an adapter).
-    `sync_dir`: where the policy's weights are written for the engine to load.
+    `sync_dir`: where the policy's weights are written for the engine to load (each rank its own copy).
+    `ranks`: the trainer's ranks; every rank must build its sampler at the same point (vLLM sets up
+    its groups over them).
     """
 
     def __init__(
@@ -38,16 +45,23 @@ class VLLMSampler:
         policy_settings: PolicySettings,
         sync_dir: Path,
         seed: int = 0,
+        ranks: Ranks = SINGLE_PROCESS,
     ):
         from vllm import LLM
 
         self.policy = policy
         self.eos_token_ids = eos_token_ids
-        self.sync_dir = sync_dir
+        self.sync_dir = sync_dir / f"rank-{ranks.rank}" if ranks.distributed else sync_dir
+        self.ranks = ranks
         self.adapter = isinstance(policy, PeftModel)
         lora = (
             {"enable_lora": True, "max_lora_rank": engine_max_lora_rank(policy_settings.lora_rank), "max_loras": 2}
             if self.adapter
+            else {}
+        )
+        launcher = (
+            {"distributed_executor_backend": "external_launcher", "data_parallel_size": ranks.world_size}
+            if ranks.distributed
             else {}
         )
         self.llm = LLM(
@@ -60,6 +74,7 @@ class VLLMSampler:
             seed=seed,
             worker_extension_cls=WORKER_EXTENSION,
             **lora,
+            **launcher,
         )
         self.syncs = 0
         self._lora_request = None
@@ -77,9 +92,13 @@ class VLLMSampler:
                 self.llm.llm_engine.remove_lora(self.syncs - 1)
                 shutil.rmtree(self.sync_dir / f"adapter-{self.syncs - 1}", ignore_errors=True)
             return
-        directory = self.sync_dir / "policy"
-        self.policy.save_pretrained(directory)
-        self.llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": str(directory)})
+        if self.ranks.distributed:  # the engine runs in this process (external launcher): hand it the tensors
+            weights = self.ranks.full_state_dict(self.policy, every_rank=True)
+            self.llm.collective_rpc("reload_policy_weights", kwargs={"weights": list(weights.items())})
+        else:
+            directory = self.sync_dir / "policy"
+            self.policy.save_pretrained(directory)
+            self.llm.collective_rpc("reload_policy_weights", kwargs={"weights_path": str(directory)})
         self.llm.reset_prefix_cache()
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
