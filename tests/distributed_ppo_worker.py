@@ -1,7 +1,7 @@
 """One rank of a data-parallel PPO run on the demo model, for tests/test_distributed.py.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_ppo_worker.py MODEL_DIR OUT_DIR \
-        [--device cuda] [--parallelism fsdp] [--rollouts vllm]
+        [--device cuda] [--parallelism fsdp] [--rollouts vllm] [--restart]
 
 Every rank takes `--steps` PPO steps on the same list of demo prompts (each samples answers for
 its own share) and writes OUT_DIR/rank-<rank>.json: what it sampled, each step's statistics (its
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.adapters import PolicySettings
 from flywheel.prompts import PromptRenderer
@@ -27,7 +27,7 @@ from trainer.config import PPOSettings, RolloutEngineSettings
 from trainer.distributed import close_ranks, init_ranks
 from trainer.ppo import PolicyWithValue, PPOTrainer, end_of_sequence_ids
 from trainer.ranks import rank_seed
-from trainer.reward_model import RewardModel
+from trainer.reward_model import RewardModel, load_without_dropout
 
 PROMPTS = [
     "What is 47+38?", "What is 83-47?", "What is 12+90?", "What is 65-21?",
@@ -35,11 +35,15 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def weights_digest(model: torch.nn.Module) -> str:
+def state_digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    return state_digest(model.state_dict())
 
 
 def main() -> None:
@@ -52,6 +56,9 @@ def main() -> None:
     )
     parser.add_argument("--parallelism", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--rollouts", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument(
+        "--restart", action="store_true", help="after the steps, restart the policy from the model it started from"
+    )
     args = parser.parse_args()
 
     ranks = init_ranks(args.device, args.parallelism)
@@ -112,6 +119,11 @@ def main() -> None:
         "steps": steps,
         "engine_greedy_after": greedy,
     }
+    if args.restart:  # as the trainer restarts from live: every rank loads the whole weights
+        ppo.restart_policy(load_without_dropout(AutoModelForCausalLM, args.model_dir).state_dict())
+        restarted = ranks.full_state_dict(models.policy)
+        report["restarted"] = state_digest(restarted) if restarted else None
+        report["optimizer_moments_after_restart"] = len(ppo.policy_optimizer.state)
     (args.out_dir / f"rank-{ranks.rank}.json").write_text(json.dumps(report, indent=2))
     if sampler is not None:  # its shutdown takes the process group down with it: after the last use
         sampler.shutdown()

@@ -138,3 +138,16 @@ def test_each_ranks_vllm_engine_answers_with_the_trained_policy(model_path, toke
         moved |= base != policy_answers
     assert reports[0]["engine_greedy_after"]["prompt_ids"] != reports[1]["engine_greedy_after"]["prompt_ids"]
     assert moved, "PPO must change some greedy answer for this test to mean anything"
+
+
+@pytest.mark.subprocess
+def test_a_sharded_policy_restarts_from_live_on_every_rank(model_path, tmp_path):
+    """FSDP: `restart_policy` (the trainer's restart from live) loads the whole weights into every
+    rank's shards and forgets the optimizer's moments."""
+    reports = two_ranks(model_path, tmp_path / "fsdp", "--parallelism", "fsdp", "--restart")
+    leader = reports[0]
+    trained = load_file(tmp_path / "fsdp" / "policy.safetensors")
+    started = load_file(model_path / "model.safetensors")
+    assert any(not torch.equal(trained[name], started[name]) for name in started), "the steps must move the policy"
+    assert leader["restarted"] == leader["started_from"], "the gathered shards are not the weights restarted from"
+    assert all(report["optimizer_moments_after_restart"] == 0 for report in reports)
