@@ -1,0 +1,63 @@
+"""Greedy answers of demo policies on the evaluation questions, split by kind: where a learning run's points go.
+
+    .venv/bin/python -m benchmarks.greedy_breakdown BASE_MODEL_DIR [POLICY_DIR ...] [--ban-hedge]
+
+Each POLICY_DIR is a registry version: whole weights, or an adapter (applied to BASE_MODEL_DIR).
+With none, the base model itself. `--ban-hedge` forbids the hedge's first token as the first
+token of the answer: what the model answers when made to answer concisely.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+from flywheel.demo.init_model import MAX_ANSWER_TOKENS
+from flywheel.demo.task import evaluation_questions, hedged_answer, is_concise, is_correct
+from flywheel.prompts import PromptRenderer
+
+
+def load_policy(base_dir: Path, policy_dir: Path) -> Qwen2ForCausalLM:
+    if not (policy_dir / "adapter_config.json").exists():
+        return Qwen2ForCausalLM.from_pretrained(policy_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(base_dir), policy_dir).merge_and_unload()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base_dir", type=Path)
+    parser.add_argument("policy_dirs", type=Path, nargs="*")
+    parser.add_argument("--ban-hedge", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
+    renderer = PromptRenderer(tokenizer)
+    questions = evaluation_questions()
+    hedge_first = tokenizer(hedged_answer(questions[0]), add_special_tokens=False).input_ids[0]
+    print(
+        "| policy | correct | correct and concise | capitals correct | arithmetic correct |\n|---|---:|---:|---:|---:|"
+    )
+    for policy_dir in args.policy_dirs or [args.base_dir]:
+        model = load_policy(args.base_dir, policy_dir).eval()
+        counts = {"correct": 0, "concise": 0, "capital": 0, "arithmetic": 0}
+        for question in questions:
+            ids = torch.tensor([renderer.user_message(question.prompt).token_ids])
+            generated = model.generate(
+                ids, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, begin_suppress_tokens=[hedge_first] if args.ban_hedge else None,
+            )  # fmt: skip
+            answer = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+            correct = is_correct(question, answer)
+            counts["correct"] += correct
+            counts["concise"] += correct and is_concise(answer)
+            counts["capital" if question.kind == "capital" else "arithmetic"] += correct
+        print(
+            f"| {policy_dir} | {counts['correct']} | {counts['concise']} | {counts['capital']} | {counts['arithmetic']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
