@@ -31,7 +31,8 @@ class VLLMSampler:
     """Samples answers with a vLLM engine holding the policy's weights as of the call.
 
     `base_path`: the model the engine starts on (the trainer's reference: the base of an adapter).
-    `sync_dir`: where the policy's weights are written for the engine to load (each rank its own copy).
+    `sync_dir`: where an adapter (or, in one process, the whole weights) is written for the engine to
+    load; under torchrun each rank has its own directory in it.
     `ranks`: the trainer's ranks; every rank must build its sampler at the same point (vLLM sets up
     its groups over them).
     """
