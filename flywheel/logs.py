@@ -5,6 +5,7 @@ import logging
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
+from transformers.utils import logging as transformers_logging
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -16,6 +17,12 @@ class _RequestIdFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
+    """Every line on stderr one JSON object.
+
+    Progress bars are off: a bar redraws its line without ending it, so a log line written meanwhile
+    (by another thread, or another rank sharing the stream) would land inside it and be unreadable.
+    """
+    transformers_logging.disable_progress_bar()  # and huggingface_hub's
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(
