@@ -44,6 +44,7 @@ MODEL_DIR_MAY_SET = {
         "lam",
         "target_kl",
         "kl_horizon",
+        "min_reward_spread",
         "init_kl_coef",
         "missing_eos_penalty",
         "policy_learning_rate",

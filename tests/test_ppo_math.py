@@ -7,6 +7,7 @@ import torch
 
 from trainer.ppo_math import (
     AdaptiveKLController,
+    answers_to_learn_from,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -194,6 +195,21 @@ def test_padding_does_not_change_rewards_or_advantages():
 
 
 # ---------------------------------------------------------------- policy loss
+
+
+def test_answers_to_learn_from_are_those_of_prompts_whose_answers_score_apart():
+    # Three prompts, two answers each: thumbs-up probabilities 0.5 and 0.5 (alike), 0.5 and 0.73
+    # (apart), 0.12 and 0.119 (alike: a hopeless prompt's noise).
+    scores = torch.tensor([0.0, 0.0, 0.0, 1.0, -2.0, -2.01])
+    learn = answers_to_learn_from(scores, answers_per_prompt=2, min_spread=0.02)
+    assert learn.tolist() == [False, False, True, True, False, False]
+    assert answers_to_learn_from(scores, answers_per_prompt=2, min_spread=0.0).all()
+
+
+def test_answers_to_learn_from_groups_adjacent_answers():
+    scores = torch.tensor([0.0, 0.0, 3.0, 3.0, 3.0, -3.0])
+    assert answers_to_learn_from(scores, 3, 0.1).tolist() == [True] * 3 + [True] * 3
+    assert answers_to_learn_from(scores, 2, 0.1).tolist() == [False, False, False, False, True, True]
 
 
 def test_policy_loss_is_minus_mean_advantage_when_policy_unchanged():

@@ -149,3 +149,33 @@ def test_adapter_ppo_raises_the_toy_reward_training_only_the_adapter(model_path,
         torch.testing.assert_close(
             resumed.response_logits(resumed.policy, batch), models.response_logits(models.policy, batch)
         )
+
+
+def test_answers_the_reward_model_cannot_tell_apart_do_not_move_the_policy(model_path, tokenizer, prompt_ids):
+    """Each prompt's answers score alike (a score per prompt): a step on them is the reward model's noise.
+    Learnt from, whitening blows it up to a full-size update; left out (ppo.min_reward_spread) the
+    policy stays, but for AdamW's weight decay."""
+    prompt_length = len(prompt_ids[0])
+
+    def score_of_the_prompt_alone(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return input_ids[:, prompt_length - 4].float() / 100  # a token of the question: each prompt its own score
+
+    probe = TokenBatch.from_rollout(Rollout(prompt_ids, [[0]] * len(prompt_ids), [False] * 4, 0.0), 0)
+    moved = {}
+    for min_reward_spread in (0.0, 0.02):
+        torch.manual_seed(0)
+        trainer = trainer_for(
+            model_path, tokenizer, max_new_tokens=8, minibatch_size=4, policy_learning_rate=3e-4,
+            missing_eos_penalty=0.0, min_reward_spread=min_reward_spread,
+        )  # fmt: skip
+        with torch.no_grad():
+            before = trainer.models.response_logits(trainer.models.policy, probe)
+        stats = trainer.ppo_step(trainer.rollout(prompt_ids), score_of_the_prompt_alone)
+        with torch.no_grad():
+            after = trainer.models.response_logits(trainer.models.policy, probe)
+        moved[min_reward_spread] = (after - before).abs().max().item()
+        assert stats.learning_answer_fraction == (1.0 if min_reward_spread == 0 else 0.0)
+    print(
+        f"largest logit change after one step: learning from every prompt {moved[0.0]:.4f}, leaving alike ones out {moved[0.02]:.6f}"
+    )
+    assert moved[0.02] < 1e-3 < moved[0.0]

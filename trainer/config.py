@@ -95,6 +95,15 @@ class PPOSettings(BaseModel):
     candidate_every_steps: int = Field(
         10, ge=1, description="Propose the policy as a candidate for the safety gate every this many PPO steps."
     )
+    min_reward_spread: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="A prompt whose answers' predicted thumbs-up probabilities (σ of the reward model's scores) "
+        "all lie within this of each other is left out of the policy's update, the critic's kept (DAPO's dynamic "
+        "sampling): alike answers show no direction, only the reward model's noise, and updates on them make the "
+        "policy forget what no user asks. 0 learns from every prompt; needs responses_per_prompt ≥ 2.",
+    )
     rollouts: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="What samples the PPO answers: transformers' generate on the policy itself, or a vLLM engine "
@@ -102,6 +111,15 @@ class PPOSettings(BaseModel):
         "worth its engine, see BENCHMARKS.md). Under torchrun each rank has its own engine (vLLM's external launcher).",
     )
     rollout_engine: RolloutEngineSettings = Field(default_factory=RolloutEngineSettings)
+
+    @model_validator(mode="after")
+    def _answers_to_compare(self) -> "PPOSettings":
+        if self.min_reward_spread > 0 and self.responses_per_prompt < 2:
+            raise ValueError(
+                f"ppo.min_reward_spread = {self.min_reward_spread} compares a prompt's answers, but "
+                f"ppo.responses_per_prompt = {self.responses_per_prompt}: sample at least 2, or set it to 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _step_within_kl_horizon(self) -> "PPOSettings":

@@ -31,6 +31,11 @@ PPO_GAUGES = {
         "flywheel_trainer_explained_variance",
         "Share of the returns' variance the critic explained in the last PPO step.",
     ),
+    "learning_answer_fraction": (
+        "flywheel_trainer_learning_answer_fraction",
+        "Share of the last PPO step's answers the policy learnt from: those of prompts whose answers the reward "
+        "model tells apart (ppo.min_reward_spread).",
+    ),
     "tokens_per_second": (
         "flywheel_trainer_tokens_per_second",
         "Answer tokens per second of the last PPO step (scoring and updates).",

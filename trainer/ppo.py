@@ -27,6 +27,7 @@ from trainer.config import PPOSettings
 from trainer.distributed import SINGLE_PROCESS, Ranks
 from trainer.ppo_math import (
     AdaptiveKLController,
+    answers_to_learn_from,
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -308,6 +309,8 @@ class PPOStepStats:
     first_minibatch_ratio: float
     """Mean π_θ / π_old on the first minibatch, before any update: exactly 1 if old log-probs are right."""
     ended_with_eos_fraction: float
+    learning_answer_fraction: float
+    """Share of the answers the policy's update learnt from (see `ppo.min_reward_spread`); the critic learns from all."""
     mean_response_tokens: float
     seconds: float
     """Wall-clock time of `ppo_step` (scoring and updates; sampling is in the Rollout)."""
@@ -408,7 +411,11 @@ class PPOTrainer:
             kl_coef = self.kl_controller.kl_coef
             rewards = per_token_rewards(penalised_scores, old_logprobs, ref_logprobs, mask, kl_coef)
             advantages, returns = gae_advantages(rewards, old_values, mask, s.gamma, s.lam)
-            advantages = masked_whiten(advantages, mask)
+            in_rollout_order = torch.empty_like(penalised_scores).index_copy_(0, shuffled, penalised_scores)
+            learns = answers_to_learn_from(in_rollout_order, s.responses_per_prompt, s.min_reward_spread)[shuffled]
+            learning = mask & learns.unsqueeze(1)
+            # The rest keep advantage 0: in the loss, their tokens push the policy nowhere.
+            advantages = masked_whiten(advantages, learning) if learning.sum() > 1 else torch.zeros_like(advantages)
             kl_to_reference = kl_per_answer(old_logprobs, ref_logprobs, mask).mean().item()
 
         update_stats = []
@@ -454,6 +461,7 @@ class PPOTrainer:
             explained_variance=explained_variance(old_values, returns, mask).item(),
             first_minibatch_ratio=update_stats[0]["ratio_mean"].item(),
             ended_with_eos_fraction=ended_with_eos.float().mean().item(),
+            learning_answer_fraction=learns.float().mean().item(),
             mean_response_tokens=response_tokens / len(shuffled),
             seconds=seconds,
             tokens_per_second=response_tokens / seconds,

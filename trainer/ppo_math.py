@@ -200,6 +200,22 @@ def gae_advantages(
     return torch.where(mask, advantages, zeros), torch.where(mask, returns, zeros)
 
 
+def answers_to_learn_from(scores: torch.Tensor, answers_per_prompt: int, min_spread: float) -> torch.Tensor:
+    """Which answers the policy learns from: those of prompts whose answers the reward model tells apart.
+
+    A prompt whose answers all score alike (every one right, or every one hopeless) shows the policy
+    no direction, only the reward model's noise, which whitened advantages blow up to full-size updates.
+    DAPO (Yu et al., 2025) leaves such prompts out ("dynamic sampling"); with a learnt reward model
+    "alike" is a spread of the predicted thumbs-up probabilities, σ(score), below `min_spread`.
+
+    scores: `(prompts × answers_per_prompt,)`, a prompt's answers adjacent. Returns `(same,)` bool;
+    with `min_spread` 0 every answer.
+    """
+    probabilities = torch.sigmoid(scores).view(-1, answers_per_prompt)
+    spread = probabilities.max(-1).values - probabilities.min(-1).values
+    return (spread >= min_spread).repeat_interleave(answers_per_prompt)
+
+
 # ---------------------------------------------------------------- losses
 
 
