@@ -17,12 +17,15 @@ class _RequestIdFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Every line on stderr one JSON object.
+    """Every line on stderr one JSON object (but vLLM's own, which keep vLLM's format).
 
-    Progress bars are off: a bar redraws its line without ending it, so a log line written meanwhile
-    (by another thread, or another rank sharing the stream) would land inside it and be unreadable.
+    Progress bars are off (downloads from the Hub included): a bar redraws its line without ending
+    it, so a log line written meanwhile (by another thread, or another rank sharing the stream)
+    would land inside it and be unreadable.
     """
     transformers_logging.disable_progress_bar()  # and huggingface_hub's
+    transformers_logging.disable_default_handler()  # its warnings go through the JSON handler below
+    transformers_logging.enable_propagation()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(

@@ -10,7 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from cli import main as cli_main
 from cli.config import (
@@ -30,7 +30,7 @@ from cli.config import (
 from gate.config import GateSettings
 from server.config import ServerSettings
 from server.tls import CertificateFiles
-from trainer.config import CandidateCheckSettings
+from trainer.config import CandidateCheckSettings, PPOSettings
 
 
 def test_flags_beat_environment_beat_config_file_beat_model_settings_beat_defaults(tmp_path: Path, monkeypatch):
@@ -318,3 +318,9 @@ def test_a_canary_replica_serves_whole_weights_only(monkeypatch):
     assert load_config().for_process(ServeConfig).server.canary_replica
     with pytest.raises(ValueError, match="server.canary_replica is for whole weights.*set gate.canary.share instead"):
         load_config(overrides={"policy": {"adapter": "lora"}}).for_process(ServeConfig)
+
+
+def test_a_reward_spread_needs_answers_to_compare():
+    with pytest.raises(ValidationError, match="ppo.min_reward_spread.*ppo.responses_per_prompt = 1"):
+        PPOSettings(min_reward_spread=0.02, responses_per_prompt=1)
+    assert PPOSettings(min_reward_spread=0.0, responses_per_prompt=1).min_reward_spread == 0

@@ -20,16 +20,19 @@ config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hi
 with tempfile.TemporaryDirectory() as directory:
     LlamaForCausalLM(config).save_pretrained(directory)
     LlamaForCausalLM.from_pretrained(directory)
+from transformers.utils import logging as transformers_logging
+transformers_logging.get_logger("transformers.probe").warning("a warning of transformers")
 logging.getLogger("probe").info("saved and loaded")
 """
 
 
 def test_saving_and_loading_a_model_writes_only_json_lines():
     """Transformers' progress bars ("Writing model shards", "Loading weights") would break the lines:
-    under torchrun a rank's log line landed inside the other rank's bar, and the line was lost."""
+    under torchrun a rank's log line landed inside the other rank's bar, and the line was lost.
+    Transformers' own warnings come as JSON lines too."""
     ran = subprocess.run([sys.executable, "-c", SAVE_AND_LOAD_A_MODEL], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
     lines = [line for line in ran.stderr.splitlines() if line.strip()]
     for line in lines:
         assert isinstance(json.loads(line), dict), line
-    assert json.loads(lines[-1])["message"] == "saved and loaded"
+    assert [json.loads(line)["message"] for line in lines[-2:]] == ["a warning of transformers", "saved and loaded"]

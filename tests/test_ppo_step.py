@@ -152,13 +152,15 @@ def test_adapter_ppo_raises_the_toy_reward_training_only_the_adapter(model_path,
 
 
 def test_answers_the_reward_model_cannot_tell_apart_do_not_move_the_policy(model_path, tokenizer, prompt_ids):
-    """Each prompt's answers score alike (a score per prompt): a step on them is the reward model's noise.
-    Learnt from, whitening blows it up to a full-size update; left out (ppo.min_reward_spread) the
-    policy stays, but for AdamW's weight decay."""
+    """Each prompt's answers score alike (each prompt its own score): a step on them is the reward
+    model's noise. Learnt from, whitening blows it up to a full-size update; left out
+    (ppo.min_reward_spread) the policy stays, but for AdamW's weight decay. Answers grouped with
+    another prompt's (a shuffled batch read in the wrong order) would differ, and be learnt from."""
     prompt_length = len(prompt_ids[0])
+    score_of = {tuple(prompt): float(score) for prompt, score in zip(prompt_ids, (-2, -1, 0, 1), strict=True)}
 
     def score_of_the_prompt_alone(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return input_ids[:, prompt_length - 4].float() / 100  # a token of the question: each prompt its own score
+        return torch.tensor([score_of[tuple(row[:prompt_length].tolist())] for row in input_ids])
 
     probe = TokenBatch.from_rollout(Rollout(prompt_ids, [[0]] * len(prompt_ids), [False] * 4, 0.0), 0)
     moved = {}

@@ -99,7 +99,8 @@ class PPOSettings(BaseModel):
         0.0,
         ge=0,
         lt=1,
-        description="A prompt whose answers' predicted thumbs-up probabilities (σ of the reward model's scores) "
+        description="A prompt whose answers' predicted thumbs-up probabilities (σ of the reward model's scores, after the "
+        "missing-EOS penalty) "
         "all lie within this of each other is left out of the policy's update, the critic's kept (DAPO's dynamic "
         "sampling): alike answers show no direction, only the reward model's noise, and updates on them make the "
         "policy forget what no user asks. 0 learns from every prompt; needs responses_per_prompt ≥ 2.",

@@ -208,10 +208,12 @@ def answers_to_learn_from(scores: torch.Tensor, answers_per_prompt: int, min_spr
     DAPO (Yu et al., 2025) leaves such prompts out ("dynamic sampling"); with a learnt reward model
     "alike" is a spread of the predicted thumbs-up probabilities, σ(score), below `min_spread`.
 
-    scores: `(prompts × answers_per_prompt,)`, a prompt's answers adjacent. Returns `(same,)` bool;
-    with `min_spread` 0 every answer.
+    scores: `(prompts × answers_per_prompt,)`, a prompt's answers adjacent (the rewards' scores: the
+    missing-EOS penalty counts). Returns `(same,)` bool; with `min_spread` 0 every answer.
     """
-    probabilities = torch.sigmoid(scores).view(-1, answers_per_prompt)
+    if min_spread == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    probabilities = torch.sigmoid(scores.float()).view(-1, answers_per_prompt)
     spread = probabilities.max(-1).values - probabilities.min(-1).values
     return (spread >= min_spread).repeat_interleave(answers_per_prompt)
 
