@@ -76,7 +76,6 @@ candidate_every_steps = 5
 init_kl_coef = 0.2
 target_kl = 2.0
 kl_horizon = 100
-min_reward_spread = 0.02
 
 [reward_model]
 learning_rate = 1e-4
