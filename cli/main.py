@@ -150,6 +150,7 @@ def _train(args: argparse.Namespace) -> None:
     config = _config_from(args, TrainConfig)
     _limit_torch_threads(config.trainer.torch_threads)
     ranks = init_ranks("cpu", config.trainer.parallelism)
+    ended_cleanly = False
     try:
         if ranks.leads:
             seed_registry(config)
@@ -159,8 +160,9 @@ def _train(args: argparse.Namespace) -> None:
         trainer_config = trainer_config_of(config)
         metrics, event_metrics = TrainerMetrics(registry), EventMetrics.register(registry)
         _run_until_signal(lambda stopping: run_trainer(trainer_config, metrics, event_metrics, stopping, ranks))
+        ended_cleanly = True
     finally:
-        close_ranks(ranks)
+        close_ranks(ranks, together=ended_cleanly)
 
 
 def _gate(args: argparse.Namespace) -> None:

@@ -226,8 +226,15 @@ def init_ranks(device_type: str = "cpu", parallelism: Parallelism = "ddp") -> Ra
     return Ranks(dist.get_rank(), dist.get_world_size(), device, parallelism)
 
 
-def close_ranks(ranks: Ranks) -> None:
+def close_ranks(ranks: Ranks, together: bool = True) -> None:
     """Leave the process group (nothing to do for a single process, or when vLLM's rollout engine,
-    which shares it under the external launcher, already destroyed it on its shutdown)."""
+    which shares it under the external launcher, already destroyed it on its shutdown).
+
+    `together` (a clean end, every rank here): wait for the others first. A gloo rank that tears
+    down while its peer still sends can abort (`terminate called without an active exception`).
+    After an error the others may never come: leave at once.
+    """
     if ranks.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
