@@ -45,7 +45,7 @@ from flywheel.demo.task import (
 from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch
-from trainer.ppo_math import masked_whiten
+from trainer.ppo_math import answers_to_learn_from, masked_whiten
 from trainer.reward_model import RewardModel
 
 VARIANTS = ("none", "filter", "capitals-only", "ptx", "kl-loss", "k3-loss", "no-mean-shift")
@@ -115,13 +115,10 @@ def main() -> None:
         if variant == "filter":
             batch = TokenBatch.from_rollout(rollout, tokenizer.pad_token_id)
             with torch.no_grad():
-                scores = score(batch.input_ids, batch.attention_mask).view(-1, DEMO_PPO.responses_per_prompt)
-            if args.reward_model:
-                probabilities = torch.sigmoid(scores)
-                keep = probabilities.max(1).values - probabilities.min(1).values >= coef
-            else:
-                keep = scores.max(1).values != scores.min(1).values
-            keep = keep.repeat_interleave(DEMO_PPO.responses_per_prompt).tolist()
+                scores = score(batch.input_ids, batch.attention_mask)
+            # The thumb's up and down lie 0.46 apart in probability, alike answers 0.
+            spread = coef if args.reward_model else 0.01
+            keep = answers_to_learn_from(scores, DEMO_PPO.responses_per_prompt, spread).tolist()
             if not any(keep):
                 if step % 50 == 0:
                     print(json.dumps({"step": step, "capitals correct, concise": evaluate(), "skipped": True}))
