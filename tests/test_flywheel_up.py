@@ -104,6 +104,19 @@ def wait_for(condition, what: str) -> None:
         time.sleep(1)
 
 
+def vote_until(up: Up, done, what: str, log: str, first_seed: int = 0) -> None:
+    """Users keep asking and voting, 40 events a round, until `done()`; the trainer proposes a candidate only
+    when its pre-check expects the gate to pass it, which takes as many labels as its reward model needs."""
+    deadline, seed = time.monotonic() + HANG_GUARD_S, first_seed
+    while not done():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}:\n{up.log(log)[-3000:]}"
+        simulated = up.simulate(
+            "--events", "40", "--seed", str(seed), "--heldout-questions", "5", "--out", str(up.state_dir / f"run-{seed}")
+        )  # fmt: skip
+        assert simulated.returncode == 0, simulated.stdout + simulated.stderr
+        seed += 1
+
+
 def live_version(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         return serving_pb2_grpc.FlywheelStub(channel).GetPolicy(pb.GetPolicyRequest(), timeout=10).policy_version
@@ -128,7 +141,7 @@ def test_one_short_run_goes_through_every_stage(up):
     assert curve[0].startswith("feedback_events,seconds,heldout_thumbs_up_rate") and len(curve) >= 3
     assert (up.state_dir / "run" / "learning_curve.png").stat().st_size > 0
 
-    wait_for(lambda: live_version(up.address) > 1, "an approved candidate to go live")
+    vote_until(up, lambda: live_version(up.address) > 1, "an approved candidate to go live", log="train", first_seed=1)
     train_log, gate_log, serve_log = up.log("train"), up.log("gate"), up.log("serve")
     assert (
         "reward model updated" in train_log and "PPO step 1" in train_log and "candidate policy 2 proposed" in train_log
@@ -217,14 +230,8 @@ def canary_verdicts(registry: PolicyRegistry) -> dict[int, str]:
 def test_in_adapter_mode_a_ppo_trained_adapter_is_gated_then_its_canary_is_decided_by_users_thumbs(up_adapters):
     up = up_adapters
     registry = PolicyRegistry(up.state_dir / "registry")
-    deadline, round_ = time.monotonic() + HANG_GUARD_S, 0
-    while not (decided := canary_verdicts(registry)):  # users keep voting until a canary has been decided
-        assert time.monotonic() < deadline, f"no canary was decided:\n{up.log('gate')[-3000:]}"
-        simulated = up.simulate(
-            "--events", "40", "--seed", str(round_), "--heldout-questions", "5", "--out", str(up.state_dir / f"run-{round_}")
-        )  # fmt: skip
-        assert simulated.returncode == 0, simulated.stdout + simulated.stderr
-        round_ += 1
+    vote_until(up, lambda: canary_verdicts(registry), "a canary to be decided", log="gate")
+    decided = canary_verdicts(registry)
     train_log, gate_log = up.log("train"), up.log("gate")
     assert "PPO step 1" in train_log and "candidate policy 2 proposed" in train_log
     version, reason = next(iter(decided.items()))
