@@ -160,6 +160,14 @@ def test_the_gate_golden_prompts_never_include_an_evaluation_question():
     assert {q.kind for q in golden_questions} == {"add", "sub", "capital"}
 
 
+def test_some_golden_capitals_are_never_asked_so_the_gate_sees_forgetting_the_reward_cannot():
+    golden = [question_from_prompt(entry["prompt"]) for entry in map(json.loads, GOLDEN_FILE.read_text().splitlines())]
+    golden_capitals = {q.prompt for q in golden if q is not None and q.kind == "capital"}
+    asked = {q.prompt for q in traffic_questions(random.Random(3), 3000)}
+    # Feedback on a capital keeps it right; only capitals no user asks show what PPO wears away.
+    assert golden_capitals - asked and golden_capitals & asked
+
+
 def test_a_hedged_answer_is_right_but_gets_a_thumbs_down():
     question = arithmetic_question(47, "+", 38)
     assert is_correct(question, hedged_answer(question))

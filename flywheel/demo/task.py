@@ -28,12 +28,15 @@ HELDOUT_BUCKETS = 10
 """One arithmetic prompt in this many is held out."""
 EVALUATION_BUCKETS = 2
 """One training question in this many is never asked by simulated users: the feedback loop's evaluation split."""
+GOLDEN_ONLY_BUCKETS = 2
+"""One capital in this many outside the evaluation split is never asked by simulated users either: the gate's
+golden prompts hold knowledge no feedback touches, as an operator's regression suite does."""
 MAX_CONCISE_WORDS = 6
 """Longest answer a simulated user still calls concise ("The capital of Peru is Lima.")."""
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden.jsonl"
-"""The safety gate's golden prompts for the demo task: held-out arithmetic, the capitals users ask about
-(none of the evaluation split), and two refusals."""
+"""The safety gate's golden prompts for the demo task: held-out arithmetic, every capital outside the evaluation
+split (some asked by users, the golden-only ones never), and two refusals."""
 
 _ARITHMETIC_PROMPT = re.compile(r"What is (\d+)([+-])(\d+)\?")
 _CAPITAL_PROMPT = re.compile(r"What is the capital of (.+)\?")
@@ -83,6 +86,20 @@ def in_evaluation_split(question: DemoQuestion) -> bool:
     return not is_heldout(question) and (_prompt_hash(question) // HELDOUT_BUCKETS) % EVALUATION_BUCKETS == 1
 
 
+def in_golden_only_split(question: DemoQuestion) -> bool:
+    """Whether a capital outside the evaluation split is kept from simulated users, for the gate alone.
+
+    Users' feedback keeps the capitals they ask right; what PPO on them wears away shows on capitals
+    nobody asks, and the gate can only hold a candidate to those if some golden capitals are such.
+    """
+    stride = HELDOUT_BUCKETS * EVALUATION_BUCKETS
+    return (
+        question.kind == "capital"
+        and not in_evaluation_split(question)
+        and (_prompt_hash(question) // stride) % GOLDEN_ONLY_BUCKETS == 1
+    )
+
+
 def all_arithmetic_questions() -> list[DemoQuestion]:
     """Every two-digit sum and every two-digit difference with a non-negative answer."""
     return [
@@ -114,10 +131,14 @@ def sample_questions(rng: random.Random, n: int) -> list[DemoQuestion]:
 
 
 def traffic_questions(rng: random.Random, n: int) -> list[DemoQuestion]:
-    """`n` questions simulated users ask: training questions outside the evaluation split."""
+    """`n` questions simulated users ask: training questions outside the evaluation and golden-only splits."""
     questions: list[DemoQuestion] = []
     while len(questions) < n:
-        questions += [q for q in sample_questions(rng, n - len(questions)) if not in_evaluation_split(q)]
+        questions += [
+            q
+            for q in sample_questions(rng, n - len(questions))
+            if not (in_evaluation_split(q) or in_golden_only_split(q))
+        ]
     return questions
 
 
