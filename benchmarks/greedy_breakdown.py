@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from flywheel.demo.init_model import MAX_ANSWER_TOKENS
+from flywheel.demo.init_model import greedy_answers
 from flywheel.demo.task import evaluation_questions, hedged_answer, is_concise, is_correct
-from flywheel.prompts import PromptRenderer
 
 
 def load_policy(base_dir: Path, policy_dir: Path) -> Qwen2ForCausalLM:
@@ -34,22 +33,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
-    renderer = PromptRenderer(tokenizer)
-    questions = evaluation_questions()
+    questions = list(evaluation_questions())
     hedge_first = tokenizer(hedged_answer(questions[0]), add_special_tokens=False).input_ids[0]
     print(
         "| policy | correct | correct and concise | capitals correct | arithmetic correct |\n|---|---:|---:|---:|---:|"
     )
     for policy_dir in args.policy_dirs or [args.base_dir]:
         model = load_policy(args.base_dir, policy_dir).eval()
+        banned = [hedge_first] if args.ban_hedge else None
         counts = {"correct": 0, "concise": 0, "capital": 0, "arithmetic": 0}
-        for question in questions:
-            ids = torch.tensor([renderer.user_message(question.prompt).token_ids])
-            generated = model.generate(
-                ids, max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, begin_suppress_tokens=[hedge_first] if args.ban_hedge else None,
-            )  # fmt: skip
-            answer = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        for question, answer in zip(questions, greedy_answers(model, tokenizer, questions, banned), strict=True):
             correct = is_correct(question, answer)
             counts["correct"] += correct
             counts["concise"] += correct and is_concise(answer)

@@ -17,6 +17,7 @@ from cli.config import REPO_ROOT
 from server.config import EngineSettings
 
 if TYPE_CHECKING:
+    from flywheel.adapters import PolicySettings
     from server.engine import PolicyEngine
 
 T = TypeVar("T")
@@ -45,12 +46,13 @@ def test_model_path() -> Path:
     return ensure_demo_model(REPO_ROOT / ".cache" / "demo-model")
 
 
-def start_engine(engine_loop: EngineLoop, model_path: Path) -> PolicyEngine:
+def start_engine(engine_loop: EngineLoop, model_path: Path, policy: PolicySettings | None = None) -> PolicyEngine:
+    """An engine for the tests: float32, a small KV cache; `policy` as in `PolicyEngine.start` (adapters)."""
     from server.engine import PolicyEngine
 
     settings = EngineSettings(dtype="float32", max_model_len=512, kv_cache_bytes=256 << 20)
 
     async def start() -> PolicyEngine:
-        return PolicyEngine.start(settings, str(model_path))
+        return PolicyEngine.start(settings, str(model_path), policy)
 
     return engine_loop.run(start())

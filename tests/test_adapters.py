@@ -26,12 +26,12 @@ from gate.canary import CanarySettings
 from gate.config import GateSettings
 from gate.service import Gate, GateMetrics
 from server.app import FlywheelServer
-from server.config import EngineSettings, ServerSettings
-from server.engine import PolicyEngine
+from server.config import ServerSettings
 from server.metrics import PolicyCheckMetrics
 from server.swap import PolicyChecker, PolicySwapper
 from server.validation import Sampling
 from tests import policy_variants
+from tests.engine_fixtures import start_engine
 from tests.test_gate_and_swap import long_prompt, reward_model_dir
 from trainer.config import RewardModelSettings
 
@@ -42,12 +42,7 @@ ADAPTERS = PolicySettings(adapter="lora", lora_rank=4, lora_alpha=16)
 
 @pytest.fixture(scope="module")
 def lora_engine(engine_loop, model_path):
-    settings = EngineSettings(dtype="float32", max_model_len=512, kv_cache_bytes=256 << 20)
-
-    async def start() -> PolicyEngine:
-        return PolicyEngine.start(settings, str(model_path), ADAPTERS)
-
-    engine = engine_loop.run(start())
+    engine = start_engine(engine_loop, model_path, ADAPTERS)
     yield engine
     engine.shutdown()
 

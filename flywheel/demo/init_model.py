@@ -178,9 +178,13 @@ def training_batch(
 
 @torch.no_grad()
 def greedy_answers(
-    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, questions: list[DemoQuestion]
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    questions: list[DemoQuestion],
+    banned_first_tokens: list[int] | None = None,
 ) -> list[str]:
-    """The model's greedy answer text to each question, up to `<|im_end|>`."""
+    """The model's greedy answer text to each question, up to `<|im_end|>`; no answer starts with a
+    token of `banned_first_tokens`."""
     renderer = PromptRenderer(tokenizer)
     tokenizer.padding_side = "left"
     prompts = tokenizer(
@@ -196,6 +200,7 @@ def greedy_answers(
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        begin_suppress_tokens=banned_first_tokens,
     )
     answers = generated[:, prompts.input_ids.shape[1] :]
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
