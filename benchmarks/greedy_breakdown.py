@@ -35,12 +35,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
     questions = list(evaluation_questions())
     hedge_first = tokenizer(hedged_answer(questions[0]), add_special_tokens=False).input_ids[0]
+    banned = [hedge_first] if args.ban_hedge else None
     print(
         "| policy | correct | correct and concise | capitals correct | arithmetic correct |\n|---|---:|---:|---:|---:|"
     )
     for policy_dir in args.policy_dirs or [args.base_dir]:
         model = load_policy(args.base_dir, policy_dir).eval()
-        banned = [hedge_first] if args.ban_hedge else None
         counts = {"correct": 0, "concise": 0, "capital": 0, "arithmetic": 0}
         for question, answer in zip(questions, greedy_answers(model, tokenizer, questions, banned), strict=True):
             correct = is_correct(question, answer)
