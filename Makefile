@@ -1,6 +1,6 @@
 # The two commands of the README: `make up` runs Flywheel, `make test` runs the tests.
 # Both install into .venv first when pyproject.toml changed. `make test-fast` runs the tests that need
-# no vLLM engine, Kafka broker or subprocess, without importing vLLM (tests/conftest.py).
+# no vLLM engine, Kafka broker or subprocess and train nothing for long, without importing vLLM (tests/conftest.py).
 
 .venv/.installed: pyproject.toml constraints.txt scripts/install.sh
 	./scripts/install.sh

@@ -45,7 +45,7 @@ from flywheel.demo.task import (
 from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch
-from trainer.ppo_math import answers_to_learn_from, masked_whiten
+from trainer.ppo_math import answers_to_learn_from, kl_over_vocabulary, masked_whiten
 from trainer.reward_model import RewardModel
 
 VARIANTS = ("none", "filter", "capitals-only", "ptx", "kl-loss", "k3-loss", "no-mean-shift")
@@ -139,14 +139,16 @@ def main() -> None:
         if variant in ("kl-loss", "k3-loss"):
             batch = TokenBatch.from_rollout(rollout, tokenizer.pad_token_id)
             with torch.no_grad():
-                reference = torch.log_softmax(models.reference_logits(batch), -1)
+                reference_logits = models.reference_logits(batch)
+                reference = torch.log_softmax(reference_logits, -1)
             for _ in range(DEMO_PPO.epochs):
                 for index in torch.randperm(len(rollout.response_token_ids)).split(8):
                     minibatch = batch.rows(index)
-                    logprobs = torch.log_softmax(models(minibatch)[0], -1)
+                    logits = models(minibatch)[0]
                     if variant == "kl-loss":
-                        kl = (logprobs.exp() * (logprobs - reference[index])).sum(-1)
+                        kl = kl_over_vocabulary(logits, reference_logits[index])
                     else:
+                        logprobs = torch.log_softmax(logits, -1)
                         taken = minibatch.response_ids.unsqueeze(-1)
                         log_ratio = (reference[index].gather(-1, taken) - logprobs.gather(-1, taken)).squeeze(-1)
                         kl = log_ratio.exp() - log_ratio - 1

@@ -2,7 +2,8 @@
 
 A test that needs more than this interpreter says so with a marker (registered in pyproject.toml):
 `engine` (a real vLLM engine), `broker` (the embedded Kafka broker), `subprocess` (it starts another
-program: a Python interpreter, torchrun, promtool, grpcurl). Tests that use the `engine`/`engine_loop`
+program: a Python interpreter, torchrun, promtool, grpcurl); and `slow` marks a learning test that
+trains for seconds of CPU. Tests that use the `engine`/`engine_loop`
 or `kafka_broker`/`kafka_settings` fixtures are marked here; a test that starts a program is marked
 where it is written, and a module that imports vLLM at its top (`server.app`, `server.engine`) marks
 all its tests with a module-level `pytestmark = pytest.mark.engine`. A child forked by `multiprocessing`
@@ -25,7 +26,7 @@ from transformers import AutoTokenizer
 from tests.engine_fixtures import EngineLoop, start_engine, test_model_path
 
 pytest_plugins = ["tests.kafka_fixtures"]  # kafka_broker and kafka_settings, for every module
-NEEDS_MORE = ("engine", "broker", "subprocess")
+NEEDS_MORE = ("engine", "broker", "subprocess", "slow")
 FIXTURE_MARKERS = {"engine": "engine", "engine_loop": "engine", "kafka_broker": "broker", "kafka_settings": "broker"}
 
 

@@ -88,6 +88,7 @@ def test_only_checks_the_reward_model_does_not_judge_say_a_policy_drifted():
     ]
 
 
+@pytest.mark.slow
 def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_is_proposed(trainer):
     registry = trainer.registry
     assert len(trainer.precheck.heldout.current()) >= 2, "the traffic gave no held-out prompts"

@@ -1,12 +1,14 @@
 """The fast tier (`pytest --fast`, `make test-fast`) is collected without importing vLLM (tests/conftest.py).
 
 Collecting it runs in a fresh interpreter because this session may be the whole suite, which has imported
-vLLM by now. It is the one other process the fast tier starts: it only collects, so it cannot recurse.
+vLLM by now; so that check is itself a `subprocess` test, in the full suite only.
 """
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from cli.config import REPO_ROOT
 from tests.conftest import module_markers
@@ -33,6 +35,7 @@ sys.exit(exit_code)
 """
 
 
+@pytest.mark.subprocess
 def test_collecting_the_fast_tier_imports_no_vllm():
     collected = subprocess.run(
         [sys.executable, "-c", COLLECT, str(REPO_ROOT)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
@@ -42,7 +45,11 @@ def test_collecting_the_fast_tier_imports_no_vllm():
         "collecting the fast tier imported vLLM; give the module that does a module-level "
         f"`pytestmark = pytest.mark.engine`:\n{collected.stdout.rpartition('vllm imported by:')[2]}"
     )
-    assert "tests/test_fast_tier.py::test_collecting_the_fast_tier_imports_no_vllm" in collected.stdout
+    assert "tests/test_fast_tier.py::test_a_modules_markers_are_read_from_its_source_without_importing_it" in (
+        collected.stdout
+    )
+    assert "test_collecting_the_fast_tier_imports_no_vllm" not in collected.stdout, "it starts an interpreter"
+    assert "test_learns_the_demo_users_thumbs" not in collected.stdout, "a slow test is left out"
     assert "tests/test_serving.py" not in collected.stdout, "a module marked engine is not even collected"
 
 

@@ -16,6 +16,7 @@ from trainer.ppo_math import (
     first_true_indices,
     gae_advantages,
     kl_estimators,
+    kl_over_vocabulary,
     kl_per_answer,
     last_true_indices,
     logprobs_from_logits,
@@ -357,6 +358,17 @@ def test_entropy_from_logits_by_hand():
     expected = [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]
     close(entropy_from_logits(logits), expected)
     close(entropy_from_logits(2.0 * logits, temperature=2.0), expected)
+
+
+def test_kl_over_vocabulary_by_hand():
+    ln3 = math.log(3.0)
+    # π = [1/4, 3/4], π_ref = [1/2, 1/2]: ¼ ln(½) + ¾ ln(3/2) = −0.1732868 + 0.3040988 = 0.1308120
+    logits, ref_logits = t([[[0.0, ln3], [0.0, ln3]]]), t([[[0.0, 0.0], [0.0, ln3]]])
+    expected = [[0.25 * math.log(0.5) + 0.75 * math.log(1.5), 0.0]]
+    close(kl_over_vocabulary(logits, ref_logits), expected)
+    close(kl_over_vocabulary(2.0 * logits, 2.0 * ref_logits, temperature=2.0), expected)
+    # KL is not symmetric: KL(π_ref ‖ π) = ½ ln 2 + ½ ln(2/3) = 0.1438410
+    close(kl_over_vocabulary(ref_logits, logits)[0, 0], 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
 
 
 def test_explained_variance_by_hand():

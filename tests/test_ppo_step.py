@@ -10,7 +10,7 @@ from flywheel.adapters import PolicySettings
 from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch, cut_after_eos
-from trainer.ppo_math import masked_mean
+from trainer.ppo_math import kl_over_vocabulary, masked_mean
 from trainer.reward_model import RewardModel
 
 PROMPTS = ["What is 47+38?", "What is 83-47?", "What is 12+90?", "What is 65-21?"]
@@ -51,10 +51,11 @@ def kl_to_reference_over_vocabulary(trainer: PPOTrainer, prompt_ids: list[list[i
     """KL(policy ‖ reference) in nats per answer, summed exactly over the vocabulary at each position of
     32 sampled answers: the low-variance measure of what a step's k1 estimate (8 answers) samples."""
     batch = TokenBatch.from_rollout(trainer.rollout(prompt_ids * 4), trainer.tokenizer.pad_token_id)
-    temperature = trainer.settings.temperature
-    logprobs = torch.log_softmax(trainer.models.response_logits(trainer.models.policy, batch) / temperature, -1)
-    ref_logprobs = torch.log_softmax(trainer.models.reference_logits(batch) / temperature, -1)
-    per_position = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+    per_position = kl_over_vocabulary(
+        trainer.models.response_logits(trainer.models.policy, batch),
+        trainer.models.reference_logits(batch),
+        trainer.settings.temperature,
+    )
     return (per_position * batch.response_mask).sum(-1).mean().item()
 
 
@@ -90,6 +91,7 @@ def test_the_first_minibatch_ratio_is_exactly_one(model_path, tokenizer, prompt_
     assert trainer.kl_controller.kl_coef != stats.kl_coef
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer, prompt_ids, tmp_path):
     torch.manual_seed(0)
     assert len({len(ids) for ids in prompt_ids}) == 1
@@ -115,6 +117,7 @@ def test_ppo_raises_a_fixed_toy_reward_within_a_kl_budget(model_path, tokenizer,
     assert AutoTokenizer.from_pretrained(tmp_path / "policy").chat_template == tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_adapter_ppo_raises_the_toy_reward_training_only_the_adapter(model_path, tokenizer, prompt_ids, tmp_path):
     """Adapter mode: the base's weights never move, the reference is the base (adapter off), and the
     saved candidate is the adapter alone, a small fraction of the whole model's bytes."""

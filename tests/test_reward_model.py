@@ -64,6 +64,7 @@ def test_scores_do_not_change_with_extra_right_padding(model_path, tokenizer):
     torch.testing.assert_close(loose, tight, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learns_the_demo_users_thumbs_and_resumes_from_a_save(model_path, tokenizer, tmp_path):
     torch.manual_seed(0)
     rng = random.Random(0)

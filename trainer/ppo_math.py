@@ -319,6 +319,17 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1)
 
 
+def kl_over_vocabulary(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(π ‖ π_ref) in nats at each position, summed exactly over the vocabulary: Σ π · (log π − log π_ref),
+    with π = softmax(logits / temperature) and π_ref likewise. No sampled token's noise, unlike `kl_estimators`.
+
+    logits, ref_logits: `(batch, response_len, vocab)`. Returns `(batch, response_len)`.
+    """
+    logprobs = torch.log_softmax(_scaled_logits(logits, temperature), dim=-1)
+    ref_logprobs = torch.log_softmax(_scaled_logits(ref_logits, temperature), dim=-1)
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(dim=-1)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 − Var[returns − values] / Var[returns] over valid tokens, as a scalar.
 
