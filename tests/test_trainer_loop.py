@@ -378,7 +378,7 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
     torch.manual_seed(0)
     PolicyRegistry(tmp_path / "registry").seed(model_path)
     questions = traffic_questions(random.Random(2), 40)
-    ppo_steps, max_new_tokens = 8, 16
+    ppo_steps, max_new_tokens = 12, 16
     # Users thumb the live policy's own answers, and the right and wrong answers of other sources.
     traffic = DemoTraffic(tokenizer, seed=2)
     policy = load_without_dropout(AutoModelForCausalLM, model_path)
