@@ -45,7 +45,13 @@ from flywheel.demo.task import (
 from flywheel.prompts import PromptRenderer
 from trainer.config import PPOSettings
 from trainer.ppo import PolicyWithValue, PPOTrainer, Rollout, TokenBatch
-from trainer.ppo_math import answers_to_learn_from, kl_over_vocabulary, masked_whiten
+from trainer.ppo_math import (
+    answers_to_learn_from,
+    kl_estimators,
+    kl_over_vocabulary,
+    logprobs_from_logits,
+    masked_whiten,
+)
 from trainer.reward_model import RewardModel
 
 VARIANTS = ("none", "filter", "capitals-only", "ptx", "kl-loss", "k3-loss", "no-mean-shift")
@@ -140,7 +146,6 @@ def main() -> None:
             batch = TokenBatch.from_rollout(rollout, tokenizer.pad_token_id)
             with torch.no_grad():
                 reference_logits = models.reference_logits(batch)
-                reference = torch.log_softmax(reference_logits, -1)
             for _ in range(DEMO_PPO.epochs):
                 for index in torch.randperm(len(rollout.response_token_ids)).split(8):
                     minibatch = batch.rows(index)
@@ -148,10 +153,11 @@ def main() -> None:
                     if variant == "kl-loss":
                         kl = kl_over_vocabulary(logits, reference_logits[index])
                     else:
-                        logprobs = torch.log_softmax(logits, -1)
-                        taken = minibatch.response_ids.unsqueeze(-1)
-                        log_ratio = (reference[index].gather(-1, taken) - logprobs.gather(-1, taken)).squeeze(-1)
-                        kl = log_ratio.exp() - log_ratio - 1
+                        taken = minibatch.response_ids
+                        kl = kl_estimators(
+                            logprobs_from_logits(logits, taken, 1.0),
+                            logprobs_from_logits(reference_logits[index], taken, 1.0),
+                        ).k3
                     anchor_step(coef * kl[minibatch.response_mask].mean())
         if step % 50 == 0:
             print(
