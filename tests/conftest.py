@@ -26,14 +26,14 @@ from transformers import AutoTokenizer
 from tests.engine_fixtures import EngineLoop, start_engine, test_model_path
 
 pytest_plugins = ["tests.kafka_fixtures"]  # kafka_broker and kafka_settings, for every module
-NEEDS_MORE = ("engine", "broker", "subprocess", "slow")
+FULL_SUITE_ONLY = ("engine", "broker", "subprocess", "slow")
 FIXTURE_MARKERS = {"engine": "engine", "engine_loop": "engine", "kafka_broker": "broker", "kafka_settings": "broker"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--fast", action="store_true",
-        help=f"run only the tests that need no {', '.join(NEEDS_MORE)}; vLLM is not imported",
+        help=f"run only the tests marked none of {', '.join(FULL_SUITE_ONLY)}; vLLM is not imported",
     )  # fmt: skip
 
 
@@ -57,7 +57,7 @@ def module_markers(path: Path) -> frozenset[str]:
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     is_test_module = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
-    if config.getoption("fast") and is_test_module and module_markers(collection_path) & set(NEEDS_MORE):
+    if config.getoption("fast") and is_test_module and module_markers(collection_path) & set(FULL_SUITE_ONLY):
         return True
     return None  # not False: that would collect even what pytest itself ignores
 
@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if config.getoption("fast"):
         kept, deselected = [], []
         for item in items:
-            (deselected if any(item.get_closest_marker(name) for name in NEEDS_MORE) else kept).append(item)
+            (deselected if any(item.get_closest_marker(name) for name in FULL_SUITE_ONLY) else kept).append(item)
         if deselected:
             config.hook.pytest_deselected(items=deselected)
             items[:] = kept

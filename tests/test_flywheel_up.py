@@ -54,7 +54,7 @@ def test_one_short_run_goes_through_every_stage(up):
     wait_for(
         lambda: live_version(up.address) == registry.live().version, "the server to serve the registry's live policy"
     )
-    version = registry.live().version
+    version = live_version(up.address)  # the registry's live version a moment ago: approved, whatever came since
     assert version > 1 and registry.verdict(version).approved
     with grpc.insecure_channel(up.address) as channel:
         messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is 12+34?")])
