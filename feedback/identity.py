@@ -86,7 +86,8 @@ def capped_per_principal(
 
     A principal's share is max_share, or an equal share when fewer than 1 / max_share principals
     have items (one principal alone keeps everything: there is nobody to weigh it against). Each
-    principal keeps its first items; `limit` caps the selection's size.
+    principal keeps its first items; `limit` caps the selection's size. When more principals have items
+    than the limit allows, the selection is one item each of the first `limit` principals to appear.
 
     With shares s and counts c_p, each principal keeps min(c_p, q) for the largest q with
     q <= s * sum_p min(c_p, q). The right side minus q is concave in q, so the q that satisfy it
@@ -107,11 +108,13 @@ def capped_per_principal(
             low = mid
         else:
             high = mid - 1
+    quota = max(low, 1)  # low is 0 only when more principals have items than the limit
+    size = len(items) if limit is None else limit
     kept: Counter[str] = Counter()
     selection = []
     for item in items:
         principal = principal_of(item)
-        if kept[principal] < low:
+        if kept[principal] < quota and len(selection) < size:
             kept[principal] += 1
             selection.append(item)
     return selection

@@ -46,6 +46,12 @@ def test_a_share_of_one_keeps_everything_and_the_limit_caps_the_size():
     assert capped_per_principal([], lambda item: item[0], max_share=0.5) == []
 
 
+def test_more_principals_than_the_limit_still_fill_it_one_item_each():
+    items = [(f"tenant-{t}", n) for n in range(2) for t in range(10)]
+    chosen = capped_per_principal(items, lambda item: item[0], max_share=0.5, limit=4)
+    assert chosen == [("tenant-0", 0), ("tenant-1", 0), ("tenant-2", 0), ("tenant-3", 0)]
+
+
 def test_keys_are_stored_hashed_and_files_name_the_bad_line(tmp_path):
     key, entry = new_api_key("acme")
     assert entry.sha256 == key_digest(key) and key not in entry.model_dump_json()
