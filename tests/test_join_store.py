@@ -244,6 +244,14 @@ def test_up_and_down_votes_pair_only_within_one_principal(store):
     ]
 
 
+def test_two_voters_who_disagree_on_one_answer_make_no_pair_of_it_with_itself(store):
+    store.add_generation(generation("a", "q1"))
+    store.add_feedback(vote("a", UP, user_id="ada"))
+    store.add_feedback(vote("a", DOWN, user_id="bob"))
+    assert store.preference_pairs() == []
+    assert sorted(e.thumbs_up for e in store.labelled_examples()) == [False, True]
+
+
 def test_one_flooded_prompt_yields_a_bounded_number_of_pairs_over_the_store_life(tmp_path, clock):
     store = JoinStore(tmp_path / "join.sqlite3", TTL, clock, pair_bounds=PairBounds(per_answer=2, per_prompt=5))
     for n in range(60):
@@ -364,5 +372,57 @@ def test_a_principal_with_one_label_waiting_does_not_stall_the_updates(tmp_path)
     assert [e.principal for e in labels.examples] == ["big", "small"], "half each, while both have labels waiting"
     assert labels.waiting == 101, "an update is due on what waits, so the small principal cannot hold it back"
     store.mark_used(labels.examples)
-    assert len(labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).examples) == 99
+    assert labels_for_update(store, RewardModelSettings(heldout_fraction=0.0)).waiting == 99
     store.close()
+
+
+def test_more_principals_than_one_update_holds_do_not_stall_the_updates(tmp_path):
+    store = JoinStore(tmp_path / "join.sqlite3", 1e9)
+    for n in range(20):
+        store.add_generation(generation(f"r{n}", f"q{n}"))
+        store.add_feedback(vote(f"r{n}", UP, principal=f"tenant-{n}"))
+    labels = labels_for_update(store, RewardModelSettings(heldout_fraction=0.0, update_every_labels=8))
+    assert [e.principal for e in labels.examples] == [f"tenant-{n}" for n in range(8)], "the oldest, one each"
+    store.close()
+
+
+def update_batches(store: JoinStore, settings: RewardModelSettings) -> list[list[tuple]]:
+    """Take every reward-model update now due, as the trainer does; each update's labels by identity."""
+    batches = []
+    while (labels := labels_for_update(store, settings)).waiting >= settings.update_every_labels:
+        batches.append(
+            [(e.answer.response_id, e.user_id, e.thumbs_up) for e in labels.examples]
+            + [(p.chosen.response_id, p.rejected.response_id) for p in labels.pairs]
+        )
+        store.mark_used(labels.examples, labels.pairs)
+    return batches
+
+
+def test_each_update_trains_on_the_oldest_labels_however_the_events_were_batched(tmp_path):
+    rng = random.Random(0)
+    events = []
+    for n in range(60):
+        prompt = f"What is {n}+{n}?"
+        for answer in range(2):
+            response_id = f"r{n}-{answer}"
+            events.append(generation(response_id, prompt, (answer,)))
+            for user in range(rng.randint(1, 3)):
+                events.append(vote(response_id, rng.choice([UP, DOWN]), user_id=f"user-{user}"))
+    settings = RewardModelSettings(heldout_fraction=0.0, update_every_labels=16)
+
+    def batches_when_taken_in(chunk_sizes: list[int], name: str) -> list[list[tuple]]:
+        store = JoinStore(tmp_path / f"{name}.sqlite3", 1e9)
+        batches, start = [], 0
+        for size in chunk_sizes:  # the trainer takes what each poll brings, then every update due
+            for event in events[start : start + size]:
+                (store.add_generation if isinstance(event, events_pb2.GenerationLogged) else store.add_feedback)(event)
+            start += size
+            batches += update_batches(store, settings)
+        store.close()
+        return batches
+
+    at_once = batches_when_taken_in([len(events)], "at-once")
+    trickled = batches_when_taken_in([rng.randint(1, 40) for _ in range(len(events))], "trickled")
+    assert len(at_once) >= 5
+    assert all(len(batch) == settings.update_every_labels for batch in at_once)
+    assert trickled == at_once

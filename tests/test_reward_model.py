@@ -42,13 +42,13 @@ def demo_pairs(tokenizer, rng: random.Random, questions: list[DemoQuestion]) -> 
             logged_answer(tokenizer, question, question.answer),
             logged_answer(tokenizer, question, wrong),
         )
-        pairs.append(PreferencePair(chosen, rejected, principal="default"))
+        pairs.append(PreferencePair(chosen, rejected, principal="default", arrival=len(pairs)))
     return pairs
 
 
 def thumbs(pairs: list[PreferencePair]) -> list[LabelledExample]:
-    return [LabelledExample(pair.chosen, True, "default", "ada") for pair in pairs] + [
-        LabelledExample(pair.rejected, False, "default", "ada") for pair in pairs
+    return [LabelledExample(pair.chosen, True, "default", "ada", pair.arrival) for pair in pairs] + [
+        LabelledExample(pair.rejected, False, "default", "ada", pair.arrival) for pair in pairs
     ]
 
 

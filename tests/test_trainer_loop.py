@@ -296,9 +296,7 @@ def test_the_reward_model_learns_the_demo_users_feedback(model_path, tokenizer, 
     update_every_labels = 48
     config = trainer_config(
         tmp_path, kafka_settings, model_path,
-        # One pass over ~250 labels: twice the demo's rate, whose reward model sees thousands. Which labels
-        # each update gets depends on when they arrive; at 5e-4 one update's batch could undo the last
-        # (held-out accuracy 0.95 -> 0.61 in 2 of 4 runs), at 2e-4 four runs ended at 0.85-0.95.
+        # One pass over ~250 labels, 48 an update: twice the demo's rate, whose reward model sees thousands.
         reward_model={"learning_rate": 2e-4, "update_every_labels": update_every_labels},
         trainer={"min_labels_before_ppo": 10**9, "checkpoint_every_steps": 1000},  # checkpoints are another test's
     )  # fmt: skip

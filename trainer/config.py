@@ -29,7 +29,10 @@ class RewardModelSettings(BaseModel):
         description="Share of prompts (by a stable hash of their text) kept out of training for evaluation.",
     )
     update_every_labels: int = Field(
-        64, ge=1, description="Update the reward model after this many new standing votes have been joined."
+        64,
+        ge=1,
+        description="Labels per reward-model update: it runs once this many unused standing labels (thumbs and "
+        "pairs) wait, on the oldest this many.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
     max_principal_share: float = Field(

@@ -103,7 +103,7 @@ WHERE (excluded.given_at_ns, excluded.arrival) > (votes.given_at_ns, votes.arriv
 """
 
 SELECT_THUMBS = """
-SELECT v.response_id, g.prompt_token_ids, g.response_token_ids, v.rating, v.principal, v.user_id
+SELECT v.response_id, g.prompt_token_ids, g.response_token_ids, v.rating, v.principal, v.user_id, v.arrival
 FROM votes v JOIN generations g ON g.response_id = v.response_id
 WHERE v.rating IN (:up, :down)
   AND heldout_prompt(g.prompt_text, :heldout_fraction) = :heldout
@@ -139,6 +139,7 @@ formed (chosen_id, rejected_id, prompt_text, formed_at, principal) AS (
     FROM thumbs up
     JOIN thumbs down ON down.prompt_text = up.prompt_text AND down.principal = up.principal
     WHERE up.rating = :up AND down.rating = :down AND up.vote_rank <= :per_prompt AND down.vote_rank <= :per_prompt
+      AND up.response_id != down.response_id
 ),
 distinct_pairs AS (
     SELECT chosen_id, rejected_id, min(prompt_text) AS prompt_text, min(formed_at) AS formed_at, max(principal) AS principal
@@ -154,7 +155,7 @@ ranked_per_prompt AS (
     FROM ranked_per_answer WHERE chosen_rank <= :per_answer AND rejected_rank <= :per_answer
 )
 SELECT p.chosen_id, c.prompt_token_ids, c.response_token_ids,
-       p.rejected_id, r.prompt_token_ids, r.response_token_ids, p.principal
+       p.rejected_id, r.prompt_token_ids, r.response_token_ids, p.principal, p.formed_at
 FROM ranked_per_prompt p
 JOIN generations c ON c.response_id = p.chosen_id
 JOIN generations r ON r.response_id = p.rejected_id
@@ -198,6 +199,8 @@ class LabelledExample:
     thumbs_up: bool
     principal: str
     user_id: str
+    arrival: int
+    """The store's arrival number of the standing vote: labels are trained on in this order."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ class PreferencePair:
     rejected: LoggedAnswer
     principal: str
     """Whose voters formed the pair."""
+    arrival: int
+    """The arrival number of the vote that formed the pair (the later of its two thumbs)."""
 
 
 @dataclass(frozen=True)
@@ -353,8 +358,10 @@ class JoinStore:
         """
         rows = self._query(SELECT_THUMBS, split, heldout_fraction, limit)
         return [
-            LabelledExample(_answer(response_id, prompt, response), rating == serving_pb2.RATING_UP, principal, user_id)
-            for response_id, prompt, response, rating, principal, user_id in rows
+            LabelledExample(
+                _answer(response_id, prompt, response), rating == serving_pb2.RATING_UP, principal, user_id, arrival
+            )
+            for response_id, prompt, response, rating, principal, user_id, arrival in rows
         ]
 
     def preference_pairs(
@@ -366,7 +373,7 @@ class JoinStore:
         out pairs marked used.
         """
         rows = self._query(SELECT_PAIRS, split, heldout_fraction, limit)
-        return [PreferencePair(_answer(*row[:3]), _answer(*row[3:6]), row[6]) for row in rows]
+        return [PreferencePair(_answer(*row[:3]), _answer(*row[3:6]), row[6], row[7]) for row in rows]
 
     def mark_used(self, examples: Sequence[LabelledExample] = (), pairs: Sequence[PreferencePair] = ()) -> None:
         """Record that the reward model trained on these, so no later query returns them again."""

@@ -338,7 +338,7 @@ class Trainer:
         return refused
 
     def update_reward_model(self) -> dict[str, float] | None:
-        """Train on the unused standing labels once there are enough of them; None when there are not."""
+        """Train on the next `update_every_labels` standing labels once that many wait; None until they do."""
         settings = self.config.reward_model
         labels = labels_for_update(self.join_store, settings)
         # Counted before the share cap: labels one principal holds back must not stall the others'.
@@ -596,7 +596,7 @@ class Trainer:
             for consumed, reason in self.take(batch.events):
                 await consumer.dead_letter(consumed, "refused_by_trainer", reason)
             uncommitted.update(batch.next_offsets)
-            if await asyncio.to_thread(self.update_reward_model) is not None:
+            while await asyncio.to_thread(self.update_reward_model) is not None:  # a backlog must not grow
                 updates_since_checkpoint += 1
             if self.ppo_step_due():
                 await asyncio.to_thread(self.follow_live)
@@ -636,15 +636,22 @@ class LabelsForUpdate:
 
 
 def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> LabelsForUpdate:
-    """The unused settled training labels, thumbs then pairs, no principal supplying more than its share.
+    """The next update's labels: the oldest unused settled training labels, thumbs and pairs in
+    arrival order, at most `update_every_labels` of them, no principal supplying more than its share.
 
-    Labels past a principal's share stay unused and wait for a later update.
+    A fixed number of the oldest makes each update's labels a matter of the events, not of how
+    many had arrived when it ran. The rest, and labels past a principal's share, wait for a later update.
     """
-    waiting = [
-        *join_store.labelled_examples("train", settings.heldout_fraction),
-        *join_store.preference_pairs("train", settings.heldout_fraction),
-    ]
-    labels = capped_per_principal(waiting, lambda label: label.principal, settings.max_principal_share)
+    waiting = sorted(
+        [
+            *join_store.labelled_examples("train", settings.heldout_fraction),
+            *join_store.preference_pairs("train", settings.heldout_fraction),
+        ],
+        key=lambda label: label.arrival,
+    )
+    labels = capped_per_principal(
+        waiting, lambda label: label.principal, settings.max_principal_share, settings.update_every_labels
+    )
     return LabelsForUpdate(
         [label for label in labels if isinstance(label, LabelledExample)],
         [label for label in labels if isinstance(label, PreferencePair)],
