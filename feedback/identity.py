@@ -87,7 +87,8 @@ def capped_per_principal(
     A principal's share is max_share, or an equal share when fewer than 1 / max_share principals
     have items (one principal alone keeps everything: there is nobody to weigh it against). Each
     principal keeps its first items; `limit` caps the selection's size. When more principals have items
-    than the limit allows, the selection is one item each of the first `limit` principals to appear.
+    than the limit, the selection is one item each of the first `limit` principals to appear (each then
+    holds 1 / limit of it, over its share when the limit is under 1 / max_share).
 
     With shares s and counts c_p, each principal keeps min(c_p, q) for the largest q with
     q <= s * sum_p min(c_p, q). The right side minus q is concave in q, so the q that satisfy it

@@ -398,7 +398,7 @@ def update_batches(store: JoinStore, settings: RewardModelSettings) -> list[list
     return batches
 
 
-def test_each_update_trains_on_the_oldest_labels_however_the_events_were_batched(tmp_path):
+def test_each_update_trains_on_one_principals_oldest_labels_however_the_events_were_batched(tmp_path):
     rng = random.Random(0)
     events = []
     for n in range(60):

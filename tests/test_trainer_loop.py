@@ -39,7 +39,7 @@ from cli.config import REPO_ROOT, TrainConfig, load_config
 from cli.main import trainer_config_of
 from feedback.config import KafkaSettings, SpoolSettings
 from feedback.connection import connection_options
-from feedback.consumer import EventConsumer
+from feedback.consumer import ConsumedEvent, EventConsumer
 from feedback.metrics import EventMetrics
 from feedback.producer import EventProducer
 from flywheel.demo.task import (
@@ -323,7 +323,9 @@ def test_the_reward_model_learns_the_demo_users_feedback(model_path, tokenizer, 
 
     trainer, untrained = asyncio.run(scenario())
     try:
-        accuracies = [round(record.pairwise_accuracy, 3) for record in logged(caplog, "reward model updated")]
+        updates = logged(caplog, "reward model updated")
+        # The last update of those due at once evaluates: one a wave at least.
+        accuracies = [round(record.pairwise_accuracy, 3) for record in updates if hasattr(record, "pairwise_accuracy")]
         evaluation = trainer.last_reward_model_eval
         final = trainer.reward_model.evaluate(
             trainer.join_store.preference_pairs("heldout", HELDOUT_FRACTION),
@@ -335,11 +337,35 @@ def test_the_reward_model_learns_the_demo_users_feedback(model_path, tokenizer, 
             f"after each update {accuracies}; "
             f"all held-out feedback {final}; {time.perf_counter() - started:.1f}s"
         )
-        assert trainer.state.reward_model_updates == len(accuracies) >= 3
+        assert trainer.state.reward_model_updates == len(updates) >= len(accuracies) >= 3
         assert evaluation["pairwise_accuracy"] >= 0.75
         assert final["pairwise_accuracy"] >= 0.75
         assert final["pairwise_accuracy"] > untrained
         assert trainer.state.ppo_steps == 0
+    finally:
+        trainer.close()
+
+
+def test_a_backlog_of_labels_drains_in_updates_of_the_set_size_and_is_evaluated_once(
+    model_path, tokenizer, tmp_path, caplog
+):
+    PolicyRegistry(tmp_path / "registry").seed(model_path)
+    events = DemoTraffic(tokenizer, seed=0).labelled(traffic_questions(random.Random(0), 30))
+    expected_train, _ = train_labels(events, tmp_path)
+    update_every_labels = 16
+    config = trainer_config(
+        tmp_path, KafkaSettings(), model_path,
+        reward_model={"update_every_labels": update_every_labels}, trainer={"min_labels_before_ppo": 10**9},
+    )  # fmt: skip
+    trainer = Trainer.open(config, TrainerMetrics(CollectorRegistry()))
+    try:
+        assert not trainer.take([ConsumedEvent(topic_of(config.kafka, e), 0, n, "", e) for n, e in enumerate(events)])
+        while trainer.update_reward_model() is not None:  # as the loop does after a poll
+            pass
+        updates = logged(caplog, "reward model updated")
+        assert [record.labels for record in updates] == [update_every_labels] * (expected_train // update_every_labels)
+        assert [hasattr(record, "pairwise_accuracy") for record in updates][-2:] == [False, True], "the last evaluates"
+        assert trainer.last_reward_model_eval
     finally:
         trainer.close()
 

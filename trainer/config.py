@@ -32,7 +32,7 @@ class RewardModelSettings(BaseModel):
         64,
         ge=1,
         description="Labels per reward-model update: it runs once this many unused standing labels (thumbs and "
-        "pairs) wait, on the oldest this many.",
+        "pairs) wait, on the oldest this many within each principal's share.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
     max_principal_share: float = Field(

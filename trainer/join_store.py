@@ -212,7 +212,7 @@ class PreferencePair:
     principal: str
     """Whose voters formed the pair."""
     arrival: int
-    """The arrival number of the vote that formed the pair (the later of its two thumbs)."""
+    """The later arrival number of its two standing votes (of the preference vote, for an explicit one)."""
 
 
 @dataclass(frozen=True)

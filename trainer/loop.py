@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -253,16 +253,15 @@ class Trainer:
         if self.ranks.distributed:
             torch.manual_seed(update.seed)
         stats = self.reward_model.update(update.pairs, update.examples)
-        evaluation = {}
-        if self.ranks.sharded:
-            evaluation = self.reward_model.evaluate(update.heldout_pairs, update.heldout_examples)
-        elif self.ranks.leads:
+        if update.evaluate and self.ranks.sharded:
+            return stats, self.reward_model.evaluate(update.heldout_pairs, update.heldout_examples)
+        if update.evaluate and self.ranks.leads:
             settings = self.config.reward_model
-            evaluation = self.reward_model.evaluate(
+            return stats, self.reward_model.evaluate(
                 self.join_store.preference_pairs("heldout", settings.heldout_fraction),
                 self.join_store.labelled_examples("heldout", settings.heldout_fraction),
             )
-        return stats, evaluation
+        return stats, {}
 
     def apply_ppo_step(self, step: TakePPOStep) -> PPOStepStats:
         """Every rank: sample answers to its share of the prompts and train on them; statistics over all ranks."""
@@ -338,36 +337,43 @@ class Trainer:
         return refused
 
     def update_reward_model(self) -> dict[str, float] | None:
-        """Train on the next `update_every_labels` standing labels once that many wait; None until they do."""
+        """Train on the next `update_every_labels` standing labels once that many wait; None until they do.
+
+        Only the last of the updates due at once evaluates the reward model on the held-out labels: a
+        backlog drains without an evaluation per update.
+        """
         settings = self.config.reward_model
         labels = labels_for_update(self.join_store, settings)
         # Counted before the share cap: labels one principal holds back must not stall the others'.
         if labels.waiting < settings.update_every_labels or not labels.examples + labels.pairs:
             return None
         examples, pairs = labels.examples, labels.pairs
+        taken = len(examples) + len(pairs)
         update = UpdateRewardModel(
-            examples, pairs, seed=self.config.trainer.seed * 1_000_003 + self.state.reward_model_updates
+            examples,
+            pairs,
+            seed=self.config.trainer.seed * 1_000_003 + self.state.reward_model_updates,
+            evaluate=labels.waiting - taken < settings.update_every_labels,
         )
-        if self.ranks.sharded:
-            update = UpdateRewardModel(
-                examples,
-                pairs,
-                update.seed,
-                self.join_store.labelled_examples("heldout", settings.heldout_fraction),
-                self.join_store.preference_pairs("heldout", settings.heldout_fraction),
+        if self.ranks.sharded and update.evaluate:
+            update = replace(
+                update,
+                heldout_examples=self.join_store.labelled_examples("heldout", settings.heldout_fraction),
+                heldout_pairs=self.join_store.preference_pairs("heldout", settings.heldout_fraction),
             )
         self.order(update)
         stats, evaluation = self.apply_reward_model_update(update)
         self.join_store.mark_used(examples, pairs)
         self.state.reward_model_updates += 1
-        self.state.labels_trained += len(examples) + len(pairs)
-        self.last_reward_model_eval = evaluation
+        self.state.labels_trained += taken
         self.metrics.reward_model_updates.inc()
-        if evaluation["pairwise_accuracy"] == evaluation["pairwise_accuracy"]:  # not NaN
-            self.metrics.reward_model_accuracy.set(evaluation["pairwise_accuracy"])
-        if evaluation["ece"] == evaluation["ece"]:
-            self.metrics.reward_model_calibration_error.set(evaluation["ece"])
-        log.info("reward model updated", extra={**stats, **evaluation, "labels": len(examples) + len(pairs)})
+        if evaluation:
+            self.last_reward_model_eval = evaluation
+            if evaluation["pairwise_accuracy"] == evaluation["pairwise_accuracy"]:  # not NaN
+                self.metrics.reward_model_accuracy.set(evaluation["pairwise_accuracy"])
+            if evaluation["ece"] == evaluation["ece"]:
+                self.metrics.reward_model_calibration_error.set(evaluation["ece"])
+        log.info("reward model updated", extra={**stats, **evaluation, "labels": taken})
         return stats
 
     def ppo_step_due(self) -> bool:
@@ -636,11 +642,12 @@ class LabelsForUpdate:
 
 
 def labels_for_update(join_store: JoinStore, settings: RewardModelSettings) -> LabelsForUpdate:
-    """The next update's labels: the oldest unused settled training labels, thumbs and pairs in
-    arrival order, at most `update_every_labels` of them, no principal supplying more than its share.
+    """The next update's labels: at most `update_every_labels` unused settled training labels, thumbs
+    and pairs in arrival order, each principal's oldest, none supplying more than its share.
 
-    A fixed number of the oldest makes each update's labels a matter of the events, not of how
-    many had arrived when it ran. The rest, and labels past a principal's share, wait for a later update.
+    With one principal they are the oldest that many: each update's labels are a matter of the
+    events, not of how many had arrived when it ran. A principal's share is counted over every
+    label waiting, so with several it also depends on what waits. The rest wait for a later update.
     """
     waiting = sorted(
         [

@@ -34,6 +34,8 @@ class UpdateRewardModel:
     pairs: list[PreferencePair]
     seed: int
     """Seeds the shuffle, the same on every rank."""
+    evaluate: bool
+    """Evaluate on the held-out labels after it: only the last of the updates due at once does."""
     heldout_examples: list[LabelledExample] | None = None
     heldout_pairs: list[PreferencePair] | None = None
     """The held-out labels to evaluate on, sent only when the model is sharded (evaluating is then a
