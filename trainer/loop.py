@@ -344,8 +344,9 @@ class Trainer:
         """
         settings = self.config.reward_model
         labels = labels_for_update(self.join_store, settings)
-        # Counted before the share cap: labels one principal holds back must not stall the others'.
-        if labels.waiting < settings.update_every_labels or not labels.examples + labels.pairs:
+        # Counted before the share cap: labels one principal holds back must not stall the others'. The cap
+        # keeps at least one label of what waits, so a due update is never empty.
+        if labels.waiting < settings.update_every_labels:
             return None
         examples, pairs = labels.examples, labels.pairs
         taken = len(examples) + len(pairs)
