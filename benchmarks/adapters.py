@@ -50,7 +50,7 @@ def ppo_run(mode: str, steps: int) -> dict:
     policy = PolicySettings(**ADAPTER_SETTINGS) if mode == "lora" else None
     models = PolicyWithValue.from_pretrained(model_path, policy)
     trainer = PPOTrainer(
-        models, tokenizer, PPOSettings(max_new_tokens=16, policy_learning_rate=1e-3 if policy else 1e-5)
+        models, tokenizer, PPOSettings(max_new_tokens=16, policy_learning_rate=1e-5, adapter_learning_rate=1e-3)
     )
     reward_model = RewardModel.from_pretrained(model_path)
     prompts = demo_prompt_ids(tokenizer, 8, seed=0)

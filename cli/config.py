@@ -31,6 +31,7 @@ from trainer.config import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_DIR_MAY_SET = {
+    "policy": ("adapter", "lora_rank", "lora_alpha", "target_modules"),
     "ppo": (
         "prompts_per_step",
         "responses_per_prompt",
@@ -48,6 +49,7 @@ MODEL_DIR_MAY_SET = {
         "init_kl_coef",
         "missing_eos_penalty",
         "policy_learning_rate",
+        "adapter_learning_rate",
         "critic_learning_rate",
         "max_grad_norm",
         "candidate_every_steps",
@@ -310,7 +312,7 @@ def read_model_settings(model_dir: Path) -> dict[str, Any]:
         problems += [f"{setting} leaves the model directory ({path})" for setting, path in outside.items()]
         allowed = "; ".join(f"{section}: {', '.join(names)}" for section, names in MODEL_DIR_MAY_SET.items())
         raise ModelSettingsError(
-            f"{settings_file}: {'; '.join(problems)}. A model directory may set only its training and gate "
+            f"{settings_file}: {'; '.join(problems)}. A model directory may set only its policy, training and gate "
             f"settings ({allowed}), with paths inside the directory. Set anything else in the config file, a "
             "FLYWHEEL_* environment variable or a flag."
         )

@@ -82,6 +82,7 @@ def model_dir_with(tmp_path: Path, settings: str) -> Path:
         ('registry_dir = "/tmp/registry"\n', "registry_dir"),
         ("[gate]\nauto_rollback = false\n", "gate.auto_rollback"),
         ("[reward_model]\nmax_principal_share = 1.0\n", "reward_model.max_principal_share"),
+        ("[policy]\nmax_adapters = 64\n", "policy.max_adapters"),  # the engine's memory is the operator's
     ],
 )
 def test_a_model_directory_may_not_set_keys_secrets_addresses_or_the_processes_paths(tmp_path, settings, refused):
@@ -91,7 +92,30 @@ def test_a_model_directory_may_not_set_keys_secrets_addresses_or_the_processes_p
     message = str(refusal.value)
     assert f"may not set {refused}." in message  # the setting, and only it: ppo.epochs is allowed
     assert str(model_dir / MODEL_SETTINGS_FILE) in message
-    assert "may set only its training and gate settings (ppo: prompts_per_step," in message
+    assert "may set only its policy, training and gate settings (policy: adapter, lora_rank," in message
+
+
+def test_the_demo_model_learns_as_an_adapter_and_one_setting_turns_it_to_whole_weights(tmp_path, monkeypatch):
+    from flywheel.demo.init_model import DEMO_SETTINGS
+
+    model_dir = model_dir_with(tmp_path, DEMO_SETTINGS)
+    demo = load_config(model_dir=model_dir)
+    assert demo.policy.uses_adapters and demo.policy.lora_rank == 4 and demo.ppo.adapter_learning_rate == 3e-4
+    monkeypatch.setenv("FLYWHEEL_POLICY__ADAPTER", "none")
+    whole = load_config(model_dir=model_dir)
+    assert not whole.policy.uses_adapters and whole.ppo.policy_learning_rate == 3e-5
+
+
+def test_a_demo_model_built_by_other_code_gets_this_checkouts_settings_and_keeps_its_weights(tmp_path):
+    from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
+
+    built = model_dir_with(tmp_path, "[ppo]\npolicy_learning_rate = 3e-5\n")
+    (built / MARKER_FILE).write_text("{}")  # built: nothing is trained again
+    (built / "model.safetensors").write_bytes(b"weights")
+    assert ensure_demo_model(built) == built
+    assert (built / MODEL_SETTINGS_FILE).read_text() == DEMO_SETTINGS
+    assert (built / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(path.name for path in built.iterdir()) == [MODEL_SETTINGS_FILE, MARKER_FILE, "model.safetensors"]
 
 
 def test_every_refused_setting_is_named_at_once(tmp_path):

@@ -3,7 +3,7 @@
 One short run goes through every stage — generations and feedback on Kafka, a reward-model
 update, a PPO step, a candidate, the gate's verdict, the hot swap, answers carrying the new
 version — then `flywheel up` is stopped and started again and resumes from the registry and
-the trainer's checkpoint. Adapter mode is in test_flywheel_up_adapters.py.
+the trainer's checkpoint, on whole weights. Adapter mode, the demo's own, is in test_flywheel_up_adapters.py.
 """
 
 import json
@@ -21,10 +21,13 @@ from trainer.checkpoint import latest_checkpoint, load_state
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(UP_TEST_TIMEOUT_S)]
 
+WHOLE_WEIGHTS = {"FLYWHEEL_POLICY__ADAPTER": "none"}
+"""The demo model learns as an adapter by its own settings; this module runs it on whole weights."""
+
 
 @pytest.fixture(scope="module")
 def up(model_path, tmp_path_factory):
-    running = Up(model_path, tmp_path_factory.mktemp("up"))
+    running = Up(model_path, tmp_path_factory.mktemp("up"), WHOLE_WEIGHTS)
     running.start()
     yield running
     if running.process.poll() is None:

@@ -11,12 +11,9 @@ from tests.up_fixtures import UP_TEST_TIMEOUT_S, Up, live_version, vote_until, w
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(UP_TEST_TIMEOUT_S)]
 
-# Adapter mode: LoRA rank 4 (a tenth of the whole model's learning rate would barely move an
-# adapter), and a canary on half the users that decides within a few dozen votes.
+# Adapter mode as the demo model's own settings choose it (LoRA rank 4 at its adapter learning rate),
+# with a canary on half the users that decides within a few dozen votes.
 ADAPTER_LOOP = {
-    "FLYWHEEL_POLICY__ADAPTER": "lora",
-    "FLYWHEEL_POLICY__LORA_RANK": "4",
-    "FLYWHEEL_PPO__POLICY_LEARNING_RATE": "3e-4",
     "FLYWHEEL_GATE__CANARY__SHARE": "0.5",
     "FLYWHEEL_GATE__CANARY__MIN_VOTES": "10",
     "FLYWHEEL_GATE__CANARY__MAX_VOTES": "40",

@@ -136,11 +136,12 @@ def test_adapter_ppo_raises_the_toy_reward_training_only_the_adapter(model_path,
             max_new_tokens=8,
             minibatch_size=4,
             epochs=4,
-            policy_learning_rate=1e-3,
+            adapter_learning_rate=1e-3,
             critic_learning_rate=1e-3,
             missing_eos_penalty=0.0,
         ),
     )
+    assert trainer.policy_optimizer.param_groups[0]["lr"] == 1e-3  # the adapter's rate, not the whole weights'
     before, after, history = six_toy_reward_steps(trainer, prompt_ids)
     assert history[0].first_minibatch_ratio == 1.0
     assert history[0].kl_to_reference == 0.0  # the adapter starts as the base: B = 0

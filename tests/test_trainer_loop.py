@@ -237,10 +237,13 @@ def without_nulls(settings: dict) -> dict:
 
 def trainer_config(tmp_path: Path, kafka: KafkaSettings, model_path: Path, **sections: dict) -> TrainerConfig:
     """The trainer's config as `flywheel train` reads it: the model directory's own settings (the demo
-    model's flywheel.toml) below the test's `sections`; state, registry and spool under tmp_path."""
+    model's flywheel.toml) below the test's `sections`; state, registry and spool under tmp_path. Whole
+    weights unless `sections` say otherwise: the demo model learns as an adapter, and a test of adapter
+    mode asks for it."""
     config = load_config(
         overrides={
             "state_dir": str(tmp_path),
+            "policy": {"adapter": "none"} | sections.pop("policy", {}),
             "kafka": without_nulls(kafka.model_dump(mode="json")),
             "reward_model": {"heldout_fraction": HELDOUT_FRACTION} | sections.pop("reward_model", {}),
             # Votes train as soon as they arrive: these tests send each vote once and never change it.
@@ -745,6 +748,7 @@ def test_flywheel_train_survives_sigkill_with_every_event_and_label_counted_once
         "state_dir": str(state_dir),
         "registry_dir": str(registry_dir),
         "engine": {"model": str(model_path)},  # its flywheel.toml (the demo model's settings) ranks below this file
+        "policy": {"adapter": "none"},  # whole weights: the demo's adapters are test_flywheel_up_adapters.py's
         # A SIGKILLed member keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
         # Every candidate_every_steps-th policy is proposed, so that the registry shows candidates were: the

@@ -97,6 +97,7 @@ def test_two_ranks_train_as_one_through_a_sigkill(
         "state_dir": str(state_dir),
         "registry_dir": str(registry_dir),
         "engine": {"model": str(model_path)},
+        "policy": {"adapter": "none"},  # whole weights, which FSDP shards (the demo model learns as an adapter)
         # The killed job's consumer keeps its partitions until its session times out: keep that short.
         "kafka": without_nulls(kafka_settings.model_dump(mode="json")) | {"session_timeout_ms": 4000},
         # Every second step's policy is proposed: whether rank 0 publishes them is tested here, the

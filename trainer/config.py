@@ -88,7 +88,15 @@ class PPOSettings(BaseModel):
     missing_eos_penalty: float = Field(
         1.0, ge=0, description="Subtracted from the score of an answer cut at max_new_tokens without end-of-sequence."
     )
-    policy_learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy.")
+    policy_learning_rate: float = Field(
+        1e-5, gt=0, description="AdamW learning rate of the policy's whole weights (policy.adapter = none)."
+    )
+    adapter_learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        description="AdamW learning rate of a LoRA adapter (policy.adapter = lora); an adapter moves the policy through "
+        "a few low-rank weights and needs about ten times the whole weights' rate.",
+    )
     critic_learning_rate: float = Field(
         1e-3, gt=0, description="AdamW learning rate of the critic (the value head on the policy's features)."
     )

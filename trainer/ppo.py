@@ -354,7 +354,9 @@ class PPOTrainer:
         # fused: one kernel per step over all parameters, instead of several per parameter tensor.
         # With an adapter only its weights require gradients; whole weights all do.
         self.policy_optimizer = torch.optim.AdamW(
-            [p for p in models.policy.parameters() if p.requires_grad], lr=settings.policy_learning_rate, fused=True
+            [p for p in models.policy.parameters() if p.requires_grad],
+            lr=settings.adapter_learning_rate if models.uses_adapter else settings.policy_learning_rate,
+            fused=True,
         )
         self.critic_optimizer = torch.optim.AdamW(
             models.critic.parameters(), lr=settings.critic_learning_rate, fused=True

@@ -40,6 +40,7 @@ from flywheel.demo.task import (
     is_correct,
     sample_questions,
 )
+from flywheel.durable import write_atomically
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import MODEL_SETTINGS_FILE
 
@@ -69,8 +70,15 @@ correct or not, users give them a thumbs-down, which leaves the feedback loop a 
 DEMO_SETTINGS = """\
 # Flywheel settings that suit this tiny demo model; Flywheel reads them when it serves this
 # directory, below any config file, environment variable or flag. The defaults suit large models.
+# The policy learns as a LoRA adapter: over three seeds it learnt at least as well as whole weights
+# (BENCHMARKS.md). policy.adapter = "none" trains whole weights, at policy_learning_rate.
+[policy]
+adapter = "lora"
+lora_rank = 4
+
 [ppo]
 policy_learning_rate = 3e-5
+adapter_learning_rate = 3e-4
 max_new_tokens = 24
 candidate_every_steps = 5
 init_kl_coef = 0.2
@@ -298,7 +306,8 @@ def save_model_dir(
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:
-    """The demo model directory at `cache_dir`, built on first use and reused afterwards."""
+    """The demo model directory at `cache_dir`, built on first use and reused afterwards. Its settings
+    are this checkout's DEMO_SETTINGS, rewritten if a model built by other code holds others."""
     if not (cache_dir / MARKER_FILE).exists():
         try:
             init_model(cache_dir)
@@ -306,4 +315,7 @@ def ensure_demo_model(cache_dir: Path) -> Path:
             # Another process may have finished the same build first.
             if not (cache_dir / MARKER_FILE).exists():
                 raise
+    settings_file = cache_dir / MODEL_SETTINGS_FILE
+    if settings_file.read_text() != DEMO_SETTINGS:
+        write_atomically(settings_file, DEMO_SETTINGS.encode())
     return cache_dir
