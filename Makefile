@@ -7,7 +7,7 @@
 
 .PHONY: up test test-fast lint
 up: .venv/.installed
-	.venv/bin/flywheel up
+	.venv/bin/flywheel up --config flywheel/demo/up.toml
 
 test: .venv/.installed
 	.venv/bin/python -m pytest

@@ -1,6 +1,7 @@
 """Learning benchmark: does the whole loop make a fresh demo model better from thumbs alone, safely?
 
-It builds a fresh demo model, starts `flywheel up` on it (broker, server, trainer, gate), and
+It builds a fresh demo model, starts `flywheel up` on it (broker, server, trainer, gate) as `make up`
+does (the demo model's own settings, the demo's operator config; FLYWHEEL_* variables over both), and
 runs `flywheel simulate` for a fixed budget of feedback events, paced over a fixed time. It
 reports the thumbs-up rate on the evaluation questions (never asked by the simulated users,
 greedy answers) at the start and at the end, the events and wall time used, the gate's
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, invocation, markdown_table
 from feedback.broker import free_port
-from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, InitModelReport, init_model
+from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, InitModelReport, init_model
 from flywheel.registry import MODEL_SETTINGS_FILE, PolicyRegistry
 
 SERVER_START_TIMEOUT_S = 600
@@ -54,7 +55,8 @@ def start_up(state_dir: Path, model_dir: Path) -> tuple[subprocess.Popen, dict[s
         "FLYWHEEL_GATE__METRICS_PORT": str(ports["gate_metrics"]),
     }
     command = [
-        sys.executable, "-m", "cli", "up", "--model", str(model_dir), "--state-dir", str(state_dir),
+        sys.executable, "-m", "cli", "up", "--config", str(DEMO_OPERATOR_CONFIG), "--model", str(model_dir),
+        "--state-dir", str(state_dir),
         "--port", str(ports["grpc"]), "--metrics-port", str(ports["server_metrics"]), "--kafka", addresses["kafka"],
     ]  # fmt: skip
     output = (state_dir / "up.out").open("wb")

@@ -106,6 +106,14 @@ def test_the_demo_model_learns_as_an_adapter_and_one_setting_turns_it_to_whole_w
     assert not whole.policy.uses_adapters and whole.ppo.policy_learning_rate == 3e-5
 
 
+def test_make_up_runs_the_demo_with_a_canary_on_half_of_the_users(tmp_path):
+    from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS
+
+    assert f"flywheel up --config {DEMO_OPERATOR_CONFIG.relative_to(REPO_ROOT)}" in (REPO_ROOT / "Makefile").read_text()
+    config = load_config(DEMO_OPERATOR_CONFIG, model_dir=model_dir_with(tmp_path, DEMO_SETTINGS))
+    assert config.policy.uses_adapters and config.gate.canary.share == 0.5
+
+
 def test_a_demo_model_built_by_other_code_gets_this_checkouts_settings_and_keeps_its_weights(tmp_path):
     from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
 

@@ -82,7 +82,7 @@ TRAINER_RANKS = {"trainer": {"nprocPerNode": 2}}
 TRAINER_PYTORCHJOB = {"trainer": {"nprocPerNode": 2, "pytorchJob": {"enabled": True, "workers": 1}}}
 
 # Whole weights with one canary replica beside the two live ones.
-CANARY_REPLICAS = {"server": {"canaryReplicas": 1}}
+CANARY_REPLICAS = {"server": {"canaryReplicas": 1}, "config": {"policy": {"adapter": "none"}}}
 
 VALUE_SETS = {
     "defaults": {},
@@ -776,3 +776,6 @@ def test_canary_replicas_are_a_second_deployment_behind_the_same_service_and_the
         render({"server": {"replicas": 0, "canaryReplicas": 1}})
     with pytest.raises(helm.HelmRenderError, match="server.canaryReplicas is for whole weights"):
         render(CANARY_REPLICAS | {"config": {"policy": {"adapter": "lora"}}})
+    # Unsaid, the model directory decides, and the demo model's settings choose adapters.
+    with pytest.raises(helm.HelmRenderError, match="set config.policy.adapter to none"):
+        render({"server": {"canaryReplicas": 1}})

@@ -98,6 +98,10 @@ torch_threads = 1
 """
 
 
+DEMO_OPERATOR_CONFIG = Path(__file__).resolve().parent / "up.toml"
+"""The config file `make up` and the learning benchmark run the demo with: what its operator sets."""
+
+
 class InitModelReport(BaseModel):
     evaluation_accuracy: float
     """Greedy accuracy on the feedback loop's evaluation questions (seen in training) at the last evaluation."""

@@ -200,8 +200,8 @@ are checked here rather than in the schema because they span config and kafkaAut
 {{- if eq (int .Values.server.replicas) 0 }}
 {{- fail "server.canaryReplicas needs server.replicas above 0: canary replicas serve a candidate beside live servers, not instead of them" }}
 {{- end }}
-{{- if ne (dig "policy" "adapter" "none" .Values.config) "none" }}
-{{- fail "server.canaryReplicas is for whole weights: with config.policy.adapter every server answers the canary's share of users beside live; set config.gate.canary.share instead" }}
+{{- if ne (dig "policy" "adapter" "" .Values.config) "none" }}
+{{- fail "server.canaryReplicas is for whole weights: set config.policy.adapter to none (a model directory may choose adapters in its flywheel.toml, as the demo model does); with adapters every server answers the canary's share of users beside live: set config.gate.canary.share instead" }}
 {{- end }}
 {{- end }}
 {{- if and (or .Values.kafkaAuth.caSecret.name .Values.kafkaAuth.clientCertSecret.name) (not (hasSuffix "SSL" $protocol)) }}
