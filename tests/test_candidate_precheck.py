@@ -123,6 +123,20 @@ def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_
     assert trainer.propose_candidate() is not None
 
 
+def test_no_candidate_is_proposed_while_the_gate_decides_a_canary(trainer):
+    registry = trainer.registry
+    trainer.precheck.min_reward_gain = -1.0  # a trainer proposing whatever the gate would pass
+    canary = trainer.propose_candidate().policy_version
+    registry.start_canary(canary, against=1, share=0.5)
+
+    assert trainer.propose_candidate() is None, "the gate judges nothing else until the canary is decided"
+    assert registry.latest() == canary, "nothing written to the registry"
+    assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="canary_running") == 1
+
+    registry.close_canary(canary, approved=False, checks=[], reason="users liked it less")
+    assert trainer.propose_candidate().policy_version == canary + 1
+
+
 def test_the_policy_restarts_from_live_when_live_moves_outside_its_lineage(trainer):
     registry = trainer.registry
     live_weights = {name: weight.clone() for name, weight in trainer.ppo.models.policy.state_dict().items()}

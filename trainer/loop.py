@@ -78,6 +78,9 @@ from trainer.vllm_rollouts import VLLMSampler
 
 log = logging.getLogger(__name__)
 
+CANARY_RUNNING = "canary_running"
+"""The label of flywheel_trainer_candidates_withheld for a candidate held while the gate decides a canary."""
+
 
 class Trainer:
     """The models, the join store and the counters; `run` drives them from Kafka.
@@ -481,7 +484,16 @@ class Trainer:
 
     def propose_candidate(self) -> events_pb2.PolicyEvent | None:
         """Publish the policy as a candidate if the gate's checks pass on it (`candidate_passes_precheck`);
-        the event to announce, or None when the candidate was withheld."""
+        the event to announce, or None when the candidate was withheld.
+
+        Held while the gate decides a canary: it judges nothing else meanwhile, so a candidate proposed
+        then would wait for the canary's votes and be superseded by the next one.
+        """
+        canary = self.registry.canary()
+        if canary is not None:
+            self.metrics.candidates_withheld.labels(check=CANARY_RUNNING).inc()
+            log.info("candidate held at PPO step %d: canary %d is being decided", self.state.ppo_steps, canary.version)
+            return None
         return self.publish_candidate() if self.candidate_passes_precheck() else None
 
     def candidate_passes_precheck(self) -> bool:

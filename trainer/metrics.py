@@ -98,7 +98,8 @@ class TrainerMetrics:
         )
         self.candidates_withheld = Counter(
             "flywheel_trainer_candidates_withheld",
-            "Candidates the trainer's pre-check of the gate's checks kept back, once under each check they failed.",
+            "Candidates the trainer's pre-check of the gate's checks kept back, once under each check they failed; "
+            "check canary_running: held while the gate decides a canary.",
             ["check"],
             registry=registry,
         )
