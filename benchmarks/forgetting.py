@@ -55,6 +55,7 @@ from trainer.ppo_math import (
 from trainer.reward_model import RewardModel
 
 VARIANTS = ("none", "filter", "capitals-only", "ptx", "kl-loss", "k3-loss", "no-mean-shift")
+# The demo model's PPO settings on whole weights (this benchmark trains whole weights; the demo's own mode is an adapter).
 DEMO_PPO = PPOSettings(policy_learning_rate=3e-5, max_new_tokens=24, init_kl_coef=0.2, target_kl=2.0, kl_horizon=100)
 
 

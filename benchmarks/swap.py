@@ -70,6 +70,7 @@ class Replica:
             "FLYWHEEL_ENGINE__KV_CACHE_BYTES": str(256 << 20),
             "FLYWHEEL_SERVER__SERVER_ID": f"replica-{index}",
             "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",
+            "FLYWHEEL_POLICY__ADAPTER": "none",  # whole-weight swaps (the demo model's settings choose adapters)
         }
         serve = (
             [sys.executable, "-m", "benchmarks.swap", SERVE_KEEPING_CACHES]

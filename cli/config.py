@@ -169,10 +169,6 @@ class ProcessConfig(BaseModel):
     registry_dir: Path
     model_dir: Path = Field(description="The model an empty registry is seeded with: engine.model, or the demo model.")
 
-    @property
-    def uses_demo_model(self) -> bool:
-        return self.model_dir == self.state_dir / DEMO_MODEL_DIR
-
     def redacted_json(self) -> str:
         """The config as printed at start-up; secrets show as stars."""
         return json.dumps(self.model_dump(mode="json"), indent=2)
@@ -261,13 +257,24 @@ def load_config(
     return _validated(given, model_dir)
 
 
-def load_process_config(config_file: Path | None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
+def load_process_config(
+    config_file: Path | None, overrides: dict[str, Any] | None = None, *, runs_the_model: bool = False
+) -> FlywheelConfig:
     """The config as a process loads it, once: the model whose flywheel.toml fills in what nothing else sets
-    is the one the given settings name (engine.model, or the demo model under state_dir)."""
+    is the one the given settings name (engine.model, or the demo model under state_dir).
+
+    `runs_the_model` (serve, train, gate, up): the demo model is built first when it is the one, and its
+    settings are this checkout's, so that every process reads the same mode and rates from the start.
+    """
     given = given_settings(config_file, overrides)
     engine = given.get("engine", {})
-    state_dir = given.get("state_dir", FlywheelConfig.model_fields["state_dir"].default)
-    return _validated(given, model_dir_of(engine.get("model", "") if isinstance(engine, dict) else "", state_dir))
+    engine_model = engine.get("model", "") if isinstance(engine, dict) else ""
+    model_dir = model_dir_of(engine_model, given.get("state_dir", FlywheelConfig.model_fields["state_dir"].default))
+    if runs_the_model and not engine_model:
+        from flywheel.demo.init_model import ensure_demo_model
+
+        ensure_demo_model(model_dir)
+    return _validated(given, model_dir)
 
 
 def given_settings(config_file: Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -55,30 +55,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config_from(args: argparse.Namespace, process: type[ProcessT]) -> ProcessT:
+def _config_from(args: argparse.Namespace, process: type[ProcessT], *, runs_the_model: bool = False) -> ProcessT:
     """The sections `process` reads, loaded once and printed; a model directory's own flywheel.toml (the demo
-    model has one) fills in what nothing else sets."""
+    model has one) fills in what nothing else sets. `runs_the_model`: the demo model is built first if needed."""
     flags = _nested(
         {key: value for key, value in vars(args).items() if "." in key or key in ("state_dir", "log_level")}
     )
-    config = load_process_config(args.config, flags).for_process(process)
+    config = load_process_config(args.config, flags, runs_the_model=runs_the_model).for_process(process)
     configure_logging(config.log_level)
     log.info("config\n%s", config.redacted_json())
     return config
 
 
 def seed_registry(config: ProcessConfig) -> None:
-    """Give an empty registry its first live policy: --model, or the demo model (built on first use)."""
+    """Give an empty registry its first live policy: --model, or the demo model (built by `_config_from`)."""
     from flywheel.registry import PolicyRegistry
 
     registry = PolicyRegistry(config.registry_dir)
-    if registry.live() is not None:
-        return
-    if config.uses_demo_model:
-        from flywheel.demo.init_model import ensure_demo_model
-
-        ensure_demo_model(config.model_dir)
-    registry.seed(config.model_dir)
+    if registry.live() is None:
+        registry.seed(config.model_dir)
 
 
 def _run_until_signal(main) -> None:
@@ -100,7 +95,7 @@ def _serve(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry
     from server.app import serve
 
-    config = _config_from(args, ServeConfig)
+    config = _config_from(args, ServeConfig, runs_the_model=True)
     seed_registry(config)
     spool = config.spool.of_process("server")
     # The event loop runs vLLM's output handler on every engine step and every RPC: uvloop's is the cheaper one.
@@ -147,7 +142,7 @@ def _train(args: argparse.Namespace) -> None:
     from trainer.loop import run_trainer
     from trainer.metrics import TrainerMetrics
 
-    config = _config_from(args, TrainConfig)
+    config = _config_from(args, TrainConfig, runs_the_model=True)
     _limit_torch_threads(config.trainer.torch_threads)
     ranks = init_ranks("cpu", config.trainer.parallelism)
     ended_cleanly = False
@@ -170,7 +165,7 @@ def _gate(args: argparse.Namespace) -> None:
     from flywheel.registry import PolicyRegistry
     from gate.service import Gate, GateMetrics, run_gate
 
-    config = _config_from(args, GateConfig)
+    config = _config_from(args, GateConfig, runs_the_model=True)
     _limit_torch_threads(config.gate.torch_threads)
     seed_registry(config)
     registry = _metrics_endpoint(config.gate.host, config.gate.metrics_port)
@@ -272,7 +267,7 @@ async def _announce(config: RollbackConfig | CanaryConfig, event) -> None:
 def _up(args: argparse.Namespace) -> None:
     from cli.supervisor import run_up
 
-    config = _config_from(args, UpConfig)
+    config = _config_from(args, UpConfig, runs_the_model=True)
     seed_registry(config)
     sys.exit(run_up(config, args.argv[1:]))
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from cli import main as cli_main
 from cli.config import (
+    DEMO_MODEL_DIR,
     MODEL_DIR_MAY_SET,
     MODEL_DIR_PATHS,
     MODEL_SETTINGS_FILE,
@@ -25,8 +26,11 @@ from cli.config import (
     ServeConfig,
     TrainConfig,
     load_config,
+    load_process_config,
     settings_a_model_may_not_set,
 )
+from flywheel.demo import init_model
+from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
 from gate.config import GateSettings
 from server.config import ServerSettings
 from server.tls import CertificateFiles
@@ -96,8 +100,6 @@ def test_a_model_directory_may_not_set_keys_secrets_addresses_or_the_processes_p
 
 
 def test_the_demo_model_learns_as_an_adapter_and_one_setting_turns_it_to_whole_weights(tmp_path, monkeypatch):
-    from flywheel.demo.init_model import DEMO_SETTINGS
-
     model_dir = model_dir_with(tmp_path, DEMO_SETTINGS)
     demo = load_config(model_dir=model_dir)
     assert demo.policy.uses_adapters and demo.policy.lora_rank == 4 and demo.ppo.adapter_learning_rate == 3e-4
@@ -107,23 +109,30 @@ def test_the_demo_model_learns_as_an_adapter_and_one_setting_turns_it_to_whole_w
 
 
 def test_make_up_runs_the_demo_with_a_canary_on_half_of_the_users(tmp_path):
-    from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS
-
     assert f"flywheel up --config {DEMO_OPERATOR_CONFIG.relative_to(REPO_ROOT)}" in (REPO_ROOT / "Makefile").read_text()
     config = load_config(DEMO_OPERATOR_CONFIG, model_dir=model_dir_with(tmp_path, DEMO_SETTINGS))
     assert config.policy.uses_adapters and config.gate.canary.share == 0.5
 
 
 def test_a_demo_model_built_by_other_code_gets_this_checkouts_settings_and_keeps_its_weights(tmp_path):
-    from flywheel.demo.init_model import DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
-
     built = model_dir_with(tmp_path, "[ppo]\npolicy_learning_rate = 3e-5\n")
     (built / MARKER_FILE).write_text("{}")  # built: nothing is trained again
     (built / "model.safetensors").write_bytes(b"weights")
     assert ensure_demo_model(built) == built
     assert (built / MODEL_SETTINGS_FILE).read_text() == DEMO_SETTINGS
+    assert (built / MODEL_SETTINGS_FILE).stat().st_mode & 0o777 == 0o644
     assert (built / "model.safetensors").read_bytes() == b"weights"
     assert sorted(path.name for path in built.iterdir()) == [MODEL_SETTINGS_FILE, MARKER_FILE, "model.safetensors"]
+
+
+def test_a_process_that_runs_the_demo_model_reads_this_checkouts_demo_settings_from_its_first_start(tmp_path):
+    # A demo model built by code from before the demo learnt as an adapter, under a state dir whose registry
+    # may already be seeded: serve, train, gate and up must all read the same mode, the checkout's.
+    built = tmp_path / DEMO_MODEL_DIR
+    model_dir_with(tmp_path, "[ppo]\npolicy_learning_rate = 3e-5\n").rename(built)
+    (built / MARKER_FILE).write_text("{}")
+    assert not load_process_config(None, {"state_dir": str(tmp_path)}).policy.uses_adapters  # rollback, canary
+    assert load_process_config(None, {"state_dir": str(tmp_path)}, runs_the_model=True).policy.uses_adapters
 
 
 def test_every_refused_setting_is_named_at_once(tmp_path):
@@ -289,7 +298,7 @@ def started(tmp_path, monkeypatch, capsys):
     (its start-up log lines as dicts, how often the config file was read, the config it seeded with).
 
     The server itself is stubbed (a module standing in for server.app: what is tested is the
-    configuration it is handed, not vLLM) and so is seeding the registry.
+    configuration it is handed, not vLLM), and so are building the demo model and seeding the registry.
     """
     config_file = tmp_path / "flywheel.toml"
     config_file.write_text('[server]\nfeedback_token_secret = "s3cret"\n[ppo]\nepochs = 3\n')
@@ -308,6 +317,7 @@ def started(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "server.app", types.SimpleNamespace(serve=serve))
     monkeypatch.setattr(cli_main, "seed_registry", lambda config: handed.update(config=config))
+    monkeypatch.setattr(init_model, "ensure_demo_model", lambda model_dir: model_dir)
     root_handlers = logging.getLogger().handlers[:]
 
     def start(command: str) -> tuple[list[dict], list, dict]:

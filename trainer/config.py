@@ -277,6 +277,8 @@ class TrainerConfig(BaseModel):
         if self.policy.uses_adapters and self.trainer.parallelism == "fsdp":
             raise ValueError(
                 "policy.adapter = lora trains under trainer.parallelism = ddp only: an adapter is small enough "
-                "for every rank to hold whole, and sharding one is not supported"
+                "for every rank to hold whole, and sharding one is not supported (the model directory's "
+                "flywheel.toml may have chosen adapters, as the demo model's does: set policy.adapter = none "
+                "to shard whole weights)"
             )
         return self

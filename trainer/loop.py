@@ -181,6 +181,13 @@ class Trainer:
                     checkpoint.name,
                 )
             models = PolicyWithValue.resume(checkpoint / "policy", state.reference_path, value_head)
+            if models.uses_adapter != config.policy.uses_adapters:
+                log.warning(
+                    "checkpoint %s holds %s and policy.adapter is %r: training resumes as the checkpoint is; "
+                    "the mode changes with a fresh trainer state (remove %s)",
+                    checkpoint.name, "an adapter" if models.uses_adapter else "whole weights",
+                    config.policy.adapter, config.trainer.checkpoint_dir,
+                )  # fmt: skip
             if ranks.leads:
                 restore_join_store(checkpoint, config.join_store.path)
                 log.info("training resumes from %s", checkpoint.name, extra=state.model_dump())

@@ -76,6 +76,8 @@ def flywheel_serve(
         "FLYWHEEL_SERVER__MAX_QUEUED": str(max(workload.concurrency_levels)),
         # Serving alone: what logging to Kafka costs is benchmarks/event_logging.py's question.
         "FLYWHEEL_SERVER__LOG_GENERATIONS": "false",
+        # The engine vLLM's own server runs: whole weights, no LoRA (the demo model's settings choose adapters).
+        "FLYWHEEL_POLICY__ADAPTER": "none",
     }
     command = [
         str(Path(sys.executable).parent / "flywheel"), "serve", "--model", model, "--state-dir", str(log_dir / "flywheel-state"),

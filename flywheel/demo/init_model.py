@@ -320,6 +320,7 @@ def ensure_demo_model(cache_dir: Path) -> Path:
             if not (cache_dir / MARKER_FILE).exists():
                 raise
     settings_file = cache_dir / MODEL_SETTINGS_FILE
-    if settings_file.read_text() != DEMO_SETTINGS:
+    if not settings_file.is_file() or settings_file.read_text() != DEMO_SETTINGS:
         write_atomically(settings_file, DEMO_SETTINGS.encode())
+        settings_file.chmod(0o644)  # as the build writes it: readable by whoever serves the directory
     return cache_dir
