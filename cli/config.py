@@ -17,7 +17,7 @@ from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from feedback.config import KafkaSettings, SpoolSettings
 from flywheel.adapters import PolicySettings
-from flywheel.registry import MODEL_SETTINGS_FILE
+from flywheel.registry import MODEL_SETTINGS_FILE, PolicyRegistry
 from gate.config import GateSettings
 from server.config import EngineSettings, ServerSettings
 from trainer.config import (
@@ -263,17 +263,20 @@ def load_process_config(
     """The config as a process loads it, once: the model whose flywheel.toml fills in what nothing else sets
     is the one the given settings name (engine.model, or the demo model under state_dir).
 
-    `runs_the_model` (serve, train, gate, up): the demo model is built first when it is the one, and its
-    settings are this checkout's, so that every process reads the same mode and rates from the start.
+    `runs_the_model` (serve, train, gate, up): when the model is the demo's and the registry will be seeded
+    with it, or it is built already, it is built first and its settings are this checkout's, so that every
+    process reads the same mode and rates from the start. A registry seeded otherwise needs no demo model.
     """
     given = given_settings(config_file, overrides)
     engine = given.get("engine", {})
     engine_model = engine.get("model", "") if isinstance(engine, dict) else ""
     model_dir = model_dir_of(engine_model, given.get("state_dir", FlywheelConfig.model_fields["state_dir"].default))
     if runs_the_model and not engine_model:
-        from flywheel.demo.init_model import ensure_demo_model
+        from flywheel.demo.init_model import MARKER_FILE, ensure_demo_model
 
-        ensure_demo_model(model_dir)
+        registry = PolicyRegistry(FlywheelConfig.model_validate(given).registry_dir)
+        if (model_dir / MARKER_FILE).exists() or registry.live() is None:
+            ensure_demo_model(model_dir)
     return _validated(given, model_dir)
 
 

@@ -31,6 +31,7 @@ from cli.config import (
 )
 from flywheel.demo import init_model
 from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
+from flywheel.registry import PolicyRegistry
 from gate.config import GateSettings
 from server.config import ServerSettings
 from server.tls import CertificateFiles
@@ -133,6 +134,18 @@ def test_a_process_that_runs_the_demo_model_reads_this_checkouts_demo_settings_f
     (built / MARKER_FILE).write_text("{}")
     assert not load_process_config(None, {"state_dir": str(tmp_path)}).policy.uses_adapters  # rollback, canary
     assert load_process_config(None, {"state_dir": str(tmp_path)}, runs_the_model=True).policy.uses_adapters
+
+
+def test_a_registry_seeded_from_another_model_builds_no_demo_model(tmp_path, monkeypatch):
+    def build(out_dir: Path):
+        raise AssertionError("built the demo model, minutes of CPU, though the registry serves another model")
+
+    monkeypatch.setattr(init_model, "init_model", build)
+    other = model_dir_with(tmp_path, "")
+    (other / "model.safetensors").write_bytes(b"weights")
+    PolicyRegistry(tmp_path / "state" / "registry").seed(other)
+    config = load_process_config(None, {"state_dir": str(tmp_path / "state")}, runs_the_model=True)
+    assert not (tmp_path / "state" / DEMO_MODEL_DIR).exists() and not config.policy.uses_adapters
 
 
 def test_every_refused_setting_is_named_at_once(tmp_path):
