@@ -104,7 +104,7 @@ class PolicyManifest(BaseModel):
         None, description="The reward model published with the version (reward_model/); None for a base model."
     )
     reference_version: int | None = Field(
-        None, description="The version the trainer's KL penalty was taken against; retention keeps its weights."
+        None, description="The version the trainer began from: the gate's KL reference; retention keeps its weights."
     )
     base_version: int | None = Field(
         None, description="For an adapter: the whole-weight version it applies to; None for whole weights."
@@ -258,7 +258,7 @@ class VersionStanding:
     approved: bool | None
     """The gate's verdict: True approved, False not approved, None still waiting for the gate."""
     reference_version: int | None = None
-    """The version the trainer's KL penalty was taken against when it published this one."""
+    """The version the trainer that published this one began from: the gate's KL reference."""
 
 
 def versions_to_keep(

@@ -8,6 +8,8 @@
   better yet, by a reward model that may still be young) keeps training.
 - When live moves to a version outside the trainer's lineage (an operator's rollback), the
   policy restarts from it; live moving to the trainer's own approved candidate does not.
+- Either way the PPO's KL penalty then holds the policy near live, across a restart of the trainer,
+  while the gate's KL (the pre-check's) stays measured from where training began.
 
 Real parts: the demo model, a real registry on disk, demo golden prompts, and held-out prompts
 logged as the server logs them. No broker: the trainer's decisions are called directly.
@@ -22,11 +24,13 @@ from prometheus_client import CollectorRegistry
 from feedback.config import KafkaSettings
 from feedback.consumer import ConsumedEvent
 from flywheel.demo.task import GOLDEN_FILE, traffic_questions
+from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry, VerdictCheck
 from tests.test_trainer_loop import DemoTraffic, trainer_config
 from trainer.gate_checks import DegenerationRates, PolicyEval
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
+from trainer.ppo import TokenBatch
 from trainer.precheck import drift_checks_failed, reward_gain_check
 
 
@@ -54,10 +58,12 @@ def trainer(model_path, tokenizer, tmp_path):
 
 
 def drift(trainer: Trainer, scale: float) -> None:
-    """Move every policy weight by seeded noise of `scale` standard deviations of that weight."""
+    """Move every weight the policy trains by seeded noise of `scale` standard deviations of that weight."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in trainer.ppo.models.policy.parameters():
+            if not parameter.requires_grad:
+                continue
             noise = torch.randn(parameter.shape, generator=generator) * parameter.std().nan_to_num(0.0)
             parameter.add_(scale * noise)
 
@@ -245,3 +251,71 @@ def test_a_candidate_only_the_reward_model_finds_wanting_keeps_training_instead_
     for name, weight in trainer.ppo.models.policy.state_dict().items():
         torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)
     assert sample(trainer, "flywheel_trainer_policy_restarts_total") == 0
+
+
+def probe_batch(trainer: Trainer) -> TokenBatch:
+    """Answers sampled from the trainer's policy to a few demo prompts, to compare two models' logits on."""
+    renderer = PromptRenderer(trainer.ppo.tokenizer)
+    prompts = [renderer.user_message(question.prompt).token_ids for question in traffic_questions(random.Random(1), 4)]
+    torch.manual_seed(0)
+    return TokenBatch.from_rollout(trainer.ppo.rollout(prompts), trainer.ppo.tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def kl_penalty_reference_logits(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
+    return trainer.ppo.models.reference_logits(batch)
+
+
+@torch.no_grad()
+def policy_logits(trainer: Trainer, batch: TokenBatch) -> torch.Tensor:
+    return trainer.ppo.models(batch)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["whole", "adapter"])
+def test_the_kl_penalty_holds_the_policy_near_live_and_the_gates_kl_stays_to_the_reference(mode, request):
+    trainer = request.getfixturevalue("trainer" if mode == "whole" else "adapter_trainer")
+    registry = trainer.registry
+    batch = probe_batch(trainer)
+    at_reference = kl_penalty_reference_logits(trainer, batch)
+    if mode == "adapter":
+        with torch.no_grad():  # an adapter that changes the answers: B no longer zero
+            for name, parameter in trainer.ppo.models.policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    else:
+        drift(trainer, 0.01)
+    own = trainer.publish_candidate().policy_version
+    approved = policy_logits(trainer, batch)
+    assert not torch.allclose(approved, at_reference, atol=1e-3), "the candidate answers differently"
+    registry.approve(own, judged_against=1, checks=[VerdictCheck(name="reward_score", passed=True)], reason="test")
+
+    # Live moved to the trainer's own candidate: it trains on, and the KL penalty now holds it near live.
+    assert trainer.follow_live() is None and trainer.state.anchor_version == own
+    torch.testing.assert_close(kl_penalty_reference_logits(trainer, batch), approved, rtol=0, atol=1e-5)
+    drift(trainer, 0.01)
+    trained = policy_logits(trainer, batch)
+    torch.testing.assert_close(kl_penalty_reference_logits(trainer, batch), approved, rtol=0, atol=1e-5)
+    torch.testing.assert_close(policy_logits(trainer, batch), trained, rtol=0, atol=0)  # its own weights stay
+
+    # The gate's KL is still to where training began: the pre-check measures it so.
+    trainer.follow_live()
+    trainer.candidate_passes_precheck()
+    result = trainer.last_precheck
+    assert result.kl_to_live != pytest.approx(result.kl_to_reference, rel=0.05)
+
+    # A restarted trainer holds the policy near the same live policy.
+    trainer.checkpoint()
+    trainer.close()
+    resumed = Trainer.open(trainer.config, TrainerMetrics(CollectorRegistry()))
+    try:
+        assert resumed.state.anchor_version == own
+        torch.testing.assert_close(kl_penalty_reference_logits(resumed, batch), approved, rtol=0, atol=1e-5)
+
+        # Live rolled back to where training began: the policy restarts from it and is held near it again.
+        registry.set_live(1, reason="operator rolls back", kind="rollback")
+        assert resumed.follow_live() == 1 and resumed.state.anchor_version is None
+        torch.testing.assert_close(kl_penalty_reference_logits(resumed, batch), at_reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(policy_logits(resumed, batch), at_reference, rtol=0, atol=1e-5)
+    finally:
+        resumed.close()

@@ -39,7 +39,7 @@ class TrainerState(BaseModel):
     """The trainer's counters; everything else in a checkpoint is weights and optimizer moments."""
 
     reference_path: str
-    """The policy the KL penalty is taken against: the live policy when training first started."""
+    """The live policy when training first started: the gate's KL reference, and the base an adapter applies to."""
     reference_version: int
     ppo_steps: int = 0
     reward_model_updates: int = 0
@@ -56,6 +56,9 @@ class TrainerState(BaseModel):
     following_live_version: int | None = None
     """The live version the policy is trained on from: the one it (re)started from, or its own candidate
     the gate approved. Live moving anywhere else (a rollback, an operator) restarts the policy from it."""
+    anchor_version: int | None = None
+    """The registry version the KL penalty holds the policy near: the live one the policy follows. None: the
+    reference (where training began)."""
     withheld_in_a_row: int = 0
     """Candidates the pre-check withheld as drifted since the last one it let through or the last restart."""
 

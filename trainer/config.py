@@ -76,7 +76,10 @@ class PPOSettings(BaseModel):
     )
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ: bias (0) against variance (1) of the advantages.")
     target_kl: float = Field(
-        3.0, gt=0, description="KL to the reference, in nats per answer, that the adaptive coefficient steers toward."
+        3.0,
+        gt=0,
+        description="KL to the policy the penalty holds the policy near (live), in nats per answer, that the adaptive "
+        "coefficient steers toward.",
     )
     kl_horizon: int = Field(
         2000,

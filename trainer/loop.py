@@ -7,8 +7,9 @@ One pass of the loop:
 3. once the reward model has learnt enough and new traffic arrived, take a PPO step on prompts
    from the logged traffic; every `candidate_every_steps` steps run the gate's checks on the policy
    (trainer/precheck.py) and propose it to the gate only when they pass. The policy follows live:
-   when live moves elsewhere than to the trainer's own candidate (a rollback, an operator), or after
-   candidates rejected or withheld in a row, it restarts from live;
+   the KL penalty holds it near live, and when live moves elsewhere than to the trainer's own
+   candidate (a rollback, an operator), or after candidates rejected or withheld in a row, it
+   restarts from live;
 4. after every `checkpoint_every_steps` updates, write one atomic checkpoint, then commit the
    Kafka offsets of everything read so far.
 
@@ -43,7 +44,7 @@ from feedback.metrics import EventMetrics
 from feedback.policy_events import policy_event
 from feedback.producer import EventProducer
 from flywheel.adapters import ADAPTER_WEIGHTS_FILE, is_adapter
-from flywheel.registry import REWARD_MODEL_DIR, LiveRecord, PolicyRegistry, PolicyVerdict
+from flywheel.registry import REWARD_MODEL_DIR, LiveRecord, PolicyRegistry, PolicyRemoved, PolicyVerdict
 from flywheel.v1 import events_pb2
 from trainer.checkpoint import (
     VALUE_HEAD_FILE,
@@ -63,6 +64,7 @@ from trainer.ppo import PolicyWithValue, PPOStepStats, PPOTrainer, ValueHead, en
 from trainer.precheck import CandidatePrecheck, PrecheckResult
 from trainer.progress import live_display, progress_table
 from trainer.ranks import (
+    AnchorPolicy,
     Idle,
     Order,
     RestartPolicy,
@@ -231,7 +233,29 @@ class Trainer:
             if config.trainer.precheck_candidates and ranks.leads and not ranks.sharded
             else None
         )
-        return cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks, precheck)
+        trainer = cls(config, state, ppo, reward_model, join_store, registry, metrics, ranks, precheck)
+        if state.anchor_version is not None:
+            trainer.restore_anchor()
+        return trainer
+
+    def restore_anchor(self) -> None:
+        """Every rank, on resume: the KL penalty's reference back from the registry, where rank 0 finds it (the
+        ranks must agree while retention may remove it). Gone from there, the reference training began with,
+        until the next step anchors on live."""
+        anchor = None
+        if self.ranks.leads:
+            try:
+                anchor = str(self.registry.path(self.state.anchor_version))
+            except PolicyRemoved:
+                log.warning(
+                    "the KL reference, policy %d, is gone from the registry: anchoring on live again",
+                    self.state.anchor_version,
+                )
+        anchor = self.ranks.broadcast(anchor)
+        if anchor is None:
+            self.state.anchor_version = None
+        else:
+            self.apply_anchor(anchor)
 
     # ------------------------------------------------------------ what every rank runs
 
@@ -250,6 +274,8 @@ class Trainer:
                     self.apply_ppo_step(order)
                 case RestartPolicy(policy_path=path):
                     self.apply_restart(path)
+                case AnchorPolicy(policy_path=path):
+                    self.apply_anchor(path)
                 case SaveCandidate():
                     self.save_candidate(Path("unwritten"), Path("unwritten"))  # only rank 0 writes
                 case SaveCheckpoint():
@@ -282,17 +308,22 @@ class Trainer:
             torch.manual_seed(rank_seed(step.seed, self.ranks.rank, 1))
         return self.ranks.reduce_stats(self.ppo.ppo_step(rollout, self.reward_model.model))
 
-    def apply_restart(self, policy_path: str | Path) -> None:
-        """Every rank: the policy's weights from `policy_path`, its optimizer moments forgotten.
-
-        Training an adapter, `policy_path` is an adapter (its weights) or the base itself (no adapter)."""
+    def policy_weights(self, policy_path: str | Path) -> dict[str, torch.Tensor]:
+        """The weights of the registry policy at `policy_path`, as the trainer's policy holds them: whole
+        weights, or training an adapter, the adapter's (none when `policy_path` is the base itself)."""
         if not self.ppo.models.uses_adapter:
-            weights = load_without_dropout(AutoModelForCausalLM, policy_path).state_dict()
-        elif is_adapter(Path(policy_path)):
-            weights = load_file(Path(policy_path) / ADAPTER_WEIGHTS_FILE)
-        else:
-            weights = {}
-        self.ppo.restart_policy(weights)
+            return load_without_dropout(AutoModelForCausalLM, policy_path).state_dict()
+        if is_adapter(Path(policy_path)):
+            return load_file(Path(policy_path) / ADAPTER_WEIGHTS_FILE)
+        return {}
+
+    def apply_restart(self, policy_path: str | Path) -> None:
+        """Every rank: the policy's weights from `policy_path`, its optimizer moments forgotten."""
+        self.ppo.restart_policy(self.policy_weights(policy_path))
+
+    def apply_anchor(self, policy_path: str | Path) -> None:
+        """Every rank: the KL penalty's reference from `policy_path`; empty, the reference training began with."""
+        self.ppo.anchor_policy(self.policy_weights(policy_path or self.state.reference_path))
 
     def save_candidate(self, policy_dir: Path, reward_model_dir: Path) -> None:
         """Every rank: the policy and the reward model the gate judges it with, whole; only rank 0 writes."""
@@ -443,15 +474,14 @@ class Trainer:
         rejected = rejections_in_a_row(verdicts)
         return f"{rejected} candidates in a row rejected by the gate" if rejected >= needed else None
 
-    def live_moved_elsewhere(self) -> LiveRecord | None:
-        """Live, when it moved to a version outside the policy's own lineage since the policy last followed it.
+    def live_moved_elsewhere(self, live: LiveRecord | None) -> LiveRecord | None:
+        """`live`, when it moved to a version outside the policy's own lineage since the policy last followed it.
 
         The policy's own lineage is what it trained on from: the version it (re)started from, and its
         candidates proposed since then that the gate approved. Live moving to one of those is followed
         silently (the policy trained on past it); moving anywhere else (a rollback, an operator's move)
         is returned, and the policy should restart from it.
         """
-        live = self.registry.live()
         if live is None or live.version == self.state.following_live_version:
             return None
         if self.state.following_live_version is None or (
@@ -464,16 +494,44 @@ class Trainer:
 
     def follow_live(self) -> int | None:
         """Before a PPO step: restart the policy from live when live moved outside its lineage, or when
-        candidates keep failing (`restart_due`). Returns the version restarted from, None when none."""
-        if (moved := self.live_moved_elsewhere()) is not None:
-            return self.restart_from_live(f"live moved to policy {moved.version} ({moved.kind}: {moved.reason})")
-        if (reason := self.restart_due()) is not None:
-            return self.restart_from_live(reason)
-        return None
+        candidates keep failing (`restart_due`); then anchor the KL penalty on live (`anchor_on_live`).
+        Returns the version restarted from, None when none."""
+        live = self.registry.live()  # read once: a move landing meanwhile waits for the next step
+        restarted = None
+        if (moved := self.live_moved_elsewhere(live)) is not None:
+            restarted = self.restart_from_live(
+                f"live moved to policy {moved.version} ({moved.kind}: {moved.reason})", live
+            )
+        elif (reason := self.restart_due()) is not None:
+            restarted = self.restart_from_live(reason, live)
+        self.anchor_on_live(live)
+        return restarted
 
-    def restart_from_live(self, reason: str = "") -> int:
-        """Restart the policy from the live version's weights; the reference, value head and reward model stay. Returns the version."""
-        live = self.registry.live()
+    def anchor_on_live(self, live: LiveRecord | None) -> None:
+        """Make `live` the reference the PPO's KL penalty holds the policy near, when live moved since.
+
+        Every approval then starts a new trust region around what users approved: held near where
+        training began instead, a policy that follows a live one far from it is pulled back (and loses
+        what users liked) by the penalty, and never beats live again. The gate still bounds the
+        distance from where training began (its kl_to_reference check; the pre-check's too).
+        """
+        anchor = None if live is None or live.version == self.state.reference_version else live.version
+        if anchor == self.state.anchor_version:
+            return
+        order = AnchorPolicy("" if anchor is None else str(self.registry.path(anchor)))
+        self.order(order)
+        self.apply_anchor(order.policy_path)
+        self.state.anchor_version = anchor
+        log.info(
+            "the KL penalty now holds the policy near %s",
+            "its reference" if anchor is None else f"live policy {anchor}",
+        )
+
+    def restart_from_live(self, reason: str = "", live: LiveRecord | None = None) -> int:
+        """Restart the policy from the weights of `live` (by default, the registry's live version); the value
+        head and reward model stay, and the next step's `anchor_on_live` moves the KL penalty's reference to it.
+        Returns the version."""
+        live = live or self.registry.live()
         if live is None:
             raise RuntimeError(f"the policy registry {self.config.registry_dir} has no live policy to restart from")
         restart = RestartPolicy(str(self.registry.path(live.version)))
@@ -512,13 +570,15 @@ class Trainer:
         live = self.registry.live()
         if self.precheck is None or live is None:
             return True
+        models, anchored = self.ppo.models, self.state.anchor_version is not None
         result = self.precheck.check(
-            self.ppo.models.policy,
-            self.ppo.models.reference,
+            models.policy,
+            None if anchored else models.reference,
             self.reward_model,
             live.version,
             self.registry.path(live.version),
             Path(self.state.reference_path),
+            live_model=models.reference if anchored and self.state.anchor_version == live.version else None,
         )
         if result is None:
             log.warning("pre-check skipped: no golden prompts, or fewer than two eval prompts")

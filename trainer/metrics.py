@@ -10,7 +10,8 @@ PPO_GAUGES = {
     "mean_score": ("flywheel_trainer_mean_score", "Mean reward-model score of the last PPO step's answers."),
     "kl_to_reference": (
         "flywheel_trainer_kl_to_reference",
-        "KL to the reference policy of the last PPO step, nats per answer.",
+        "KL of the last PPO step's answers to the policy its KL penalty holds it near (live, once live moved from "
+        "where training began), nats per answer.",
     ),
     "kl_coef": ("flywheel_trainer_kl_coef", "KL coefficient β used in the last PPO step."),
     "approx_kl": (

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -208,11 +208,15 @@ def lora_policy(base: PreTrainedModel, settings: PolicySettings, adapter_dir: st
 
 
 class PolicyWithValue(nn.Module):
-    """The trainable policy, its critic (a value head on the policy's features), and the reference.
+    """The trainable policy, its critic (a value head on the policy's features), and the reference
+    the KL penalty holds it near.
 
     Whole weights: the reference is a frozen copy of the starting policy. Adapter mode: the policy
     is the base with a LoRA adapter (a peft model) and the reference is the same model with the
-    adapter switched off (`reference` None), so no second copy of the weights is held.
+    adapter switched off (`reference` None), so no second copy of the weights is held. The reference
+    can move (`PPOTrainer.anchor_policy`): whole weights load into the copy; an adapter reference is
+    a frozen set of adapter weights (`reference_adapter`), swapped into the policy's adapter for the
+    reference's passes.
     """
 
     def __init__(self, policy: PreTrainedModel, critic: ValueHead, reference: PreTrainedModel | None):
@@ -220,6 +224,8 @@ class PolicyWithValue(nn.Module):
         self.policy = policy
         self.critic = critic
         self.reference = None if reference is None else reference.requires_grad_(False)
+        self.reference_adapter: dict[str, torch.Tensor] | None = None
+        """Adapter mode: the reference's adapter weights as peft saves them; None: no adapter (the base)."""
 
     @classmethod
     def from_pretrained(
@@ -257,8 +263,19 @@ class PolicyWithValue(nn.Module):
         """The reference policy's logits for each response token, `(answers, response_len, vocab)`."""
         if self.reference is not None:
             return self.response_logits(self.reference, batch)
-        with self.policy.disable_adapter():
+        if self.reference_adapter is None:
+            with self.policy.disable_adapter():
+                return self.response_logits(self.policy, batch)
+        own = {name: weight.clone() for name, weight in self.adapter_weights().items()}
+        set_peft_model_state_dict(self.policy, self.reference_adapter)
+        try:
             return self.response_logits(self.policy, batch)
+        finally:
+            set_peft_model_state_dict(self.policy, own)
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """The policy adapter's weights as peft saves them (views of the parameters, not copies)."""
+        return get_peft_model_state_dict(self.policy, save_embedding_layers=False)
 
     @classmethod
     def response_logits(cls, model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
@@ -484,6 +501,21 @@ class PPOTrainer:
         else:
             self.ranks.load_full_state_dict(self.models.policy, weights)
         self.policy_optimizer.state.clear()
+
+    def anchor_policy(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make `weights` the reference the KL penalty holds the policy near (e.g. the live policy's, so that
+        each step moves from what users approved, not from where training began). As `restart_policy`,
+        with an adapter `weights` are an adapter's (empty: the base, no adapter)."""
+        if self.models.uses_adapter:
+            if weights and weights.keys() != (own := self.models.adapter_weights()).keys():
+                raise ValueError(
+                    f"the KL penalty's reference adapter holds other weights than the policy's adapter "
+                    f"({sorted(weights.keys() ^ own.keys())[:3]}...): were policy.lora_rank or target_modules changed? "
+                    "A changed adapter takes a fresh trainer state"
+                )
+            self.models.reference_adapter = {name: weight.clone() for name, weight in weights.items()} or None
+        else:
+            self.ranks.load_full_state_dict(self.models.reference, weights)
 
     def save_policy(self, directory: Path) -> None:
         """Write the policy as a directory vLLM can serve: whole weights as a Hugging Face model

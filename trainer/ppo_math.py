@@ -136,7 +136,7 @@ def per_token_rewards(
 
     score: `(batch,)`, one reward-model score per answer (after any EOS penalty).
     logprobs, ref_logprobs: `(batch, response_len)`, log-probs of the sampled tokens under the
-        sampling policy and the frozen reference policy.
+        sampling policy and the frozen reference policy (the trainer's: live, see Trainer.anchor_on_live).
     mask: `(batch, response_len)`, True on valid tokens; every row needs at least one.
     Returns `(batch, response_len)`, 0 on padding.
     """

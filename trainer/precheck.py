@@ -136,17 +136,20 @@ class CandidatePrecheck:
         live_version: int,
         live_path: Path,
         base_path: Path,
+        live_model: PreTrainedModel | None = None,
     ) -> PrecheckResult | None:
         """The gate's checks on `policy` against live; None when the eval set cannot be judged (no golden
         prompts, or fewer than two prompts), as the gate could not either.
 
-        `base_path`: the base model, which an adapter (the policy's or live's) applies to; training an
-        adapter, `reference` is None and the base, loaded once from there, is the reference."""
+        `base_path`: the base model, which an adapter (the policy's or live's) applies to, and the gate's
+        KL reference; `reference` is that model when the trainer holds it (whole weights, its KL penalty not
+        moved to live), else None and it is loaded once from `base_path`. `live_model`: live's weights when the
+        trainer holds them already (whole weights, its KL penalty anchored on live), else loaded from `live_path`."""
         prompts = self.eval_prompts()
         if not self.golden or len(prompts) < 2:
             return None
         evaluator = PolicyEvaluator(self.tokenizer, reward_model, self.settings)
-        live = self._live_evaluation(live_version, live_path, base_path, policy.device)
+        live = self._live_evaluation(live_version, live_path, base_path, policy.device, live_model)
         if reference is None:
             reference = self._base_reference(base_path, policy.device)
         missing = [p for p in prompts if p.text not in live.answers]
@@ -167,11 +170,13 @@ class CandidatePrecheck:
             self._base = load_policy(base_path).to(device).requires_grad_(False)
         return self._base
 
-    def _live_evaluation(self, version: int, path: Path, base_path: Path, device) -> _LiveEvaluation:
-        """Live's weights (an adapter merged into its base) and answers, loaded again only when live has
-        moved to another version."""
+    def _live_evaluation(
+        self, version: int, path: Path, base_path: Path, device, model: PreTrainedModel | None
+    ) -> _LiveEvaluation:
+        """Live's weights (`model`, or loaded: an adapter merged into its base) and answers, taken again only
+        when live has moved to another version."""
         if self._live is None or self._live.version != version:
-            model = load_policy(path, base_path).to(device).requires_grad_(False)
+            model = model or load_policy(path, base_path).to(device).requires_grad_(False)
             self._live = _LiveEvaluation(version, model)
             log.info("pre-check: live policy %d loaded from %s", version, path)
         return self._live

@@ -58,6 +58,14 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True)
+class AnchorPolicy:
+    """Make the policy at this registry directory the reference the KL penalty holds the policy near;
+    an empty path: the reference the trainer started with."""
+
+    policy_path: str
+
+
+@dataclass(frozen=True)
 class SaveCandidate:
     """Gather the policy and reward model for a candidate rank 0 writes into the registry."""
 
@@ -67,7 +75,7 @@ class SaveCheckpoint:
     """Gather everything a checkpoint holds; rank 0 writes it."""
 
 
-Order = Idle | Stop | UpdateRewardModel | TakePPOStep | RestartPolicy | SaveCandidate | SaveCheckpoint
+Order = Idle | Stop | UpdateRewardModel | TakePPOStep | RestartPolicy | AnchorPolicy | SaveCandidate | SaveCheckpoint
 
 
 def rank_seed(seed: int, rank: int, phase: int) -> int:
