@@ -32,8 +32,14 @@ from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, invocation, markdown_table
 from feedback.broker import free_port
-from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, InitModelReport, init_model
-from flywheel.registry import MODEL_SETTINGS_FILE, PolicyRegistry
+from flywheel.demo.init_model import (
+    DEMO_OPERATOR_CONFIG,
+    MARKER_FILE,
+    InitModelReport,
+    ensure_demo_model,
+    init_model,
+)
+from flywheel.registry import PolicyRegistry
 
 SERVER_START_TIMEOUT_S = 600
 PLATEAU_TOLERANCE = 0.03
@@ -112,7 +118,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         model_report = init_model(out / "demo-model", seed=seed)
     else:
         shutil.copytree(args.fresh_model, out / "demo-model")
-        (out / "demo-model" / MODEL_SETTINGS_FILE).write_text(DEMO_SETTINGS)  # this checkout's settings
+        ensure_demo_model(out / "demo-model")  # this checkout's settings
         model_report = InitModelReport.model_validate_json((out / "demo-model" / MARKER_FILE).read_text())
     init_seconds = model_report.seconds if args.fresh_model else time.monotonic() - started
 
