@@ -319,3 +319,23 @@ def test_the_kl_penalty_holds_the_policy_near_live_and_the_gates_kl_stays_to_the
         torch.testing.assert_close(policy_logits(resumed, batch), at_reference, rtol=0, atol=1e-5)
     finally:
         resumed.close()
+
+
+def test_ppo_steps_wait_while_the_gate_decides_the_trainers_candidate_or_a_canary(trainer):
+    registry = trainer.registry
+    assert trainer.waiting_for_gate() is None, "nothing proposed yet"
+    own = trainer.publish_candidate().policy_version
+    assert trainer.waiting_for_gate() == own, "the gate has not judged it"
+    assert sample(trainer, "flywheel_trainer_waiting_for_gate") == own
+
+    registry.start_canary(own, against=1, share=0.5)
+    assert trainer.waiting_for_gate() == own, "its online test runs"
+    registry.close_canary(own, approved=False, checks=[], reason="users liked it less")
+    assert trainer.waiting_for_gate() is None
+    assert sample(trainer, "flywheel_trainer_waiting_for_gate") == 0
+
+    other = trainer.publish_candidate().policy_version
+    registry.record_verdict(other, approved=False, checks=[])  # judged, then put in a canary by hand
+    assert trainer.waiting_for_gate() is None
+    registry.start_canary(other, against=1, share=0.5)
+    assert trainer.waiting_for_gate() == other

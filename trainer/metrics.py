@@ -104,6 +104,11 @@ class TrainerMetrics:
             ["check"],
             registry=registry,
         )
+        self.waiting_for_gate = Gauge(
+            "flywheel_trainer_waiting_for_gate",
+            "The version whose decision PPO steps wait for (the trainer's last candidate, or a canary); 0 when none.",
+            registry=registry,
+        )
         self.kl_to_live = Gauge(
             "flywheel_trainer_kl_to_live",
             "KL(policy ‖ live policy) at the last pre-check, nats per answer.",
