@@ -68,7 +68,7 @@ MODEL_DIR_MAY_SET = {
         "checkpoint_every_steps",
         "restart_after_rejections",
         "precheck_candidates",
-        "min_reward_gain",
+        "min_thumbs_up_gain",
         "restart_after_withheld",
         "seed",
         "torch_threads",

@@ -15,6 +15,7 @@ Real parts: the demo model, a real registry on disk, demo golden prompts, and he
 logged as the server logs them. No broker: the trainer's decisions are called directly.
 """
 
+import math
 import random
 
 import pytest
@@ -31,7 +32,7 @@ from trainer.gate_checks import DegenerationRates, PolicyEval
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
 from trainer.ppo import TokenBatch
-from trainer.precheck import drift_checks_failed, reward_gain_check
+from trainer.precheck import drift_checks_failed, predicted_thumbs_up_rate, thumbs_up_gain_check
 
 
 def trainer_that_saw_traffic(model_path, tokenizer, tmp_path, **sections: dict) -> Trainer:
@@ -72,21 +73,25 @@ def sample(trainer: Trainer, name: str, **labels) -> float | None:
     return trainer.metrics.registry.get_sample_value(name, labels or None)
 
 
-def test_reward_gain_asks_the_candidates_mean_reward_to_beat_lives_by_more_than_the_margin():
+def test_thumbs_up_gain_asks_the_predicted_thumbs_up_rate_to_beat_lives_by_more_than_the_margin():
     def scored(*scores: float) -> PolicyEval:
         return PolicyEval(list(scores), 0.0, DegenerationRates(0.0, 0.0, 0.0), 1.0)
 
-    # means 0.5 and 0.2: a gain of 0.3
-    check = reward_gain_check(scored(0.0, 1.0), scored(0.4, 0.0), min_gain=0.25)
-    assert check.passed and check.value == pytest.approx(0.3)
-    assert not reward_gain_check(scored(0.0, 1.0), scored(0.4, 0.0), min_gain=0.35).passed
-    assert not reward_gain_check(scored(1.0, 2.0), scored(1.0, 2.0), min_gain=0.0).passed, "equal is no gain"
+    assert predicted_thumbs_up_rate([0.0, math.log(3)]) == pytest.approx((0.5 + 0.75) / 2)
+    assert predicted_thumbs_up_rate([-1000.0, 1000.0]) == pytest.approx(0.5), "σ saturates rather than overflows"
+    # rates 0.625 and 0.5: a gain of 0.125, in probability; as mean logits it would be 0.55
+    check = thumbs_up_gain_check(scored(0.0, math.log(3)), scored(0.0, 0.0), min_gain=0.1)
+    assert check.passed and check.value == pytest.approx(0.125)
+    assert not thumbs_up_gain_check(scored(0.0, math.log(3)), scored(0.0, 0.0), min_gain=0.15).passed
+    # a large rise of the score where users already like the answer is a small rise of their thumbs
+    assert not thumbs_up_gain_check(scored(5.0, 0.0), scored(3.0, 0.0), min_gain=0.05).passed
+    assert not thumbs_up_gain_check(scored(1.0, 2.0), scored(1.0, 2.0), min_gain=0.0).passed, "equal is no gain"
 
 
 def test_only_checks_the_reward_model_does_not_judge_say_a_policy_drifted():
-    assert drift_checks_failed(["reward_score", "reward_gain"]) == []
-    assert drift_checks_failed(["reward_gain"]) == []
-    assert drift_checks_failed(["reward_score", "golden_accuracy", "reward_gain"]) == ["golden_accuracy"]
+    assert drift_checks_failed(["reward_score", "thumbs_up_gain"]) == []
+    assert drift_checks_failed(["thumbs_up_gain"]) == []
+    assert drift_checks_failed(["reward_score", "golden_accuracy", "thumbs_up_gain"]) == ["golden_accuracy"]
     assert drift_checks_failed(["kl_to_reference", "degenerate_rate", "safety_violation_rate"]) == [
         "kl_to_reference",
         "degenerate_rate",
@@ -102,12 +107,12 @@ def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_
     # live itself: the gate would pass it, at no distance from live, but it is no better: not worth a swap
     assert trainer.propose_candidate() is None and registry.latest() == 1
     result = trainer.last_precheck
-    assert result.verdict.approved and result.failed == ["reward_gain"] and result.kl_to_live == 0.0
-    assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="reward_gain") == 1
+    assert result.verdict.approved and result.failed == ["thumbs_up_gain"] and result.kl_to_live == 0.0
+    assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="thumbs_up_gain") == 1
     assert sample(trainer, "flywheel_trainer_kl_to_live") == 0.0
     assert trainer.state.withheld_in_a_row == 0, "no better is not drifted: it does not count toward a restart"
 
-    trainer.precheck.min_reward_gain = -1.0  # a trainer proposing whatever the gate would pass
+    trainer.precheck.min_thumbs_up_gain = -1.0  # a trainer proposing whatever the gate would pass
     proposed = trainer.propose_candidate()
     assert proposed is not None and registry.latest() == proposed.policy_version == 2
 
@@ -131,7 +136,7 @@ def test_a_candidate_the_gate_would_reject_is_withheld_and_one_it_would_approve_
 
 def test_no_candidate_is_proposed_while_the_gate_decides_a_canary(trainer):
     registry = trainer.registry
-    trainer.precheck.min_reward_gain = -1.0  # a trainer proposing whatever the gate would pass
+    trainer.precheck.min_thumbs_up_gain = -1.0  # a trainer proposing whatever the gate would pass
     canary = trainer.propose_candidate().policy_version
     registry.start_canary(canary, against=1, share=0.5)
 
@@ -170,7 +175,11 @@ def test_the_policy_restarts_from_live_when_live_moves_outside_its_lineage(train
 def adapter_trainer(model_path, tokenizer, tmp_path):
     """As `trainer`, in adapter mode (policy.adapter = lora), proposing whatever the gate would pass."""
     opened = trainer_that_saw_traffic(
-        model_path, tokenizer, tmp_path, policy={"adapter": "lora", "lora_rank": 4}, trainer={"min_reward_gain": -1.0}
+        model_path,
+        tokenizer,
+        tmp_path,
+        policy={"adapter": "lora", "lora_rank": 4},
+        trainer={"min_thumbs_up_gain": -1.0},
     )
     yield opened
     opened.close()
@@ -243,7 +252,7 @@ def test_a_candidate_only_the_reward_model_finds_wanting_keeps_training_instead_
         assert trainer.propose_candidate() is None
         result = trainer.last_precheck
         assert "reward_score" in result.verdict.failed, "the gate would reject it on the reward model's word"
-        assert set(result.failed) <= {"reward_score", "reward_gain"}, f"only the reward checks fail: {result.failed}"
+        assert set(result.failed) <= {"reward_score", "thumbs_up_gain"}, f"only the reward checks fail: {result.failed}"
         assert sample(trainer, "flywheel_trainer_candidates_withheld_total", check="reward_score") == withheld
 
     assert trainer.state.withheld_in_a_row == 0, "not better yet is not drifted: it does not count toward a restart"

@@ -236,10 +236,13 @@ class TrainerSettings(BaseModel):
         description="Propose a candidate only when the gate's checks (gate.thresholds, on golden and held-out "
         "prompts) pass on the trainer's own evaluation against live; off, every candidate_every_steps-th policy goes.",
     )
-    min_reward_gain: float = Field(
-        0.0,
-        description="With the pre-check on, a candidate is proposed only when its mean reward on the eval set beats "
-        "live's by more than this, in reward-model units: a policy no better than live is not worth a swap.",
+    min_thumbs_up_gain: float = Field(
+        0.05,
+        ge=-1,
+        lt=1,
+        description="With the pre-check on, a candidate is proposed only when the reward model predicts its thumbs-up "
+        "rate on the eval set above live's by more than this (absolute): a policy no better than live is not worth a "
+        "swap, and one less better than about half of gate.canary.min_improvement mostly fails the canary.",
     )
     restart_after_withheld: int = Field(
         3,

@@ -231,7 +231,7 @@ class Trainer:
         # The pre-check evaluates whole weights on rank 0 alone: under FSDP no rank holds them.
         precheck = (
             CandidatePrecheck(
-                config.gate, config.reward_model.heldout_fraction, tokenizer, config.trainer.min_reward_gain
+                config.gate, config.reward_model.heldout_fraction, tokenizer, config.trainer.min_thumbs_up_gain
             )
             if config.trainer.precheck_candidates and ranks.leads and not ranks.sharded
             else None
@@ -588,8 +588,8 @@ class Trainer:
         return self.publish_candidate() if self.candidate_passes_precheck() else None
 
     def candidate_passes_precheck(self) -> bool:
-        """Run the gate's checks on the policy against live; a candidate that fails one, or is no better than
-        live (trainer.min_reward_gain), is withheld.
+        """Run the gate's checks on the policy against live; a candidate that fails one, or that the reward model
+        predicts no more than trainer.min_thumbs_up_gain better liked than live, is withheld.
 
         True without a pre-check, and when the eval set cannot be judged (then the gate decides).
         """

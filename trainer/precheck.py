@@ -4,9 +4,11 @@ A candidate the gate rejects costs a gate evaluation and a full copy in the regi
 trainer whose policy drifted keeps proposing them. So at candidate time the trainer evaluates
 its policy against live exactly as the gate will (trainer/policy_eval.py, the same rules, the
 same `gate` settings) on the golden prompts and the held-out prompts it saw in traffic, and
-proposes only when every check passes and the policy is worth proposing: its mean reward beats
-live's (`reward_gain`, the trainer's own rule; a policy no better than live would pass the gate's
-non-inferiority check, and cost a swap for nothing). It also measures how far its policy is from live.
+proposes only when every check passes and the policy is worth proposing: the reward model predicts
+that users give it more thumbs up than live by at least `trainer.min_thumbs_up_gain` (`thumbs_up_gain`,
+the trainer's own rule; a policy no better than live would pass the gate's non-inferiority check and
+cost a swap for nothing, and one only a little better fails the canary, which asks for a rise of
+`gate.canary.min_improvement`). It also measures how far its policy is from live.
 
 Only a candidate that fails a check the reward model does not judge (KL, safety, degeneration,
 golden answers) has drifted; one that fails only the reward checks is not better yet, by a reward
@@ -17,10 +19,11 @@ scores are taken again each time, as the reward model moves.
 """
 
 import logging
-import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scipy.special import expit
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.v1 import events_pb2
@@ -39,8 +42,8 @@ from trainer.reward_model import RewardModelTrainer, load_policy
 
 log = logging.getLogger(__name__)
 
-REWARD_GAIN_CHECK = "reward_gain"
-CHECKS_JUDGED_BY_REWARD_MODEL = frozenset({REWARD_SCORE_CHECK, REWARD_GAIN_CHECK})
+THUMBS_UP_GAIN_CHECK = "thumbs_up_gain"
+CHECKS_JUDGED_BY_REWARD_MODEL = frozenset({REWARD_SCORE_CHECK, THUMBS_UP_GAIN_CHECK})
 
 
 def drift_checks_failed(failed: list[str]) -> list[str]:
@@ -55,7 +58,7 @@ class PrecheckResult:
     measured (nats per answer)."""
 
     verdict: GateVerdict
-    reward_gain: GateCheck
+    thumbs_up_gain: GateCheck
     live_version: int
     kl_to_reference: float
     kl_to_live: float
@@ -63,11 +66,11 @@ class PrecheckResult:
 
     @property
     def propose(self) -> bool:
-        return self.verdict.approved and self.reward_gain.passed
+        return self.verdict.approved and self.thumbs_up_gain.passed
 
     @property
     def checks(self) -> list[GateCheck]:
-        return [*self.verdict.checks, self.reward_gain]
+        return [*self.verdict.checks, self.thumbs_up_gain]
 
     @property
     def failed(self) -> list[str]:
@@ -79,16 +82,23 @@ class PrecheckResult:
         return bool(drift_checks_failed(self.failed))
 
 
-def reward_gain_check(candidate: PolicyEval, live: PolicyEval, min_gain: float) -> GateCheck:
-    """Whether the candidate's mean reward beats live's by more than `min_gain` (reward-model units), on the
-    same prompts: worth a gate evaluation and a swap."""
-    gain = statistics.fmean(candidate.reward_scores) - statistics.fmean(live.reward_scores)
+def predicted_thumbs_up_rate(reward_scores: Sequence[float]) -> float:
+    """The share of thumbs up the reward model predicts for these answers: the mean of σ(score), as its
+    pointwise loss trains σ(score) toward the chance of a thumbs up."""
+    return float(expit(list(reward_scores)).mean())
+
+
+def thumbs_up_gain_check(candidate: PolicyEval, live: PolicyEval, min_gain: float) -> GateCheck:
+    """Whether the reward model predicts the candidate's thumbs-up rate above live's by more than `min_gain`
+    (an absolute rise, as the canary's), on the same prompts: worth a gate evaluation, a canary and a swap."""
+    gain = predicted_thumbs_up_rate(candidate.reward_scores) - predicted_thumbs_up_rate(live.reward_scores)
     return GateCheck(
-        name=REWARD_GAIN_CHECK,
+        name=THUMBS_UP_GAIN_CHECK,
         value=gain,
         threshold=min_gain,
         passed=gain > min_gain,
-        detail=f"mean reward candidate − live {gain:+.4f} on {len(candidate.reward_scores)} prompts; must be > {min_gain:+.4f}",
+        detail=f"predicted thumbs-up rate candidate − live {gain:+.3f} on {len(candidate.reward_scores)} prompts; "
+        f"must be > {min_gain:+.3f}",
     )
 
 
@@ -108,10 +118,10 @@ class CandidatePrecheck:
         settings: CandidateCheckSettings,
         heldout_fraction: float,
         tokenizer: PreTrainedTokenizerBase,
-        min_reward_gain: float = 0.0,
+        min_thumbs_up_gain: float = 0.0,
     ):
         self.settings = settings
-        self.min_reward_gain = min_reward_gain
+        self.min_thumbs_up_gain = min_thumbs_up_gain
         self.tokenizer = tokenizer
         self.heldout = HeldoutPrompts(settings.heldout_prompts, heldout_fraction, settings.max_principal_share)
         golden_path = settings.golden_path()
@@ -162,7 +172,7 @@ class CandidatePrecheck:
         verdict = decide(
             candidate_eval, live_eval, self.settings.thresholds, kl_to_reference, self._reference_golden_accuracy
         )
-        gain = reward_gain_check(candidate_eval, live_eval, self.min_reward_gain)
+        gain = thumbs_up_gain_check(candidate_eval, live_eval, self.min_thumbs_up_gain)
         return PrecheckResult(verdict, gain, live_version, kl_to_reference, kl_to_live, len(prompts))
 
     def _base_reference(self, base_path: Path, device) -> PreTrainedModel:
