@@ -8,13 +8,15 @@ better than live by at least δ? The hypotheses, for the canary's thumbs-up rate
     H0: p = p0          no better than live (p0: live's observed rate over the same window)
     H1: p = p0 + δ      better by δ (absolute)
 
-Wald's SPRT on the canary's votes (rollback.py has the same test on thumbs-down): promote at
-the upper bound, reject at the lower. α = chance of promoting a canary no better than live;
-β = chance of rejecting one δ better. A canary worse than live drives the ratio down faster
-than an equal one, so it is rejected sooner. Live's rate is taken as known: it has
-(1 − share) / share times the canary's votes, and both need `min_votes` before any decision.
-A canary still undecided after `max_votes` of its own votes, or `max_hours`, is rejected: not
-shown better.
+Wald's SPRT on the difference of the two observed rates (rollback.py tests thumbs-down the same
+way, and holds the ratio): promote at the upper bound, reject at the lower. α = chance of promoting a canary no better
+than live; β = chance of rejecting one δ better. Live's rate is an estimate too, from as few votes
+as the canary's at a share of one half: the ratio is that of the normal approximation of the
+difference, whose variance counts both versions' votes (`rate_rise_log_likelihood_ratio`). Taking
+live's rate as known instead promoted a canary equal to live one time in five at share 0.5, not α.
+A canary worse than live drives the ratio down faster than an equal one, so it is rejected sooner.
+Both versions need `min_votes` before any decision. A canary still undecided after `max_votes` of
+its own votes, or `max_hours`, is rejected: not shown better.
 
 An adapter canary answers `share` of users in every server's engine. A whole-weight canary is
 served by the canary replicas (server.canary_replica), `replica_share` of all: the replicas and
@@ -26,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from gate.rollback import RATE_EPSILON, binomial_log_likelihood_ratio, observed_rate, wald_bounds
+from gate.rollback import observed_rate, rate_rise_log_likelihood_ratio, wald_bounds
 
 
 class CanarySettings(BaseModel):
@@ -86,7 +88,7 @@ class CanaryTest:
 
     decision: CanaryDecision
     log_likelihood_ratio: float
-    """ln P(canary's votes | H1) / P(canary's votes | H0); 0 while live has no votes."""
+    """ln P(votes | H1) / P(votes | H0) (`rate_rise_log_likelihood_ratio`); 0 while either version has no votes."""
     lower: float
     """Reject at or below it: ln(β / (1 − α))."""
     upper: float
@@ -128,17 +130,13 @@ def canary_test(
     hours_running: float = 0.0,
 ) -> CanaryTest:
     """Promote, reject, or keep watching a canary, from both versions' thumbs-up counts over the same window,
-    `hours_running` since it started.
-
-    H0 takes p0 = live's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
-    """
+    `hours_running` since it started (H0: equal rates; H1: the canary's higher by δ)."""
     live_rate = observed_rate(live_up, live_total, "live", "thumbs-up")
     canary_rate = observed_rate(canary_up, canary_total, "canary", "thumbs-up")
     lower, upper = wald_bounds(settings.false_promote_rate, settings.false_reject_rate)
     llr = 0.0
-    if live_total:
-        p0 = min(max(live_rate, RATE_EPSILON), 1.0 - settings.min_improvement - RATE_EPSILON)
-        llr = binomial_log_likelihood_ratio(canary_up, canary_total, p0, p0 + settings.min_improvement)
+    if live_total and canary_total:
+        llr = rate_rise_log_likelihood_ratio(live_up, live_total, canary_up, canary_total, settings.min_improvement)
     decision: CanaryDecision = "continue"
     budget_spent = ""
     if min(live_total, canary_total) >= settings.min_votes:

@@ -5,19 +5,20 @@ wastes traffic on a bad version; peeking at a fixed-sample test after every vote
 false-alarm rate. Wald's SPRT is built to be looked at after every vote: it keeps one running
 log-likelihood ratio and stops the first time it leaves a band.
 
-The hypotheses, for the new version's thumbs-down rate p:
+The hypotheses, for the new version's thumbs-down rate p and its parent's p0:
 
-    H0: p = p0          the new version is as good as its parent (p0: the parent's observed rate)
+    H0: p = p0          the new version is as good as its parent
     H1: p = p0 + δ      it is worse by at least δ (absolute)
 
 Per version, the chance of rolling back a version no worse than its parent is about α (the
 false-alarm rate), and the chance of keeping one that is δ worse is about β (the miss rate).
 Both are per new version tested: over many versions, expect about α × versions false rollbacks.
 
-The parent's rate is treated as known, though it is itself an estimate. This is an
-approximation: it holds when the parent has many more votes than the test needs (it served for
-a long time before), and the test demands `min_votes` for the parent too. When the parent's
-observed rate is below its true rate, the real false-alarm rate exceeds α.
+The parent's rate is an estimate too, from few votes when it served briefly: the ratio is that of
+the normal approximation of the difference of the two observed rates, whose variance counts both
+versions' votes (`rate_rise_log_likelihood_ratio`; gate/canary.py tests thumbs-up the same way).
+Taking the parent's rate as known instead raises the false-alarm rate above α whenever the parent
+has about as few votes as the new version.
 
 A decision is final: once `sprt_decision` says "rollback" or "keep", stop testing that version.
 Feeding it more votes after "keep" lets the ratio wander back up: false alarms beyond α.
@@ -29,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-# Keeps log(p1 / p0) and log((1 − p1) / (1 − p0)) finite when the parent's rate is 0 or near 1.
+# Keeps the variance of the rates' difference above 0 when every vote is the same.
 RATE_EPSILON = 1e-3
 
 
@@ -59,7 +60,7 @@ class SPRTResult:
 
     decision: Literal["rollback", "keep", "continue"]
     log_likelihood_ratio: float
-    """ln P(votes | H1) / P(votes | H0), natural log; 0 while the parent has no votes."""
+    """ln P(votes | H1) / P(votes | H0) (`rate_rise_log_likelihood_ratio`); 0 while either version has no votes."""
     upper: float
     """ln((1 − β) / α): roll back at or above it."""
     lower: float
@@ -81,12 +82,23 @@ def sprt_bounds(settings: ThumbsDownSPRT) -> tuple[float, float]:
     return wald_bounds(settings.false_alarm_rate, settings.miss_rate)
 
 
-def binomial_log_likelihood_ratio(hits: int, total: int, p0: float, p1: float) -> float:
-    """ln of P(hits of total | rate p1) / P(hits of total | rate p0) for independent votes.
+def rate_rise_log_likelihood_ratio(
+    base_hits: int, base_total: int, new_hits: int, new_total: int, rise: float
+) -> float:
+    """ln of P(votes | new rate = base rate + rise) / P(votes | the rates are equal), for the difference of the
+    observed rates taken as normal, its variance from both samples:
 
-    = hits · ln(p1 / p0) + (total − hits) · ln((1 − p1) / (1 − p0)); needs 0 < p0, p1 < 1.
+        D = new_hits / new_total − base_hits / base_total
+        v = p̄ (1 − p̄) (1 / new_total + 1 / base_total),  p̄ = both hits / both totals, clamped into [ε, 1 − ε]
+        ln Λ = rise · (D − rise / 2) / v
+
+    With the base's votes unbounded this is, to first order, the binomial SPRT's ratio against the base's rate
+    taken as known. Both totals must be above 0.
     """
-    return hits * math.log(p1 / p0) + (total - hits) * math.log((1.0 - p1) / (1.0 - p0))
+    pooled = min(max((base_hits + new_hits) / (base_total + new_total), RATE_EPSILON), 1.0 - RATE_EPSILON)
+    variance = pooled * (1.0 - pooled) * (1.0 / new_total + 1.0 / base_total)
+    difference = new_hits / new_total - base_hits / base_total
+    return rise * (difference - rise / 2.0) / variance
 
 
 def observed_rate(hits: int, total: int, who: str, what: str = "thumbs-down") -> float:
@@ -103,16 +115,15 @@ def sprt_decision(
 
     parent_down / parent_total: thumbs-down and all thumbs votes of the parent version.
     new_down / new_total: the same for the new version, counted since it went live.
-    H0 takes p0 = the parent's rate clamped into [ε, 1 − δ − ε], H1 takes p1 = p0 + δ.
+    H0: equal rates; H1: the new version's higher by δ (`rate_rise_log_likelihood_ratio`).
     """
     parent_rate = observed_rate(parent_down, parent_total, "parent")
     new_rate = observed_rate(new_down, new_total, "new version")
     lower, upper = sprt_bounds(settings)
-    if parent_total == 0:
+    if parent_total == 0 or new_total == 0:
         return SPRTResult("continue", 0.0, upper, lower, parent_rate, new_rate)
 
-    p0 = min(max(parent_rate, RATE_EPSILON), 1.0 - settings.min_increase - RATE_EPSILON)
-    llr = binomial_log_likelihood_ratio(new_down, new_total, p0, p0 + settings.min_increase)
+    llr = rate_rise_log_likelihood_ratio(parent_down, parent_total, new_down, new_total, settings.min_increase)
     if min(parent_total, new_total) < settings.min_votes:
         decision = "continue"
     elif llr >= upper:

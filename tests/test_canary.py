@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -25,15 +26,16 @@ SETTINGS = CanarySettings(false_promote_rate=0.05, false_reject_rate=0.10, min_i
 
 
 def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
-    # Bounds: ln(0.10 / 0.95) = -2.2513 and ln(0.90 / 0.05) = ln 18 = 2.8904.
-    # Live 50 up of 100: p0 = 0.5, p1 = 0.6; a thumbs-up adds ln(0.6/0.5) = 0.18232, a thumbs-down ln(0.4/0.5) = -0.22314.
-    better = canary_test(50, 100, 24, 30, SETTINGS)  # 24 × 0.18232 − 6 × 0.22314 = 3.0368 ≥ 2.8904
-    assert better.decision == "promote" and better.log_likelihood_ratio == pytest.approx(3.0368, abs=1e-4)
+    # Bounds: ln(0.10 / 0.95) = -2.2513 and ln(0.90 / 0.05) = ln 18 = 2.8904. ln Λ = δ (D − δ/2) / v, δ = 0.1,
+    # v = p̄ (1 − p̄) (1/30 + 1/100) with p̄ both versions' ups over 130 votes.
+    better = canary_test(50, 100, 26, 30, SETTINGS)  # D = 0.36667, p̄ = 76/130: v = 0.010523, ln Λ = 3.0093
+    assert better.decision == "promote" and better.log_likelihood_ratio == pytest.approx(3.0093, abs=1e-4)
     assert better.lower == pytest.approx(-2.2513, abs=1e-4) and better.upper == pytest.approx(2.8904, abs=1e-4)
     assert "canary better" in better.reason()
-    same = canary_test(50, 100, 15, 30, SETTINGS)  # 15 × 0.18232 − 15 × 0.22314 = −0.6123: between the bounds
-    assert same.decision == "continue" and same.log_likelihood_ratio == pytest.approx(-0.6123, abs=1e-4)
-    worse = canary_test(50, 100, 10, 30, SETTINGS)  # 10 × 0.18232 − 20 × 0.22314 = −2.6397 ≤ −2.2513
+    assert canary_test(50, 100, 25, 30, SETTINGS).decision == "continue"  # D = 0.33333: ln Λ = 2.6788
+    same = canary_test(50, 100, 15, 30, SETTINGS)  # D = 0, p̄ = 0.5: v = 0.010833, ln Λ = −0.4615: between the bounds
+    assert same.decision == "continue" and same.log_likelihood_ratio == pytest.approx(-0.4615, abs=1e-4)
+    worse = canary_test(50, 100, 9, 30, SETTINGS)  # D = −0.2, p̄ = 59/130: v = 0.010741, ln Λ = −2.3275 ≤ −2.2513
     assert worse.decision == "reject" and "not better" in worse.reason()
     assert canary_test(50, 100, 29, 29, SETTINGS).decision == "continue"  # below min_votes, however good
     assert canary_test(5, 29, 30, 30, SETTINGS).decision == "continue"  # live below min_votes
@@ -42,6 +44,49 @@ def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
     assert canary_test(0, 0, 0, 0, SETTINGS).log_likelihood_ratio == 0.0 and math.isnan(
         canary_test(0, 0, 0, 0, SETTINGS).live_rate
     )
+    assert canary_test(50, 100, 0, 0, SETTINGS).log_likelihood_ratio == 0.0  # no canary votes yet
+
+
+def test_lives_rate_counts_as_an_estimate_from_its_own_votes():
+    # The canary's 60 % against live's 30 %: over 3,000 live votes that is proof (v = 0.30297 · 0.69703 ·
+    # (1/30 + 1/3000) = 0.0071098, ln Λ = 3.5163); over 30 live votes live's 30 % is as uncertain as the
+    # canary's 60 % (v = 0.45 · 0.55 · 2/30 = 0.0165, ln Λ = 1.5152): not yet. Live's rate taken as known
+    # would promote both (binomial ln Λ = 18 ln(0.4/0.3) + 12 ln(0.6/0.7) = 3.3283).
+    many = canary_test(900, 3000, 18, 30, SETTINGS)
+    assert many.decision == "promote" and many.log_likelihood_ratio == pytest.approx(3.5163, abs=1e-4)
+    few = canary_test(9, 30, 18, 30, SETTINGS)
+    assert few.decision == "continue" and few.log_likelihood_ratio == pytest.approx(1.5152, abs=1e-4)
+
+
+def promoted_share(live_rate: float, canary_rate: float, runs: int, seed: int, share: float = 0.5) -> float:
+    """Share of simulated canaries promoted, each vote going to the canary with chance `share`, each canary
+    voted on until the test decides."""
+    rng = np.random.default_rng(seed)
+    promoted = 0
+    for _ in range(runs):
+        to_canary = rng.random(4 * SETTINGS.max_votes) < share
+        up = rng.random(to_canary.size) < np.where(to_canary, canary_rate, live_rate)
+        canary_votes, canary_ups = np.cumsum(to_canary), np.cumsum(to_canary & up)
+        live_votes, live_ups = np.cumsum(~to_canary), np.cumsum(~to_canary & up)
+        for vote in range(to_canary.size):
+            test = canary_test(
+                int(live_ups[vote]), int(live_votes[vote]), int(canary_ups[vote]), int(canary_votes[vote]), SETTINGS
+            )
+            if test.decision != "continue":
+                promoted += test.decision == "promote"
+                break
+    return promoted / runs
+
+
+def test_a_canary_no_better_than_live_is_promoted_about_alpha_of_the_time_at_a_share_of_one_half():
+    # 300 runs: the share's standard error is about √(0.05 · 0.95 / 300) ≈ 0.013. Live's rate taken as known
+    # promoted 16 % of 400 such runs.
+    assert promoted_share(live_rate=0.3, canary_rate=0.3, runs=300, seed=0) <= SETTINGS.false_promote_rate + 0.03
+
+
+def test_a_canary_better_by_delta_is_promoted_with_power_about_one_minus_beta_at_a_share_of_one_half():
+    # Live's rate taken as known promoted 80 % of 300 such runs.
+    assert promoted_share(live_rate=0.3, canary_rate=0.4, runs=200, seed=1) >= 1 - SETTINGS.false_reject_rate - 0.05
 
 
 def test_a_canary_undecided_past_its_time_budget_is_rejected_even_with_no_votes():
@@ -50,7 +95,7 @@ def test_a_canary_undecided_past_its_time_budget_is_rejected_even_with_no_votes(
     unserved = canary_test(0, 0, 0, 0, SETTINGS, hours_running=24.0)
     assert unserved.decision == "reject" and "time budget" in unserved.reason()
     assert canary_test(50, 100, 15, 30, SETTINGS, hours_running=25.0).decision == "reject"  # undecided by votes
-    assert canary_test(50, 100, 24, 30, SETTINGS, hours_running=25.0).decision == "promote"  # decided by votes
+    assert canary_test(50, 100, 26, 30, SETTINGS, hours_running=25.0).decision == "promote"  # decided by votes
 
 
 def test_a_canary_answers_its_share_of_users_and_each_user_stays_on_one_side():
@@ -168,7 +213,7 @@ def gate_on(registry: PolicyRegistry, tmp_path: Path) -> Gate:
     return Gate(settings, RewardModelSettings(), registry, GateMetrics(CollectorRegistry()))
 
 
-@pytest.mark.parametrize("canary_ups, decision", [(24, "promote"), (10, "reject")])
+@pytest.mark.parametrize("canary_ups, decision", [(26, "promote"), (9, "reject")])
 def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_like_worse(
     registry, tmp_path, canary_ups, decision
 ):
@@ -207,14 +252,14 @@ def test_flywheel_canary_shows_the_share_the_votes_the_test_and_past_decisions(r
     gate = gate_on(registry, tmp_path)
     gate.take(votes(1, 50, 100, "live"))
     gate.take(votes(version, 15, 30, "canary"))
-    assert gate.canary_due() is None  # undecided: −0.61 between the bounds
+    assert gate.canary_due() is None  # undecided: −0.46 between the bounds
     shown = canary_report(
         registry.canary(), gate_samples(generate_latest(gate.metrics.registry).decode()), past_canaries(registry)
     )
     assert f"canary: policy {version} answers 25.0% of users beside live 1" in shown
     assert "live      100 votes, thumbs-up 50.0%" in shown and "canary     30 votes, thumbs-up 50.0%" in shown
-    assert "log-likelihood ratio -0.61; reject at <= -2.25, promote at >= 2.89" in shown
-    gate.take(votes(version, 0, 10, "more"))  # 10 more downs: −0.61 − 2.23 = −2.84, rejected
+    assert "log-likelihood ratio -0.46; reject at <= -2.25, promote at >= 2.89" in shown
+    gate.take(votes(version, 0, 20, "more"))  # 20 more downs: 15 up of 50 against 50 of 100, −3.39: rejected
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_REJECTED
     shown = canary_report(registry.canary(), None, past_canaries(registry))
     assert shown.startswith("no canary running") and f"policy {version}: rejected: canary not better" in shown
@@ -232,7 +277,7 @@ def test_an_operator_rejects_the_canary_and_the_gates_later_decision_writes_noth
     gate = gate_on(registry, tmp_path)
     gate.metrics.canary_version.set(version)  # as the gate set it when it started the canary
     gate.take(votes(1, 50, 100, "live"))
-    gate.take(votes(version, 24, 30, "canary"))  # the online test would promote it now
+    gate.take(votes(version, 26, 30, "canary"))  # the online test would promote it now
 
     event = reject_canary(registry, "users report wrong sums")
     assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == version

@@ -137,7 +137,7 @@ def test_a_whole_weight_candidate_goes_to_the_canary_replica_and_promoted_stays_
     assert live.metric("flywheel_canary_version") == 0
 
     gate.take(votes(1, 50, 100, "live"))
-    gate.take(votes(2, 24, 30, "canary"))
+    gate.take(votes(2, 26, 30, "canary"))
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_APPROVED
     assert registry.live().version == 2
 
@@ -159,7 +159,7 @@ def test_a_rejected_canary_sends_the_canary_replica_back_to_live(replicas):
 
     gate = gate_on(registry)
     gate.take(votes(1, 50, 100, "live"))
-    gate.take(votes(2, 10, 30, "canary"))
+    gate.take(votes(2, 9, 30, "canary"))
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_REJECTED
     assert registry.live().version == 1
 
