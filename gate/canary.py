@@ -5,7 +5,7 @@ beside the live version. Each vote on either is counted from the moment the cana
 so both face the same traffic, hours and users mix. The question is one-sided: is the canary
 better than live by at least δ? The hypotheses, for the canary's thumbs-up rate p:
 
-    H0: p = p0          no better than live (p0: live's observed rate over the same window)
+    H0: p = p0          no better than live (p0: live's rate over the same window, itself estimated)
     H1: p = p0 + δ      better by δ (absolute)
 
 Wald's SPRT on the difference of the two observed rates (rollback.py tests thumbs-down the same
@@ -13,7 +13,8 @@ way, and holds the ratio): promote at the upper bound, reject at the lower. α =
 than live; β = chance of rejecting one δ better. Live's rate is an estimate too, from as few votes
 as the canary's at a share of one half: the ratio is that of the normal approximation of the
 difference, whose variance counts both versions' votes (`rate_rise_log_likelihood_ratio`). Taking
-live's rate as known instead promoted a canary equal to live one time in five at share 0.5, not α.
+live's rate as known instead promoted 16 % of canaries equal to live at share 0.5, not α
+(tests/test_canary.py).
 A canary worse than live drives the ratio down faster than an equal one, so it is rejected sooner.
 Both versions need `min_votes` before any decision. A canary still undecided after `max_votes` of
 its own votes, or `max_hours`, is rejected: not shown better.
@@ -26,12 +27,13 @@ the load balancer decide who it answers, and the test counts votes per version a
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from flywheel.settings import Settings
 from gate.rollback import observed_rate, rate_rise_log_likelihood_ratio, wald_bounds
 
 
-class CanarySettings(BaseModel):
+class CanarySettings(Settings):
     """The canary: the share of users a candidate serves after the offline checks, and the online test."""
 
     share: float = Field(

@@ -17,8 +17,11 @@ Both are per new version tested: over many versions, expect about α × versions
 The parent's rate is an estimate too, from few votes when it served briefly: the ratio is that of
 the normal approximation of the difference of the two observed rates, whose variance counts both
 versions' votes (`rate_rise_log_likelihood_ratio`; gate/canary.py tests thumbs-up the same way).
-Taking the parent's rate as known instead raises the false-alarm rate above α whenever the parent
-has about as few votes as the new version.
+Taking the parent's rate as known instead rolled back 11 % of versions as good as a parent with
+100 votes, not α (tests/test_thumbs_sprt.py). The parent's votes stop when it leaves live, and they bound the evidence: against
+a parent at 20 % thumbs-down, a version δ worse was rolled back 16 % of the time with 100 parent
+votes, 83 % with 300 and 95 % with 1,000 (400 simulated versions each, up to 3,000 votes). A
+version whose parent served briefly is watched on weaker evidence; `flywheel rollback` remains.
 
 A decision is final: once `sprt_decision` says "rollback" or "keep", stop testing that version.
 Feeding it more votes after "keep" lets the ratio wander back up: false alarms beyond α.
@@ -28,13 +31,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from flywheel.settings import Settings
 
 # Keeps the variance of the rates' difference above 0 when every vote is the same.
 RATE_EPSILON = 1e-3
 
 
-class ThumbsDownSPRT(BaseModel):
+class ThumbsDownSPRT(Settings):
     """Settings of the automatic-rollback test."""
 
     false_alarm_rate: float = Field(
@@ -85,20 +90,35 @@ def sprt_bounds(settings: ThumbsDownSPRT) -> tuple[float, float]:
 def rate_rise_log_likelihood_ratio(
     base_hits: int, base_total: int, new_hits: int, new_total: int, rise: float
 ) -> float:
-    """ln of P(votes | new rate = base rate + rise) / P(votes | the rates are equal), for the difference of the
-    observed rates taken as normal, its variance from both samples:
+    """ln of the density of D, the difference of the observed rates taken as normal, when the new rate is the
+    base's plus `rise` (H1) over its density when they are equal (H0); each hypothesis its own variance, from
+    both samples (m = base_total, n = new_total):
 
-        D = new_hits / new_total − base_hits / base_total
-        v = p̄ (1 − p̄) (1 / new_total + 1 / base_total),  p̄ = both hits / both totals, clamped into [ε, 1 − ε]
-        ln Λ = rise · (D − rise / 2) / v
+        D  = new_hits / n − base_hits / m
+        v0 = p̄ (1 − p̄) (1/n + 1/m),        p̄ = (base_hits + new_hits) / (m + n), into [ε, 1 − ε]
+        v1 = q (1 − q) / m + (q + rise)(1 − q − rise) / n,   q = (base_hits + new_hits − n·rise) / (m + n),
+                                                             into [ε, 1 − rise − ε]
+        ln Λ = D² / (2 v0) − (D − rise)² / (2 v1) − ½ ln(v1 / v0)
 
-    With the base's votes unbounded this is, to first order, the binomial SPRT's ratio against the base's rate
-    taken as known. Both totals must be above 0.
+    H1's own variance matters at low rates, where (p + rise)(1 − p − rise) is several times p (1 − p): with
+    H0's in both, a canary δ better than a live at 1 % was promoted 79 % of the time, not 1 − β.
     """
-    pooled = min(max((base_hits + new_hits) / (base_total + new_total), RATE_EPSILON), 1.0 - RATE_EPSILON)
-    variance = pooled * (1.0 - pooled) * (1.0 / new_total + 1.0 / base_total)
+    if base_total < 1 or new_total < 1:
+        raise ValueError(f"the test needs votes on both versions, got {base_total} and {new_total}")
+    hits, total = base_hits + new_hits, base_total + new_total
+    pooled = min(max(hits / total, RATE_EPSILON), 1.0 - RATE_EPSILON)
+    variance_equal = pooled * (1.0 - pooled) * (1.0 / new_total + 1.0 / base_total)
+    base_if_risen = min(max((hits - new_total * rise) / total, RATE_EPSILON), 1.0 - rise - RATE_EPSILON)
+    new_if_risen = base_if_risen + rise
+    variance_risen = (
+        base_if_risen * (1.0 - base_if_risen) / base_total + new_if_risen * (1.0 - new_if_risen) / new_total
+    )
     difference = new_hits / new_total - base_hits / base_total
-    return rise * (difference - rise / 2.0) / variance
+    return (
+        difference**2 / (2.0 * variance_equal)
+        - (difference - rise) ** 2 / (2.0 * variance_risen)
+        - 0.5 * math.log(variance_risen / variance_equal)
+    )
 
 
 def observed_rate(hits: int, total: int, who: str, what: str = "thumbs-down") -> float:

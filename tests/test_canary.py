@@ -26,17 +26,18 @@ SETTINGS = CanarySettings(false_promote_rate=0.05, false_reject_rate=0.10, min_i
 
 
 def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
-    # Bounds: ln(0.10 / 0.95) = -2.2513 and ln(0.90 / 0.05) = ln 18 = 2.8904. ln Λ = δ (D − δ/2) / v, δ = 0.1,
-    # v = p̄ (1 − p̄) (1/30 + 1/100) with p̄ both versions' ups over 130 votes.
-    better = canary_test(50, 100, 26, 30, SETTINGS)  # D = 0.36667, p̄ = 76/130: v = 0.010523, ln Λ = 3.0093
-    assert better.decision == "promote" and better.log_likelihood_ratio == pytest.approx(3.0093, abs=1e-4)
+    # Bounds: ln(0.10 / 0.95) = -2.2513 and ln(0.90 / 0.05) = ln 18 = 2.8904. δ = 0.1; live 50 up of 100.
+    # ln Λ = D²/(2 v0) − (D − δ)²/(2 v1) − ½ ln(v1/v0) (gate/rollback.py, rate_rise_log_likelihood_ratio).
+    better = canary_test(50, 100, 27, 30, SETTINGS)  # D = 0.4, v0 = 0.010464, q = 0.56923, v1 = 0.009831: 3.0989
+    assert better.decision == "promote" and better.log_likelihood_ratio == pytest.approx(3.0989, abs=1e-4)
     assert better.lower == pytest.approx(-2.2513, abs=1e-4) and better.upper == pytest.approx(2.8904, abs=1e-4)
     assert "canary better" in better.reason()
-    assert canary_test(50, 100, 25, 30, SETTINGS).decision == "continue"  # D = 0.33333: ln Λ = 2.6788
-    same = canary_test(50, 100, 15, 30, SETTINGS)  # D = 0, p̄ = 0.5: v = 0.010833, ln Λ = −0.4615: between the bounds
-    assert same.decision == "continue" and same.log_likelihood_ratio == pytest.approx(-0.4615, abs=1e-4)
-    worse = canary_test(50, 100, 9, 30, SETTINGS)  # D = −0.2, p̄ = 59/130: v = 0.010741, ln Λ = −2.3275 ≤ −2.2513
+    assert canary_test(50, 100, 26, 30, SETTINGS).decision == "continue"  # D = 0.36667: ln Λ = 2.8351
+    same = canary_test(50, 100, 15, 30, SETTINGS)  # D = 0, v0 = 0.010833, q = 0.47692, v1 = 0.010631: −0.4609
+    assert same.decision == "continue" and same.log_likelihood_ratio == pytest.approx(-0.4609, abs=1e-4)
+    worse = canary_test(50, 100, 9, 30, SETTINGS)  # D = −0.2, v0 = 0.010741, q = 0.43077, v1 = 0.010754: −2.3231
     assert worse.decision == "reject" and "not better" in worse.reason()
+    assert worse.log_likelihood_ratio == pytest.approx(-2.3231, abs=1e-4)
     assert canary_test(50, 100, 29, 29, SETTINGS).decision == "continue"  # below min_votes, however good
     assert canary_test(5, 29, 30, 30, SETTINGS).decision == "continue"  # live below min_votes
     budget = canary_test(50, 100, 15, 30, SETTINGS.model_copy(update={"max_votes": 30}))
@@ -48,14 +49,13 @@ def test_the_online_test_promotes_rejects_and_waits_by_hand_computed_ratios():
 
 
 def test_lives_rate_counts_as_an_estimate_from_its_own_votes():
-    # The canary's 60 % against live's 30 %: over 3,000 live votes that is proof (v = 0.30297 · 0.69703 ·
-    # (1/30 + 1/3000) = 0.0071098, ln Λ = 3.5163); over 30 live votes live's 30 % is as uncertain as the
-    # canary's 60 % (v = 0.45 · 0.55 · 2/30 = 0.0165, ln Λ = 1.5152): not yet. Live's rate taken as known
-    # would promote both (binomial ln Λ = 18 ln(0.4/0.3) + 12 ln(0.6/0.7) = 3.3283).
+    # The canary's 60 % against live's 30 %: over 3,000 live votes that is proof (ln Λ = 3.7910); over 30 live
+    # votes live's 30 % is as uncertain as the canary's 60 % (v0 = 0.0165, v1 = 0.016333, ln Λ = 1.5079): not
+    # yet. Live's rate taken as known would promote both (binomial ln Λ = 18 ln(0.4/0.3) + 12 ln(0.6/0.7) = 3.3285).
     many = canary_test(900, 3000, 18, 30, SETTINGS)
-    assert many.decision == "promote" and many.log_likelihood_ratio == pytest.approx(3.5163, abs=1e-4)
+    assert many.decision == "promote" and many.log_likelihood_ratio == pytest.approx(3.7910, abs=1e-4)
     few = canary_test(9, 30, 18, 30, SETTINGS)
-    assert few.decision == "continue" and few.log_likelihood_ratio == pytest.approx(1.5152, abs=1e-4)
+    assert few.decision == "continue" and few.log_likelihood_ratio == pytest.approx(1.5079, abs=1e-4)
 
 
 def promoted_share(live_rate: float, canary_rate: float, runs: int, seed: int, share: float = 0.5) -> float:
@@ -78,15 +78,20 @@ def promoted_share(live_rate: float, canary_rate: float, runs: int, seed: int, s
     return promoted / runs
 
 
-def test_a_canary_no_better_than_live_is_promoted_about_alpha_of_the_time_at_a_share_of_one_half():
-    # 300 runs: the share's standard error is about √(0.05 · 0.95 / 300) ≈ 0.013. Live's rate taken as known
-    # promoted 16 % of 400 such runs.
-    assert promoted_share(live_rate=0.3, canary_rate=0.3, runs=300, seed=0) <= SETTINGS.false_promote_rate + 0.03
+@pytest.mark.parametrize("share, live_rate, seed", [(0.5, 0.3, 0), (0.1, 0.02, 2)])
+def test_a_canary_no_better_than_live_is_promoted_about_alpha_of_the_time(share, live_rate, seed):
+    # 300 runs: the share's standard error is about √(0.05 · 0.95 / 300) ≈ 0.013. At share 0.5 and 30 %, live's
+    # rate taken as known promoted 16 % of 400 such runs.
+    promoted = promoted_share(live_rate, live_rate, runs=300, seed=seed, share=share)
+    assert promoted <= SETTINGS.false_promote_rate + 0.03
 
 
-def test_a_canary_better_by_delta_is_promoted_with_power_about_one_minus_beta_at_a_share_of_one_half():
-    # Live's rate taken as known promoted 80 % of 300 such runs.
-    assert promoted_share(live_rate=0.3, canary_rate=0.4, runs=200, seed=1) >= 1 - SETTINGS.false_reject_rate - 0.05
+@pytest.mark.parametrize("share, live_rate, seed", [(0.5, 0.3, 1), (0.1, 0.02, 3)])
+def test_a_canary_better_by_delta_is_promoted_with_power_about_one_minus_beta(share, live_rate, seed):
+    # At share 0.5 and 30 %, live's rate taken as known promoted 80 % of 300 such runs; at share 0.1 and 2 %, H0's
+    # variance taken under H1 too promoted 77 % of these 200.
+    promoted = promoted_share(live_rate, live_rate + 0.1, runs=200, seed=seed, share=share)
+    assert promoted >= 1 - SETTINGS.false_reject_rate - 0.05
 
 
 def test_a_canary_undecided_past_its_time_budget_is_rejected_even_with_no_votes():
@@ -95,7 +100,7 @@ def test_a_canary_undecided_past_its_time_budget_is_rejected_even_with_no_votes(
     unserved = canary_test(0, 0, 0, 0, SETTINGS, hours_running=24.0)
     assert unserved.decision == "reject" and "time budget" in unserved.reason()
     assert canary_test(50, 100, 15, 30, SETTINGS, hours_running=25.0).decision == "reject"  # undecided by votes
-    assert canary_test(50, 100, 26, 30, SETTINGS, hours_running=25.0).decision == "promote"  # decided by votes
+    assert canary_test(50, 100, 27, 30, SETTINGS, hours_running=25.0).decision == "promote"  # decided by votes
 
 
 def test_a_canary_answers_its_share_of_users_and_each_user_stays_on_one_side():
@@ -213,7 +218,7 @@ def gate_on(registry: PolicyRegistry, tmp_path: Path) -> Gate:
     return Gate(settings, RewardModelSettings(), registry, GateMetrics(CollectorRegistry()))
 
 
-@pytest.mark.parametrize("canary_ups, decision", [(26, "promote"), (9, "reject")])
+@pytest.mark.parametrize("canary_ups, decision", [(27, "promote"), (9, "reject")])
 def test_the_gate_promotes_a_canary_its_users_like_better_and_rejects_one_they_like_worse(
     registry, tmp_path, canary_ups, decision
 ):
@@ -259,7 +264,7 @@ def test_flywheel_canary_shows_the_share_the_votes_the_test_and_past_decisions(r
     assert f"canary: policy {version} answers 25.0% of users beside live 1" in shown
     assert "live      100 votes, thumbs-up 50.0%" in shown and "canary     30 votes, thumbs-up 50.0%" in shown
     assert "log-likelihood ratio -0.46; reject at <= -2.25, promote at >= 2.89" in shown
-    gate.take(votes(version, 0, 20, "more"))  # 20 more downs: 15 up of 50 against 50 of 100, −3.39: rejected
+    gate.take(votes(version, 0, 20, "more"))  # 20 more downs: 15 up of 50 against 50 of 100, −3.37: rejected
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_REJECTED
     shown = canary_report(registry.canary(), None, past_canaries(registry))
     assert shown.startswith("no canary running") and f"policy {version}: rejected: canary not better" in shown
@@ -277,7 +282,7 @@ def test_an_operator_rejects_the_canary_and_the_gates_later_decision_writes_noth
     gate = gate_on(registry, tmp_path)
     gate.metrics.canary_version.set(version)  # as the gate set it when it started the canary
     gate.take(votes(1, 50, 100, "live"))
-    gate.take(votes(version, 26, 30, "canary"))  # the online test would promote it now
+    gate.take(votes(version, 27, 30, "canary"))  # the online test would promote it now
 
     event = reject_canary(registry, "users report wrong sums")
     assert event.kind == events_pb2.POLICY_EVENT_KIND_REJECTED and event.policy_version == version

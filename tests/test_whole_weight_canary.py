@@ -137,7 +137,7 @@ def test_a_whole_weight_candidate_goes_to_the_canary_replica_and_promoted_stays_
     assert live.metric("flywheel_canary_version") == 0
 
     gate.take(votes(1, 50, 100, "live"))
-    gate.take(votes(2, 26, 30, "canary"))
+    gate.take(votes(2, 27, 30, "canary"))
     assert gate.canary_due().kind == events_pb2.POLICY_EVENT_KIND_APPROVED
     assert registry.live().version == 2
 
