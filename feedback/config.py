@@ -3,10 +3,12 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
+
+from flywheel.settings import Settings
 
 
-class TopicNames(BaseModel):
+class TopicNames(Settings):
     """The four event topics (see proto/flywheel/v1/events.proto)."""
 
     generations: str = Field("flywheel.generations", description="GenerationLogged, keyed by response_id.")
@@ -20,7 +22,7 @@ class TopicNames(BaseModel):
         return [self.generations, self.feedback, self.policy, self.dead_letters]
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Settings):
     """How producers, consumers and the topic admin reach Kafka."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
@@ -77,7 +79,7 @@ class KafkaSettings(BaseModel):
         return self
 
 
-class SpoolSettings(BaseModel):
+class SpoolSettings(Settings):
     """The local file spool holding events while Kafka is unreachable."""
 
     directory: Path = Field(Path("spool"), description="Owned by one producer process at a time (it is locked).")

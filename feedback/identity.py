@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from flywheel.settings import Settings
 
 DEFAULT_PRINCIPAL = "default"
 """The one principal of a server without API keys, and of events logged before principals existed."""
@@ -23,7 +25,7 @@ PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ApiKey(BaseModel):
+class ApiKey(Settings):
     """One accepted API key: the tenant it belongs to and the SHA-256 of the key, hex."""
 
     principal: str = Field(pattern=PRINCIPAL_NAME.pattern, description="Tenant name, as events and metrics show it.")

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from enum import Enum
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from feedback.identity import DEFAULT_PRINCIPAL
 from feedback.tokens import FeedbackClaims, InvalidFeedbackToken, verify_feedback_token
 from flywheel.errors import shown
+from flywheel.settings import Settings
 from flywheel.v1 import events_pb2, serving_pb2
 
 
@@ -44,7 +45,7 @@ class FeedbackRefused(Exception):
         self.refusal = refusal
 
 
-class IntakeLimits(BaseModel):
+class IntakeLimits(Settings):
     """What SubmitFeedback accepts from one user."""
 
     max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment, in characters.")

@@ -10,7 +10,9 @@ gate, so it lives in the ground.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from flywheel.settings import Settings
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 """peft's adapter configuration; its presence makes a policy directory an adapter."""
@@ -21,7 +23,7 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(Settings):
     """What the trainer learns and the servers serve: whole weights, or a LoRA adapter on the base."""
 
     adapter: Literal["none", "lora"] = Field(

@@ -47,6 +47,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, Field
 
 from flywheel.durable import fsync_path, write_atomically
+from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class LiveMoved(Exception):
         )
 
 
-class RegistryRetention(BaseModel):
+class RegistryRetention(Settings):
     """Which versions keep their weights; every version keeps its manifest and verdict."""
 
     keep_approved: int = Field(

@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 
 from feedback.identity import ApiKey, principals_by_digest, read_api_keys_file
 from feedback.intake import IntakeLimits
+from flywheel.settings import Settings
 from server.validation import RequestLimits
 
 
-class EngineSettings(BaseModel):
+class EngineSettings(Settings):
     """How the vLLM engine runs the policy."""
 
     model: str = Field("", description="Hugging Face model directory to serve; empty means the built-in demo model.")
@@ -25,7 +26,7 @@ class EngineSettings(BaseModel):
     seed: int = Field(0, description="Engine seed for requests that give none.")
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(Settings):
     """The gRPC front end: limits, auth and feedback tokens."""
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")

@@ -8,9 +8,10 @@ checked by the engine seam, still before the request is queued in the engine.
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from flywheel.errors import shown
+from flywheel.settings import Settings
 from flywheel.v1 import serving_pb2
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -24,7 +25,7 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
-class RequestLimits(BaseModel):
+class RequestLimits(Settings):
     """What one Generate request may hold. Every field that is stored, logged or echoed has a bound."""
 
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")

@@ -379,3 +379,25 @@ def test_a_reward_spread_needs_answers_to_compare():
     with pytest.raises(ValidationError, match="ppo.min_reward_spread.*ppo.responses_per_prompt = 1"):
         PPOSettings(min_reward_spread=0.02, responses_per_prompt=1)
     assert PPOSettings(min_reward_spread=0.0, responses_per_prompt=1).min_reward_spread == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused", "said"),
+    [
+        ("[ppo]\nclip_ratio = 0.1\n", "ppo.clip_ratio", "Extra inputs are not permitted"),  # clip_range, misspelt
+        ("[gate.canary]\nshares = 0.5\n", "gate.canary.shares", "Extra inputs are not permitted"),
+        ("[server.limits]\nmax_prompt = 9\n", "server.limits.max_prompt", "Extra inputs are not permitted"),
+        ("[trainer]\nmin_reward_gain = 0.1\n", "trainer", "set trainer.min_thumbs_up_gain"),
+    ],
+)
+def test_a_setting_no_section_knows_is_refused_by_name_not_ignored(tmp_path, monkeypatch, settings, refused, said):
+    config_file = tmp_path / "flywheel.toml"
+    config_file.write_text(settings)
+    with pytest.raises(ValidationError) as refusal:
+        load_config(config_file)
+    locations = [".".join(map(str, error["loc"])) for error in refusal.value.errors()]
+    assert refused in locations and said in str(refusal.value)
+    config_file.write_text("")
+    monkeypatch.setenv("FLYWHEEL_TRAINER__MIN_REWARD_GAIN", "0.1")
+    with pytest.raises(ValidationError, match="retired"):
+        load_config(config_file)

@@ -8,10 +8,11 @@ from pydantic import BaseModel, Field, model_validator
 from feedback.config import KafkaSettings, SpoolSettings
 from flywheel.adapters import PolicySettings
 from flywheel.demo.task import GOLDEN_FILE
+from flywheel.settings import Settings
 from trainer.gate_checks import GateThresholds, SafetyRules
 
 
-class RewardModelSettings(BaseModel):
+class RewardModelSettings(Settings):
     """How the reward model is initialised and updated from users' feedback."""
 
     model_path: str = Field(
@@ -44,7 +45,7 @@ class RewardModelSettings(BaseModel):
     )
 
 
-class RolloutEngineSettings(BaseModel):
+class RolloutEngineSettings(Settings):
     """The vLLM engine that samples PPO answers when ppo.rollouts = "vllm"."""
 
     dtype: str = Field("auto", description="Weights' dtype in the engine (vLLM's `dtype`).")
@@ -58,7 +59,7 @@ class RolloutEngineSettings(BaseModel):
     enforce_eager: bool = Field(False, description="No CUDA graphs: faster start, slower sampling.")
 
 
-class PPOSettings(BaseModel):
+class PPOSettings(Settings):
     """One PPO step: sample answers, score them, then several epochs of clipped updates."""
 
     prompts_per_step: int = Field(8, ge=1, description="Prompts from logged traffic per PPO step (B).")
@@ -148,7 +149,7 @@ class PPOSettings(BaseModel):
         return self
 
 
-class JoinStoreSettings(BaseModel):
+class JoinStoreSettings(Settings):
     """The SQLite store joining generations with their feedback."""
 
     path: Path = Field(
@@ -172,7 +173,7 @@ class JoinStoreSettings(BaseModel):
     max_pairs_per_prompt: int = Field(16, ge=1, description="Preference pairs one prompt yields, ever.")
 
 
-class CandidateCheckSettings(BaseModel):
+class CandidateCheckSettings(Settings):
     """What a candidate is checked on and held to: the gate's checks, which the trainer also runs before proposing.
 
     Part of the `gate` section (gate.config.GateSettings adds the gate's own settings), so both read one file.
@@ -204,7 +205,7 @@ class CandidateCheckSettings(BaseModel):
         return GOLDEN_FILE if self.golden_file == "demo" else Path(self.golden_file)
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(Settings):
     """The long-running `flywheel train` process."""
 
     metrics_port: int = Field(9401, description="Prometheus /metrics HTTP port of the trainer; 0 picks a free one.")
@@ -241,8 +242,9 @@ class TrainerSettings(BaseModel):
         ge=-1,
         lt=1,
         description="With the pre-check on, a candidate is proposed only when the reward model predicts its thumbs-up "
-        "rate on the eval set above live's by more than this (absolute): a policy no better than live is not worth a "
-        "swap, and one less better than about half of gate.canary.min_improvement mostly fails the canary.",
+        "rate on the eval set (the mean of σ(score)) above live's by more than this, absolute: a swap is worth a rise "
+        "users notice, and a canary asks for gate.canary.min_improvement (0.10), which a candidate less better than "
+        "about half of it mostly fails. σ(score) is a rate only while reward_model.pointwise_loss_weight > 0.",
     )
     restart_after_withheld: int = Field(
         3,
@@ -262,6 +264,16 @@ class TrainerSettings(BaseModel):
         "head and reward model over the ranks (torch FSDP2), for models one device cannot hold. Switching needs a "
         "fresh checkpoint directory (their optimizer moments are saved differently). One process ignores it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_settings(cls, data: object) -> object:
+        if isinstance(data, dict) and "min_reward_gain" in data:
+            raise ValueError(
+                "trainer.min_reward_gain is retired: set trainer.min_thumbs_up_gain, the rise of the thumbs-up rate "
+                "the reward model must predict over live's (0 to 1, e.g. 0.05), not reward-model units"
+            )
+        return data
 
 
 class TrainerConfig(BaseModel):

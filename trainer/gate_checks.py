@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 from scipy.stats import t as student_t
 
+from flywheel.settings import Settings
 
-class GateThresholds(BaseModel):
+
+class GateThresholds(Settings):
     """What a candidate policy must meet to replace the live one."""
 
     reward_confidence: float = Field(
@@ -95,7 +97,7 @@ def _require_answers(answers: Sequence[EvalAnswer]) -> None:
 # ---------------------------------------------------------------- safety rules
 
 
-class SafetyRules(BaseModel):
+class SafetyRules(Settings):
     """Rules an answer must not break: banned phrases (case-insensitive substrings) and regexes."""
 
     banned_phrases: list[str] = Field(

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy.special import expit
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.v1 import events_pb2
@@ -85,7 +85,7 @@ class PrecheckResult:
 def predicted_thumbs_up_rate(reward_scores: Sequence[float]) -> float:
     """The share of thumbs up the reward model predicts for these answers: the mean of σ(score), as its
     pointwise loss trains σ(score) toward the chance of a thumbs up."""
-    return float(expit(list(reward_scores)).mean())
+    return torch.sigmoid(torch.tensor(reward_scores, dtype=torch.float64)).mean().item()
 
 
 def thumbs_up_gain_check(candidate: PolicyEval, live: PolicyEval, min_gain: float) -> GateCheck:
@@ -118,7 +118,7 @@ class CandidatePrecheck:
         settings: CandidateCheckSettings,
         heldout_fraction: float,
         tokenizer: PreTrainedTokenizerBase,
-        min_thumbs_up_gain: float = 0.0,
+        min_thumbs_up_gain: float,
     ):
         self.settings = settings
         self.min_thumbs_up_gain = min_thumbs_up_gain
