@@ -187,6 +187,8 @@ class Gate:
             settings.heldout_prompts, reward_model_settings.heldout_fraction, settings.max_principal_share
         )
         self.thumbs = ThumbsByVersion(settings.max_principal_share)
+        self.kept: set[int] = set()
+        """Live versions the rollback test decided to keep: a decision is final (gate/rollback.py)."""
 
     def take(self, events: list[ConsumedEvent]) -> list[tuple[ConsumedEvent, str]]:
         """Use a batch of consumed events; returns those the gate cannot use, each with why: dead-letter them."""
@@ -458,12 +460,21 @@ class Gate:
         return policy_event(events_pb2.POLICY_EVENT_KIND_REJECTED, version, parent, reasons=reasons)
 
     def rollback_due(self) -> events_pb2.PolicyEvent | None:
-        """Roll the live version back to its parent when its thumbs are significantly worse."""
+        """Roll the live version back to its parent when its thumbs are significantly worse; once the test says
+        keep, that version is no longer tested (more votes after a decision would let the ratio wander up to
+        false alarms beyond α)."""
         live = self.registry.live()
-        if live is None or live.kind != "approved" or live.previous_version is None:
+        if live is None or live.kind != "approved" or live.previous_version is None or live.version in self.kept:
             return None
         parent = live.previous_version
         result = sprt_decision(*self.thumbs.counts(parent), *self.thumbs.counts(live.version), self.settings.rollback)
+        if result.decision == "keep":
+            self.kept.add(live.version)
+            log.info(
+                "policy %d kept: its thumbs-down rate %.1f%% is no worse than %.1f%% for %d (log-likelihood ratio "
+                "%.2f <= %.2f)", live.version, 100 * result.new_rate, 100 * result.parent_rate, parent,
+                result.log_likelihood_ratio, result.lower,
+            )  # fmt: skip
         if result.decision != "rollback":
             return None
         reason = (

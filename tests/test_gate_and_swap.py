@@ -150,32 +150,45 @@ def test_a_candidate_is_scored_by_the_reward_model_published_with_it(model_path,
 
 
 def test_a_live_version_with_significantly_more_thumbs_down_is_rolled_back(model_path, tmp_path):
-    registry = PolicyRegistry(tmp_path / "registry")
-    registry.seed(model_path)
-    candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
-    registry.set_live(candidate.version, reason="approved by the gate", kind="approved")
-    gate = new_gate(registry)
-
-    def votes(version: int, downs: int, total: int) -> list[events_pb2.FeedbackGiven]:
-        return [
-            events_pb2.FeedbackGiven(
-                event_id=f"{version}-{n}", response_id=f"r{version}-{n}", user_id="u", policy_version=version,
-                rating=pb.RATING_DOWN if n < downs else pb.RATING_UP,
-            )
-            for n in range(total)
-        ]  # fmt: skip
-
-    def consumed(events: list[events_pb2.FeedbackGiven]) -> list[ConsumedEvent]:
-        return [ConsumedEvent("feedback", 0, offset, event.response_id, event) for offset, event in enumerate(events)]
-
-    gate.take(consumed(votes(1, downs=20, total=100)))
+    registry, gate = live_candidate_and_gate(model_path, tmp_path)
+    gate.take(thumbs(1, downs=20, total=100))
     assert gate.rollback_due() is None  # no votes on the new version yet
-    gate.take(consumed(votes(candidate.version, downs=25, total=40)))
+    gate.take(thumbs(2, downs=25, total=40))
     event = gate.rollback_due()
     assert event.kind == events_pb2.POLICY_EVENT_KIND_ROLLBACK and event.policy_version == 1
     assert "thumbs-down rate" in event.reasons[0]
     assert registry.live().version == 1 and registry.live().kind == "rollback"
     assert gate.metrics.registry.get_sample_value("flywheel_rollbacks_total", {"trigger": "automatic"}) == 1
+
+
+def test_a_live_version_the_test_kept_is_not_tested_again(model_path, tmp_path):
+    """Wald's decision is final: votes after "keep" would let the ratio wander up to false alarms beyond α."""
+    registry, gate = live_candidate_and_gate(model_path, tmp_path)
+    gate.take(thumbs(1, downs=20, total=100))
+    gate.take(thumbs(2, downs=80, total=400))  # the parent's 20 %: ln Λ = −3.22, kept
+    assert gate.rollback_due() is None and gate.kept == {2}
+    gate.take(thumbs(2, downs=150, total=150, first=400))  # 230 down of 550 would roll it back: ln Λ = 5.80
+    assert gate.rollback_due() is None and registry.live().version == 2
+
+
+def live_candidate_and_gate(model_path: Path, tmp_path: Path) -> tuple[PolicyRegistry, Gate]:
+    """Version 2 live, approved over version 1, and a gate watching it."""
+    registry = PolicyRegistry(tmp_path / "registry")
+    registry.seed(model_path)
+    candidate = registry.publish(model_path, parent_version=1, training_step=1, metrics={})
+    registry.set_live(candidate.version, reason="approved by the gate", kind="approved")
+    return registry, new_gate(registry)
+
+
+def thumbs(version: int, downs: int, total: int, first: int = 0) -> list[ConsumedEvent]:
+    """`total` votes on `version` from one user, numbered from `first`, the first `downs` of them down."""
+    return [
+        ConsumedEvent("feedback", 0, n, f"r{version}-{n}", events_pb2.FeedbackGiven(
+            event_id=f"{version}-{n}", response_id=f"r{version}-{n}", user_id="u", policy_version=version,
+            rating=pb.RATING_DOWN if n - first < downs else pb.RATING_UP,
+        ))
+        for n in range(first, first + total)
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- hot swap on the real engine
