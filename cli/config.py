@@ -8,6 +8,7 @@ another section names it in its class here.
 
 import copy
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -281,7 +282,22 @@ def load_process_config(
 
 
 def given_settings(config_file: Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """What the user gave, nested like the config: the file, then the environment over it, then `overrides` (flags)."""
+    """What the user gave, nested like the config: the file, then the environment over it, then `overrides` (flags).
+
+    A FLYWHEEL_<SECTION>__<KEY> variable of a section the config has not is refused (pydantic-settings reads only
+    the known ones, and would ignore it); keys unknown within a section are refused by the section itself.
+    """
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and ENV_NESTED_DELIMITER in name
+        and name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER)[0].lower() not in FlywheelConfig.model_fields
+    )
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: the configuration has no such section (it has {', '.join(FlywheelConfig.model_fields)})"
+        )
     from_file = TomlConfigSettingsSource(FlywheelConfig, toml_file=config_file)() if config_file else {}
     from_environment = EnvSettingsSource(
         FlywheelConfig, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER

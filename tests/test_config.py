@@ -32,6 +32,7 @@ from cli.config import (
 from flywheel.demo import init_model
 from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
 from flywheel.registry import PolicyRegistry
+from flywheel.settings import Settings
 from gate.config import GateSettings
 from server.config import ServerSettings
 from server.tls import CertificateFiles
@@ -384,7 +385,7 @@ def test_a_reward_spread_needs_answers_to_compare():
 @pytest.mark.parametrize(
     ("settings", "refused", "said"),
     [
-        ("[ppo]\nclip_ratio = 0.1\n", "ppo.clip_ratio", "Extra inputs are not permitted"),  # clip_range, misspelt
+        ("[ppo]\nclip_ratio = 0.1\n", "ppo.clip_ratio", "Extra inputs are not permitted"),  # clip_eps, misnamed
         ("[gate.canary]\nshares = 0.5\n", "gate.canary.shares", "Extra inputs are not permitted"),
         ("[server.limits]\nmax_prompt = 9\n", "server.limits.max_prompt", "Extra inputs are not permitted"),
         ("[trainer]\nmin_reward_gain = 0.1\n", "trainer", "set trainer.min_thumbs_up_gain"),
@@ -401,3 +402,29 @@ def test_a_setting_no_section_knows_is_refused_by_name_not_ignored(tmp_path, mon
     monkeypatch.setenv("FLYWHEEL_TRAINER__MIN_REWARD_GAIN", "0.1")
     with pytest.raises(ValidationError, match="retired"):
         load_config(config_file)
+
+
+def test_an_environment_variable_for_a_section_the_config_has_not_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_SERVR__PORT", "1")
+    with pytest.raises(ValueError, match="FLYWHEEL_SERVR__PORT: the configuration has no such section"):
+        load_config(None)
+    monkeypatch.delenv("FLYWHEEL_SERVR__PORT")
+    monkeypatch.setenv("FLYWHEEL_SERVER__PORTT", "1")
+    with pytest.raises(ValidationError, match="server.portt"):
+        load_config(None)
+
+
+def test_every_configuration_section_refuses_keys_it_does_not_know():
+    """A section added as a plain pydantic model, or a list of them, would ignore a misspelt key again."""
+
+    def sections(model: type[BaseModel]) -> list[type[BaseModel]]:
+        found = []
+        for field in model.model_fields.values():
+            for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    found += [candidate, *sections(candidate)]
+        return found
+
+    every = sections(FlywheelConfig)
+    assert len(every) >= 15, [section.__name__ for section in every]
+    assert [section.__name__ for section in every if not issubclass(section, Settings)] == []

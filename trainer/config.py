@@ -271,7 +271,7 @@ class TrainerSettings(Settings):
         if isinstance(data, dict) and "min_reward_gain" in data:
             raise ValueError(
                 "trainer.min_reward_gain is retired: set trainer.min_thumbs_up_gain, the rise of the thumbs-up rate "
-                "the reward model must predict over live's (0 to 1, e.g. 0.05), not reward-model units"
+                "the reward model must predict over live's (an absolute rise, e.g. 0.05), not reward-model units"
             )
         return data
 
