@@ -90,7 +90,7 @@ class CanaryTest:
 
     decision: CanaryDecision
     log_likelihood_ratio: float
-    """ln P(votes | H1) / P(votes | H0) (`rate_rise_log_likelihood_ratio`); 0 while either version has no votes."""
+    """ln Λ of the rates' difference, H1 over H0 (`rate_rise_log_likelihood_ratio`); 0 while either has no votes."""
     lower: float
     """Reject at or below it: ln(β / (1 − α))."""
     upper: float

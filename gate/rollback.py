@@ -18,13 +18,15 @@ The parent's rate is an estimate too, from few votes when it served briefly: the
 the normal approximation of the difference of the two observed rates, whose variance counts both
 versions' votes (`rate_rise_log_likelihood_ratio`; gate/canary.py tests thumbs-up the same way).
 Taking the parent's rate as known instead rolled back 11 % of versions as good as a parent with
-100 votes, not α (tests/test_thumbs_sprt.py). The parent's votes stop when it leaves live, and they bound the evidence: against
-a parent at 20 % thumbs-down, a version δ worse was rolled back 16 % of the time with 100 parent
-votes, 83 % with 300 and 95 % with 1,000 (400 simulated versions each, up to 3,000 votes). A
-version whose parent served briefly is watched on weaker evidence; `flywheel rollback` remains.
+100 votes, not α (tests/test_thumbs_sprt.py). The parent's votes stop when it leaves live, and
+they bound the evidence: against a parent at 20 % thumbs-down, a version δ worse was rolled back
+16 % of the time with 100 parent votes, 83 % with 300 and 95 % with 1,000 (400 simulated versions
+each, up to 3,000 votes). A version whose parent served briefly is watched on weaker evidence;
+`flywheel rollback` remains.
 
-A decision is final: once `sprt_decision` says "rollback" or "keep", stop testing that version.
-Feeding it more votes after "keep" lets the ratio wander back up: false alarms beyond α.
+A decision is final: once `sprt_decision` says "rollback" or "keep", stop testing that version
+(the gate remembers the versions it kept). Feeding it more votes after "keep" lets the ratio
+wander back up: false alarms beyond α.
 """
 
 import math
@@ -65,7 +67,7 @@ class SPRTResult:
 
     decision: Literal["rollback", "keep", "continue"]
     log_likelihood_ratio: float
-    """ln P(votes | H1) / P(votes | H0) (`rate_rise_log_likelihood_ratio`); 0 while either version has no votes."""
+    """ln Λ of the rates' difference, H1 over H0 (`rate_rise_log_likelihood_ratio`); 0 while either has no votes."""
     upper: float
     """ln((1 − β) / α): roll back at or above it."""
     lower: float
@@ -101,10 +103,12 @@ def rate_rise_log_likelihood_ratio(
         ln Λ = D² / (2 v0) − (D − rise)² / (2 v1) − ½ ln(v1 / v0)
 
     H1's own variance matters at low rates, where (p + rise)(1 − p − rise) is several times p (1 − p): with
-    H0's in both, a canary δ better than a live at 1 % was promoted 79 % of the time, not 1 − β.
+    H0's in both, a canary δ better than a live at 2 %, at share 0.1, was promoted 77 % of the time, not 1 − β
+    (tests/test_canary.py). The normal approximation costs a little at low rates the other way: versions as
+    good as a parent at 1–2 % thumbs-down were rolled back 1.3–1.8 % of the time, against α = 1 %.
     """
     if base_total < 1 or new_total < 1:
-        raise ValueError(f"the test needs votes on both versions, got {base_total} and {new_total}")
+        raise ValueError(f"the test needs votes on both versions: base_total {base_total}, new_total {new_total}")
     hits, total = base_hits + new_hits, base_total + new_total
     pooled = min(max(hits / total, RATE_EPSILON), 1.0 - RATE_EPSILON)
     variance_equal = pooled * (1.0 - pooled) * (1.0 / new_total + 1.0 / base_total)
