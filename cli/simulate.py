@@ -128,6 +128,10 @@ def chat(prompt: str) -> pb.ChatMessages:
     return pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)])
 
 
+EVALUATORS_TO_TRY = 32
+"""Evaluator user ids tried for one measurement; at a canary share of one half, 32 all in it has odds 2⁻³²."""
+
+
 class Simulation:
     def __init__(self, settings: SimulationSettings, stub: serving_pb2_grpc.FlywheelStub):
         self.settings = settings
@@ -173,21 +177,33 @@ class Simulation:
             self.sent += 1
             self.recent_thumbs.append(verdict == "up")
 
-    async def heldout_rate(self) -> float:
-        """Share of evaluation questions (never asked by the simulated users) whose greedy answer the eval judge likes."""
+    async def heldout_rate(self) -> tuple[float, int]:
+        """Share of evaluation questions (never asked by the simulated users) whose greedy answer the eval judge
+        likes, and the live version that answered them all.
+
+        A canary answers its share of users: an evaluator among them would measure the canary, not live. So the
+        evaluator is one whose every answer came from live; another is tried while one is not (or live moved).
+        """
         questions = evaluation_questions()[: self.settings.heldout_questions]
-        answers = await asyncio.gather(*(self.ask(q.prompt, "sim-evaluator", 0.0) for q in questions))
-        liked = [verdict_of(self.eval_judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)]
-        return sum(liked) / len(questions)
+        for evaluator in range(EVALUATORS_TO_TRY):
+            live = (await self.stub.GetPolicy(pb.GetPolicyRequest(), metadata=self.metadata)).policy_version
+            user_id = f"sim-evaluator-{evaluator}"
+            answers = await asyncio.gather(*(self.ask(q.prompt, user_id, 0.0) for q in questions))
+            if {answer.policy_version for answer in answers} == {live}:
+                liked = [verdict_of(self.eval_judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)]
+                return sum(liked) / len(questions), live
+        raise RuntimeError(
+            f"none of {EVALUATORS_TO_TRY} evaluators was answered by live alone: is a canary answering everyone?"
+        )
 
     async def measure(self) -> dict:
-        policy = await self.stub.GetPolicy(pb.GetPolicyRequest(), metadata=self.metadata)
+        heldout, live = await self.heldout_rate()
         row = {
             "feedback_events": self.sent,
             "seconds": round(time.monotonic() - self.started, 1),
-            "heldout_thumbs_up_rate": await self.heldout_rate(),
+            "heldout_thumbs_up_rate": heldout,
             "traffic_thumbs_up_rate": sum(self.recent_thumbs) / len(self.recent_thumbs) if self.recent_thumbs else "",
-            "policy_version": policy.policy_version,
+            "policy_version": live,
             "trainer_mean_score": "",
             "trainer_kl_to_reference": "",
         } | await asyncio.to_thread(trainer_gauges, self.settings.trainer_metrics_url)
