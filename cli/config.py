@@ -346,8 +346,9 @@ def read_model_settings(model_dir: Path) -> dict[str, Any]:
 
 
 def settings_a_model_may_not_set(table: dict[str, Any]) -> list[str]:
-    """The dotted names of the settings in `table` (a parsed flywheel.toml) outside MODEL_DIR_MAY_SET."""
-    return [setting for setting in _leaf_settings(table) if not _model_may_set(setting)]
+    """The dotted names of the settings in `table` (a parsed flywheel.toml) outside MODEL_DIR_MAY_SET; a key that
+    is no setting at all is left to the sections' own validation, which names it as unknown (or retired)."""
+    return [setting for setting in _leaf_settings(table) if _is_a_setting(setting) and not _model_may_set(setting)]
 
 
 def model_paths_resolved(table: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -377,6 +378,17 @@ def _leaf_settings(table: dict[str, Any], prefix: str = "") -> list[str]:
         name = f"{prefix}{key}"
         leaves += _leaf_settings(value, f"{name}.") if isinstance(value, dict) else [name]
     return leaves
+
+
+def _is_a_setting(setting: str) -> bool:
+    model: Any = FlywheelConfig
+    for name in setting.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return True  # a value inside a setting, such as a table
+        if name not in model.model_fields:
+            return False
+        model = model.model_fields[name].annotation
+    return True
 
 
 def _model_may_set(setting: str) -> bool:

@@ -428,3 +428,15 @@ def test_every_configuration_section_refuses_keys_it_does_not_know():
     every = sections(FlywheelConfig)
     assert len(every) >= 15, [section.__name__ for section in every]
     assert [section.__name__ for section in every if not issubclass(section, Settings)] == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [("[ppo]\nclip_ratio = 0.1\n", "ppo.clip_ratio"), ("[trainer]\nmin_reward_gain = 0.1\n", "retired")],
+)
+def test_a_model_directorys_unknown_or_retired_key_is_named_as_such_not_as_forbidden(tmp_path, settings, said):
+    """Told "may not set" and to move it to the config file, an operator would move a key that fails there too."""
+    model_dir = model_dir_with(tmp_path, settings)
+    with pytest.raises(ValidationError) as refusal:
+        load_config(model_dir=model_dir)
+    assert said in str(refusal.value)
