@@ -143,6 +143,8 @@ class Simulation:
         self.sent = 0
         self.recent_thumbs: deque[bool] = deque(maxlen=200)
         self.rows: list[dict] = []
+        self.evaluator = 0
+        """The number of the evaluator user id live last answered alone (`heldout_rate`)."""
         self.started = time.monotonic()
         self.next_event_at = self.started  # with a rate limit, when the next feedback event may go out
 
@@ -182,14 +184,16 @@ class Simulation:
         likes, and the live version that answered them all.
 
         A canary answers its share of users: an evaluator among them would measure the canary, not live. So the
-        evaluator is one whose every answer came from live; another is tried while one is not (or live moved).
+        evaluator is one whose every answer came from live; another is tried while one is not (or live moved),
+        starting from the last one live answered, which a canary still running leaves where it was.
         """
         questions = evaluation_questions()[: self.settings.heldout_questions]
-        for evaluator in range(EVALUATORS_TO_TRY):
+        for evaluator in range(self.evaluator, self.evaluator + EVALUATORS_TO_TRY):
             live = (await self.stub.GetPolicy(pb.GetPolicyRequest(), metadata=self.metadata)).policy_version
             user_id = f"sim-evaluator-{evaluator}"
             answers = await asyncio.gather(*(self.ask(q.prompt, user_id, 0.0) for q in questions))
             if {answer.policy_version for answer in answers} == {live}:
+                self.evaluator = evaluator
                 liked = [verdict_of(self.eval_judge, q.prompt, a.text) == "up" for q, a in zip(questions, answers)]
                 return sum(liked) / len(questions), live
         raise RuntimeError(

@@ -9,8 +9,8 @@ better than live by at least δ? The hypotheses, for the canary's thumbs-up rate
     H1: p = p0 + δ      better by δ (absolute)
 
 Wald's SPRT on the difference of the two observed rates (rollback.py tests thumbs-down the same
-way, and holds the ratio): promote at the upper bound, reject at the lower. α = chance of promoting a canary no better
-than live; β = chance of rejecting one δ better. Live's rate is an estimate too, from as few votes
+way, and holds the ratio): promote at the upper bound, reject at the lower. α = chance of
+promoting a canary no better than live; β = chance of rejecting one δ better. Live's rate is an estimate too, from as few votes
 as the canary's at a share of one half: the ratio is that of the normal approximation of the
 difference, whose variance counts both versions' votes (`rate_rise_log_likelihood_ratio`). Taking
 live's rate as known instead promoted 16 % of canaries equal to live at share 0.5, not α
