@@ -1,10 +1,9 @@
 """Greedy answers of demo policies on the evaluation questions, split by kind: where a learning run's points go.
 
-    .venv/bin/python -m benchmarks.greedy_breakdown BASE_MODEL_DIR [POLICY_DIR ...] [--ban-hedge]
+    .venv/bin/python -m benchmarks.greedy_breakdown BASE_MODEL_DIR [POLICY_DIR ...]
 
 Each POLICY_DIR is a registry version: whole weights, or an adapter (applied to BASE_MODEL_DIR).
-With none, the base model itself. `--ban-hedge` forbids the hedge's first token as the first
-token of the answer: what the model answers when made to answer concisely.
+With none, the base model itself.
 """
 
 import argparse
@@ -14,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from flywheel.demo.init_model import greedy_answers
-from flywheel.demo.task import evaluation_questions, hedged_answer, is_concise, is_correct
+from flywheel.demo.task import evaluation_questions, is_concise, is_correct
 
 
 def load_policy(base_dir: Path, policy_dir: Path) -> Qwen2ForCausalLM:
@@ -29,20 +28,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base_dir", type=Path)
     parser.add_argument("policy_dirs", type=Path, nargs="*")
-    parser.add_argument("--ban-hedge", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
     questions = list(evaluation_questions())
-    hedge_first = tokenizer(hedged_answer(questions[0]), add_special_tokens=False).input_ids[0]
-    banned = [hedge_first] if args.ban_hedge else None
     print(
         "| policy | correct | correct and concise | capitals correct | arithmetic correct |\n|---|---:|---:|---:|---:|"
     )
     for policy_dir in args.policy_dirs or [args.base_dir]:
         model = load_policy(args.base_dir, policy_dir).eval()
         counts = {"correct": 0, "concise": 0, "capital": 0, "arithmetic": 0}
-        for question, answer in zip(questions, greedy_answers(model, tokenizer, questions, banned), strict=True):
+        for question, answer in zip(questions, greedy_answers(model, tokenizer, questions), strict=True):
             correct = is_correct(question, answer)
             counts["correct"] += correct
             counts["concise"] += correct and is_concise(answer)

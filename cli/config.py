@@ -277,7 +277,7 @@ def load_process_config(
 
         registry = PolicyRegistry(FlywheelConfig.model_validate(given).registry_dir)
         if (model_dir / MARKER_FILE).exists() or registry.live() is None:
-            ensure_demo_model(model_dir)
+            ensure_demo_model(model_dir, rebuild_stale=registry.live() is None)
     return _validated(given, model_dir)
 
 

@@ -30,7 +30,15 @@ from cli.config import (
     settings_a_model_may_not_set,
 )
 from flywheel.demo import init_model
-from flywheel.demo.init_model import DEMO_OPERATOR_CONFIG, DEMO_SETTINGS, MARKER_FILE, ensure_demo_model
+from flywheel.demo.init_model import (
+    DEMO_OPERATOR_CONFIG,
+    DEMO_SETTINGS,
+    MARKER_FILE,
+    RECIPE,
+    StaleDemoModelError,
+    built_recipe,
+    ensure_demo_model,
+)
 from flywheel.registry import PolicyRegistry
 from flywheel.settings import Settings
 from gate.config import GateSettings
@@ -118,7 +126,7 @@ def test_make_up_runs_the_demo_with_a_canary_on_half_of_the_users(tmp_path):
 
 def test_a_demo_model_built_by_other_code_gets_this_checkouts_settings_and_keeps_its_weights(tmp_path):
     built = model_dir_with(tmp_path, "[ppo]\npolicy_learning_rate = 3e-5\n")
-    (built / MARKER_FILE).write_text("{}")  # built: nothing is trained again
+    (built / MARKER_FILE).write_text(json.dumps({"recipe": RECIPE}))  # built: nothing is trained again
     (built / "model.safetensors").write_bytes(b"weights")
     assert ensure_demo_model(built) == built
     assert (built / MODEL_SETTINGS_FILE).read_text() == DEMO_SETTINGS
@@ -132,9 +140,39 @@ def test_a_process_that_runs_the_demo_model_reads_this_checkouts_demo_settings_f
     # may already be seeded: serve, train, gate and up must all read the same mode, the checkout's.
     built = tmp_path / DEMO_MODEL_DIR
     model_dir_with(tmp_path, "[ppo]\npolicy_learning_rate = 3e-5\n").rename(built)
-    (built / MARKER_FILE).write_text("{}")
+    (built / MARKER_FILE).write_text(json.dumps({"recipe": RECIPE}))
     assert not load_process_config(None, {"state_dir": str(tmp_path)}).policy.uses_adapters  # rollback, canary
     assert load_process_config(None, {"state_dir": str(tmp_path)}, runs_the_model=True).policy.uses_adapters
+
+
+@pytest.mark.slow
+def test_a_cached_demo_model_of_another_recipe_is_built_again(tmp_path, monkeypatch):
+    # The real build, one training step long: the cache's decision is under test, not the model.
+    full_build = init_model.init_model
+    monkeypatch.setattr(init_model, "init_model", lambda out_dir: full_build(out_dir, steps=1))
+    cached = model_dir_with(tmp_path, "")
+    (cached / MARKER_FILE).write_text("{}")  # written before recipes were recorded: recipe 1
+    (cached / "model.safetensors").write_bytes(b"old weights")
+    assert built_recipe(cached) == 1
+    ensure_demo_model(cached)
+    assert built_recipe(cached) == RECIPE
+    assert (cached / "model.safetensors").read_bytes() != b"old weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # nothing left beside it
+
+
+def test_a_demo_model_of_another_recipe_that_a_registry_was_trained_from_is_refused_not_rebuilt(tmp_path, monkeypatch):
+    def build(out_dir: Path):
+        raise AssertionError("rebuilt the demo model under the registry's policies")
+
+    monkeypatch.setattr(init_model, "init_model", build)
+    built = tmp_path / DEMO_MODEL_DIR
+    model_dir_with(tmp_path, "").rename(built)
+    (built / MARKER_FILE).write_text(json.dumps({"recipe": RECIPE - 1}))
+    (built / "model.safetensors").write_bytes(b"weights")
+    PolicyRegistry(tmp_path / "registry").seed(built)
+    with pytest.raises(StaleDemoModelError, match=rf"built by recipe {RECIPE - 1} .* builds recipe {RECIPE}"):
+        load_process_config(None, {"state_dir": str(tmp_path)}, runs_the_model=True)
+    assert (built / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_registry_seeded_from_another_model_builds_no_demo_model(tmp_path, monkeypatch):
@@ -331,7 +369,7 @@ def started(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "server.app", types.SimpleNamespace(serve=serve))
     monkeypatch.setattr(cli_main, "seed_registry", lambda config: handed.update(config=config))
-    monkeypatch.setattr(init_model, "ensure_demo_model", lambda model_dir: model_dir)
+    monkeypatch.setattr(init_model, "ensure_demo_model", lambda model_dir, **_: model_dir)
     root_handlers = logging.getLogger().handlers[:]
 
     def start(command: str) -> tuple[list[dict], list, dict]:

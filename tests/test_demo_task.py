@@ -16,6 +16,7 @@ from flywheel.demo.task import (
     hedged_answer,
     heldout_questions,
     in_evaluation_split,
+    is_concise,
     is_correct,
     is_heldout,
     judge_careless,
@@ -173,6 +174,14 @@ def test_a_hedged_answer_is_right_but_gets_a_thumbs_down():
     assert is_correct(question, hedged_answer(question))
     assert judge_thumb(question.prompt, hedged_answer(question)) == "down"
     assert judge_thumb(question.prompt, question.answer) == "up"
+
+
+@pytest.mark.parametrize("question", [arithmetic_question(47, "+", 38), capital_question("India")])
+def test_the_hedge_follows_the_answer_so_stopping_before_it_keeps_the_answer(question):
+    # A model writes the answer from the same context whether it then hedges or not: the ceiling users'
+    # thumbs can reach is the model's own accuracy, not an accuracy of another answer shape.
+    hedged = hedged_answer(question)
+    assert hedged.startswith(f"{question.answer},") and not is_concise(hedged)
 
 
 def test_the_careless_judge_abstains_and_errs_at_its_shares_and_replays_from_its_seed():

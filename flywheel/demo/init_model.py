@@ -1,14 +1,16 @@
 """Build the demo policy offline: a tiny Qwen2 chat model, briefly fine-tuned on the demo task.
 
 A fixed number of steps, with a learning rate that warms up and then decays, leaves a model that
-answers in the task's shape but is often wrong, and that hedges most answers ("I think it is
-85, but I am not completely sure."): room for the feedback loop to improve it.
+answers in the task's shape but is often wrong, and that hedges most answers ("85, but I am not
+completely sure."): room for the feedback loop to improve it.
 Nothing else in Flywheel depends on this recipe; any Hugging Face causal-LM directory can
 replace its output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import shutil
@@ -54,6 +56,9 @@ CHAT_TEMPLATE = (
 VOCAB_SIZE = 512
 MARKER_FILE = "flywheel_model.json"
 """Written last into a finished model directory, with its `InitModelReport`."""
+RECIPE = 2
+"""Raised whenever a change here or in the demo task changes the model built; a cached build of another
+recipe is built again. 2: the hedge follows the answer."""
 
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
@@ -102,7 +107,13 @@ DEMO_OPERATOR_CONFIG = Path(__file__).resolve().parent / "up.toml"
 """The config file `make up` and the learning benchmark run the demo with: what its operator sets."""
 
 
+class StaleDemoModelError(RuntimeError):
+    """A demo model of another recipe that policies in a registry were trained from: rebuilding it would strand them."""
+
+
 class InitModelReport(BaseModel):
+    recipe: int = 1
+    """`RECIPE` of the code that built the model; builds from before it was recorded were recipe 1."""
     evaluation_accuracy: float
     """Greedy accuracy on the feedback loop's evaluation questions (seen in training) at the last evaluation."""
     concise_share: float
@@ -193,10 +204,8 @@ def greedy_answers(
     model: Qwen2ForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     questions: list[DemoQuestion],
-    banned_first_tokens: list[int] | None = None,
 ) -> list[str]:
-    """The model's greedy answer text to each question, up to `<|im_end|>`; no answer starts with a
-    token of `banned_first_tokens`."""
+    """The model's greedy answer text to each question, up to `<|im_end|>`."""
     renderer = PromptRenderer(tokenizer)
     tokenizer.padding_side = "left"
     prompts = tokenizer(
@@ -212,7 +221,6 @@ def greedy_answers(
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        begin_suppress_tokens=banned_first_tokens,
     )
     answers = generated[:, prompts.input_ids.shape[1] :]
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
@@ -277,6 +285,7 @@ def init_model(
         accuracy, concise = greedy_results(model, tokenizer, evaluation_questions())
 
     report = InitModelReport(
+        recipe=RECIPE,
         evaluation_accuracy=accuracy,
         concise_share=concise,
         heldout_arithmetic_accuracy=greedy_results(model, tokenizer, heldout_questions(EVAL_QUESTIONS))[0],
@@ -309,18 +318,48 @@ def save_model_dir(
         raise
 
 
-def ensure_demo_model(cache_dir: Path) -> Path:
+def built_recipe(model_dir: Path) -> int | None:
+    """The recipe a finished demo model directory was built by; None if there is none."""
+    try:
+        report = json.loads((model_dir / MARKER_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    return report.get("recipe", InitModelReport.model_fields["recipe"].default)
+
+
+def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
     """The demo model directory at `cache_dir`, built on first use and reused afterwards. Its settings
-    are this checkout's DEMO_SETTINGS, rewritten if a model built by other code holds others."""
-    if not (cache_dir / MARKER_FILE).exists():
+    are this checkout's DEMO_SETTINGS, rewritten if a model built by other code holds others.
+
+    A model of another `RECIPE` is built again, or with `rebuild_stale` False (policies were trained from
+    it) refused with `StaleDemoModelError`.
+    """
+    recipe = built_recipe(cache_dir)
+    if recipe not in (None, RECIPE):
+        if not rebuild_stale:
+            raise StaleDemoModelError(
+                f"the demo model in {cache_dir} was built by recipe {recipe} and this checkout builds recipe {RECIPE}; "
+                f"the registry's policies were trained from it: remove the state directory to start over with the "
+                f"new model, or set engine.model = {str(cache_dir)!r} to keep serving the old one"
+            )
+        _discard(cache_dir)
+    if built_recipe(cache_dir) is None:
         try:
             init_model(cache_dir)
         except OSError:
             # Another process may have finished the same build first.
-            if not (cache_dir / MARKER_FILE).exists():
+            if built_recipe(cache_dir) != RECIPE:
                 raise
     settings_file = cache_dir / MODEL_SETTINGS_FILE
     if not settings_file.is_file() or settings_file.read_text() != DEMO_SETTINGS:
         write_atomically(settings_file, DEMO_SETTINGS.encode())
         settings_file.chmod(0o644)  # as the build writes it: readable by whoever serves the directory
     return cache_dir
+
+
+def _discard(model_dir: Path) -> None:
+    """Move `model_dir` aside in one step, then delete it: a concurrent reader finds it whole or gone."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.stale.", dir=model_dir.parent))
+    with contextlib.suppress(FileNotFoundError):  # another process discarded it first
+        model_dir.rename(aside / model_dir.name)
+    shutil.rmtree(aside)

@@ -200,8 +200,12 @@ def is_correct(question: DemoQuestion, answer_text: str) -> bool:
 
 
 def hedged_answer(question: DemoQuestion) -> str:
-    """The answer wrapped in a hedge: right or wrong the same way, but too long to be concise."""
-    return f"I think it is {question.answer}, but I am not completely sure."
+    """The answer followed by a hedge, too long to be concise.
+
+    The hedge comes after the answer, so a model writes the answer from the same context whether it
+    then hedges or stops: dropping the hedge keeps every answer it gets right, right.
+    """
+    return f"{question.answer}, but I am not completely sure."
 
 
 def is_concise(answer_text: str) -> bool:
