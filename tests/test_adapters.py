@@ -285,7 +285,7 @@ def test_the_simulations_held_out_rate_measures_live_while_a_canary_answers_most
         registry.end_canary(version)
         engine_loop.run(swapper.sync())
     assert answered_by == 1
-    # the demo model hedges its capitals (one in 29 is concise); the concise canary answers them as users like
+    # the demo model hedges (none of its greedy answers is concise); the concise canary answers as users like
     assert rate <= 0.2, f"{rate:.0%} of the first five capitals liked: the canary's answers were measured as live's"
 
 

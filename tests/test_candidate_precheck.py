@@ -28,11 +28,14 @@ from flywheel.demo.task import GOLDEN_FILE, traffic_questions
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import PolicyRegistry, VerdictCheck
 from tests.test_trainer_loop import DemoTraffic, trainer_config
+from trainer.config import CandidateCheckSettings, RewardModelSettings
 from trainer.gate_checks import DegenerationRates, PolicyEval
 from trainer.loop import Trainer
 from trainer.metrics import TrainerMetrics
+from trainer.policy_eval import EvalPrompt, PolicyEvaluator
 from trainer.ppo import TokenBatch
 from trainer.precheck import drift_checks_failed, predicted_thumbs_up_rate, thumbs_up_gain_check
+from trainer.reward_model import RewardModel, RewardModelTrainer, load_policy
 
 
 def trainer_that_saw_traffic(model_path, tokenizer, tmp_path, **sections: dict) -> Trainer:
@@ -348,3 +351,23 @@ def test_ppo_steps_wait_while_the_gate_decides_the_trainers_candidate_or_a_canar
     assert trainer.waiting_for_gate() is None
     registry.start_canary(other, against=1, share=0.5)
     assert trainer.waiting_for_gate() == other
+
+
+def test_the_evaluator_scores_an_answer_as_the_reward_model_learnt_answers_with_the_end_of_turn(model_path, tokenizer):
+    # The reward model learns from logged answers, which end with the end-of-turn token; an answer scored
+    # without it is one the reward model cannot tell from a longer one that goes on (a hedge after the answer).
+    torch.manual_seed(0)
+    reward_model = RewardModelTrainer(
+        RewardModel.from_pretrained(model_path), RewardModelSettings(), tokenizer.pad_token_id
+    )
+    evaluator = PolicyEvaluator(tokenizer, reward_model, CandidateCheckSettings())
+    renderer = PromptRenderer(tokenizer)
+    questions = traffic_questions(random.Random(0), 4)
+    prompts = [EvalPrompt(tuple(renderer.user_message(q.prompt).token_ids), q.prompt) for q in questions]
+    answers = evaluator.answers(load_policy(model_path), prompts)
+    assert all(answer.finished for answer in answers)
+    logged = [
+        list(prompt.token_ids) + tokenizer.encode(answer.text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        for prompt, answer in zip(prompts, answers)
+    ]
+    assert evaluator.scores(prompts, answers) == pytest.approx(reward_model.score(logged).tolist(), abs=1e-5)

@@ -430,7 +430,7 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
         reward_model={"learning_rate": 5e-4, "update_every_labels": update_every_labels},
         # PPO starts once the reward model has learnt from (nearly) every label.
         trainer={"min_labels_before_ppo": expected_train - update_every_labels + 1, "checkpoint_every_steps": 1000},
-        # The demo model's own PPO settings, but shorter answers (a hedge takes about 14 tokens) and no candidates.
+        # The demo model's own PPO settings, but shorter answers (a hedged answer takes about 10 tokens) and no candidates.
         ppo={"max_new_tokens": max_new_tokens, "candidate_every_steps": 1000},
     )  # fmt: skip
     started = time.perf_counter()

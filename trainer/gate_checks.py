@@ -77,6 +77,8 @@ class EvalAnswer:
     prompt: str
     text: str
     token_ids: tuple[int, ...]
+    """As generated, with the end-of-sequence token that finished it: the form the reward model learns from
+    (logged answers end so), and whether an answer stopped or goes on is what some users judge."""
     finished: bool
     """True when generation ended on EOS or a stop string, False when cut at the length limit."""
     expected: str | None = None

@@ -128,7 +128,7 @@ class PolicyEvaluator:
             EvalAnswer(
                 prompt=prompt.text,
                 text=self.tokenizer.decode(response, skip_special_tokens=True),
-                token_ids=tuple(token for token in response if token not in eos),
+                token_ids=tuple(response),
                 finished=bool(response) and response[-1] in eos,
                 expected=prompt.expected,
                 must_not_contain=prompt.must_not_contain,
