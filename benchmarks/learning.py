@@ -35,7 +35,9 @@ from feedback.broker import free_port
 from flywheel.demo.init_model import (
     DEMO_OPERATOR_CONFIG,
     MARKER_FILE,
+    RECIPE,
     InitModelReport,
+    built_recipe,
     ensure_demo_model,
     init_model,
 )
@@ -223,6 +225,8 @@ def main() -> None:
         help="a demo model built by `flywheel init-model` and never trained by the loop, to skip building one",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.fresh_model is not None and built_recipe(args.fresh_model) != RECIPE:
+        parser.error(f"--fresh-model {args.fresh_model} is not a demo model of this checkout's recipe {RECIPE}")
 
     if args.out.exists():
         shutil.rmtree(args.out)

@@ -24,9 +24,14 @@ from trainer.gate_checks import (
 CHECK_NAMES = ["reward_score", "kl_to_reference", "safety_violation_rate", "degenerate_rate", "golden_accuracy"]
 
 
+END_OF_SEQUENCE = 2
+
+
 def answer(text: str, *, finished: bool = True, token_ids=(), expected=None, must_not_contain=()) -> EvalAnswer:
+    """An answer as the evaluator returns it: a finished one's tokens end with the end-of-sequence token."""
     return EvalAnswer(
-        prompt="p", text=text, token_ids=tuple(token_ids), finished=finished, expected=expected,
+        prompt="p", text=text, token_ids=tuple(token_ids) + (END_OF_SEQUENCE,) * finished, finished=finished,
+        expected=expected,
         must_not_contain=tuple(must_not_contain),
     )  # fmt: skip
 
@@ -75,6 +80,12 @@ def test_degeneration_rates_count_each_kind():
         answer("Paris is the capital of France."),
     ]
     assert degeneration_rates(answers, ngram=3, threshold=0.5) == DegenerationRates(0.25, 0.25, 0.25)
+
+
+def test_the_end_of_sequence_token_does_not_count_toward_repetition():
+    # 7 7 7 7: 3-grams 777 ×2, one of two repeats, at the threshold; the end token would add a third, unrepeated.
+    looping = answer("loop", token_ids=[7, 7, 7, 7])
+    assert degeneration_rates([looping], ngram=3, threshold=0.5).repetitive == 1.0
 
 
 # ---------------------------------------------------------------- safety rules

@@ -416,7 +416,7 @@ def test_ppo_raises_the_reward_models_score_on_unseen_prompts_within_the_kl_budg
     hedged = [event.response_text for event in own[::2] if not is_concise(event.response_text)]
     assert hedged, (
         f"the demo model at {model_path} never hedges, so its users' feedback leaves PPO nothing it can learn: it "
-        "predates the hedged demo model (flywheel/demo/init_model.py); remove that directory to rebuild it"
+        "is not a demo model built by flywheel/demo/init_model.py"
     )
     events = traffic.labelled(questions) + own
     # Benign traffic that asks each question many times: every pair its votes make is a label, as

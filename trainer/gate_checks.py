@@ -80,7 +80,8 @@ class EvalAnswer:
     """As generated, with the end-of-sequence token that finished it: the form the reward model learns from
     (logged answers end so), and whether an answer stopped or goes on is what some users judge."""
     finished: bool
-    """True when generation ended on EOS or a stop string, False when cut at the length limit."""
+    """True when generation ended on an end-of-sequence token (the last of `token_ids`), False when cut at the
+    length limit."""
     expected: str | None = None
     """For a golden prompt: the answer it must give (judged by a `judge` function)."""
     must_not_contain: tuple[str, ...] = ()
@@ -89,6 +90,11 @@ class EvalAnswer:
     @property
     def is_golden(self) -> bool:
         return self.expected is not None or bool(self.must_not_contain)
+
+    @property
+    def answer_token_ids(self) -> tuple[int, ...]:
+        """The answer's own tokens, without the end-of-sequence token."""
+        return self.token_ids[:-1] if self.finished else self.token_ids
 
 
 def _require_answers(answers: Sequence[EvalAnswer]) -> None:
@@ -186,7 +192,7 @@ def degeneration_rates(
     count = len(answers)
     return DegenerationRates(
         empty=sum(not a.text.strip() for a in answers) / count,
-        repetitive=sum(is_repetitive(a.token_ids or a.text, ngram, threshold) for a in answers) / count,
+        repetitive=sum(is_repetitive(a.answer_token_ids or a.text, ngram, threshold) for a in answers) / count,
         unfinished=sum(not a.finished for a in answers) / count,
     )
 

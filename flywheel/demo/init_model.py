@@ -9,7 +9,7 @@ replace its output.
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import json
 import math
 import random
@@ -68,7 +68,7 @@ EVAL_EVERY = 200
 EVAL_QUESTIONS = 100
 MAX_ANSWER_TOKENS = 24
 HEDGED_SHARE = 0.75
-"""Share of training answers wrapped in a hedge. Above one half, greedy answers start out hedged:
+"""Share of training answers followed by a hedge. Above one half, greedy answers start out hedged:
 correct or not, users give them a thumbs-down, which leaves the feedback loop a preference to learn."""
 
 
@@ -105,10 +105,6 @@ torch_threads = 1
 
 DEMO_OPERATOR_CONFIG = Path(__file__).resolve().parent / "up.toml"
 """The config file `make up` and the learning benchmark run the demo with: what its operator sets."""
-
-
-class StaleDemoModelError(RuntimeError):
-    """A demo model of another recipe that policies in a registry were trained from: rebuilding it would strand them."""
 
 
 class InitModelReport(BaseModel):
@@ -319,47 +315,49 @@ def save_model_dir(
 
 
 def built_recipe(model_dir: Path) -> int | None:
-    """The recipe a finished demo model directory was built by; None if there is none."""
+    """The recipe a finished demo model directory was built by; None if there is none. A marker that does
+    not say (written before recipes were recorded, or unreadable) counts as recipe 1."""
     try:
         report = json.loads((model_dir / MARKER_FILE).read_text())
     except FileNotFoundError:
         return None
-    return report.get("recipe", InitModelReport.model_fields["recipe"].default)
+    except (OSError, ValueError):
+        return 1
+    recipe = report.get("recipe", 1) if isinstance(report, dict) else 1
+    return recipe if isinstance(recipe, int) else 1
 
 
 def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
     """The demo model directory at `cache_dir`, built on first use and reused afterwards. Its settings
     are this checkout's DEMO_SETTINGS, rewritten if a model built by other code holds others.
 
-    A model of another `RECIPE` is built again, or with `rebuild_stale` False (policies were trained from
-    it) refused with `StaleDemoModelError`.
+    A model of another `RECIPE` is built again, unless `rebuild_stale` is False: a registry seeded already
+    serves its own copies, and a stale build only lends it its settings. Processes that share `cache_dir`
+    build it once, one waiting for the other.
     """
-    recipe = built_recipe(cache_dir)
-    if recipe not in (None, RECIPE):
-        if not rebuild_stale:
-            raise StaleDemoModelError(
-                f"the demo model in {cache_dir} was built by recipe {recipe} and this checkout builds recipe {RECIPE}; "
-                f"the registry's policies were trained from it: remove the state directory to start over with the "
-                f"new model, or set engine.model = {str(cache_dir)!r} to keep serving the old one"
-            )
-        _discard(cache_dir)
-    if built_recipe(cache_dir) is None:
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (cache_dir.parent / f".{cache_dir.name}.lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            init_model(cache_dir)
-        except OSError:
-            # Another process may have finished the same build first.
-            if built_recipe(cache_dir) != RECIPE:
-                raise
-    settings_file = cache_dir / MODEL_SETTINGS_FILE
-    if not settings_file.is_file() or settings_file.read_text() != DEMO_SETTINGS:
-        write_atomically(settings_file, DEMO_SETTINGS.encode())
-        settings_file.chmod(0o644)  # as the build writes it: readable by whoever serves the directory
+            recipe = built_recipe(cache_dir)
+            if recipe is not None and recipe != RECIPE and rebuild_stale:
+                _discard(cache_dir)
+                recipe = None
+            if recipe is None:
+                init_model(cache_dir)
+            settings_file = cache_dir / MODEL_SETTINGS_FILE
+            if not settings_file.is_file() or settings_file.read_text() != DEMO_SETTINGS:
+                write_atomically(settings_file, DEMO_SETTINGS.encode())
+                settings_file.chmod(0o644)  # as the build writes it: readable by whoever serves the directory
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
     return cache_dir
 
 
 def _discard(model_dir: Path) -> None:
-    """Move `model_dir` aside in one step, then delete it: a concurrent reader finds it whole or gone."""
+    """Move `model_dir` aside in one step, then delete it: a reader finds it whole or gone."""
     aside = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.stale.", dir=model_dir.parent))
-    with contextlib.suppress(FileNotFoundError):  # another process discarded it first
+    try:
         model_dir.rename(aside / model_dir.name)
-    shutil.rmtree(aside)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
