@@ -71,13 +71,16 @@ def ask(stub, question: str, user_id: str = "alice", **sampling) -> pb.GenerateR
     return stub.Generate(pb.GenerateRequest(chat=messages, sampling=pb.SamplingParams(**sampling), user_id=user_id))
 
 
-def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(logged_server, engine, engine_loop):
+def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(
+    logged_server, engine, engine_loop, tokenizer
+):
     _, stub, kafka = logged_server
     questions = [f"What is {a}+{a + 11}?" for a in range(20, 26)]
     answers = [ask(stub, q, max_tokens=12, temperature=1.0, seed=index) for index, q in enumerate(questions)]
 
     logged = {event.event.response_id: event.event for event in consume(kafka, kafka.topics.generations, len(answers))}
     assert sorted(logged) == sorted(answer.response_id for answer in answers), "exactly one GenerationLogged per answer"
+    assert any(answer.finish_reason == pb.FINISH_REASON_STOP for answer in answers)
     for index, (question, answer) in enumerate(zip(questions, answers)):
         event = logged[answer.response_id]
         assert isinstance(event, events_pb2.GenerationLogged)
@@ -89,6 +92,10 @@ def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(logged
         assert event.chat.messages[0].content == question
         assert len(event.response_token_ids) == len(event.behavior_logprobs) == answer.completion_tokens
         assert len(event.prompt_token_ids) == answer.prompt_tokens
+        # An answer the model ended keeps its end-of-turn token: the reward model learns "it stopped here".
+        assert (event.response_token_ids[-1] == tokenizer.eos_token_id) == (
+            answer.finish_reason == pb.FINISH_REASON_STOP
+        )
 
         # The engine itself, asked again with the same seed, samples the same tokens with the same log-probs.
         prompt = engine.render_chat([{"role": "user", "content": question}])
