@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
+from transformers import GenerationConfig
 
 from feedback.config import SpoolSettings
 from feedback.consumer import ConsumedEvent, EventConsumer
@@ -20,6 +21,7 @@ from flywheel.v1 import serving_pb2 as pb
 from server.app import FlywheelServer
 from server.config import ServerSettings
 from server.validation import Sampling
+from trainer.ppo import end_of_sequence_ids
 
 pytestmark = pytest.mark.engine  # it imports server.app, so vLLM: the fast tier does not import this module
 
@@ -72,8 +74,9 @@ def ask(stub, question: str, user_id: str = "alice", **sampling) -> pb.GenerateR
 
 
 def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(
-    logged_server, engine, engine_loop, tokenizer
+    logged_server, engine, engine_loop, tokenizer, model_path
 ):
+    generation = GenerationConfig.from_pretrained(model_path)
     _, stub, kafka = logged_server
     questions = [f"What is {a}+{a + 11}?" for a in range(20, 26)]
     answers = [ask(stub, q, max_tokens=12, temperature=1.0, seed=index) for index, q in enumerate(questions)]
@@ -92,10 +95,10 @@ def test_every_answer_is_logged_once_with_the_engines_tokens_and_logprobs(
         assert event.chat.messages[0].content == question
         assert len(event.response_token_ids) == len(event.behavior_logprobs) == answer.completion_tokens
         assert len(event.prompt_token_ids) == answer.prompt_tokens
-        # An answer the model ended keeps its end-of-turn token: the reward model learns "it stopped here".
-        assert (event.response_token_ids[-1] == tokenizer.eos_token_id) == (
-            answer.finish_reason == pb.FINISH_REASON_STOP
-        )
+        # An answer the model ended on its own (no stop strings here) keeps its end token: the reward model
+        # learns "it stopped here" from it.
+        ended = event.response_token_ids[-1] in end_of_sequence_ids(generation.eos_token_id, tokenizer.eos_token_id)
+        assert ended == (answer.finish_reason == pb.FINISH_REASON_STOP)
 
         # The engine itself, asked again with the same seed, samples the same tokens with the same log-probs.
         prompt = engine.render_chat([{"role": "user", "content": question}])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import random
 import shutil
@@ -45,6 +46,8 @@ from flywheel.demo.task import (
 from flywheel.durable import write_atomically
 from flywheel.prompts import PromptRenderer
 from flywheel.registry import MODEL_SETTINGS_FILE
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -316,12 +319,12 @@ def save_model_dir(
 
 def built_recipe(model_dir: Path) -> int | None:
     """The recipe a finished demo model directory was built by; None if there is none. A marker that does
-    not say (written before recipes were recorded, or unreadable) counts as recipe 1."""
+    not say (written before recipes were recorded, or not JSON) counts as recipe 1."""
     try:
         report = json.loads((model_dir / MARKER_FILE).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except ValueError:
         return 1
     recipe = report.get("recipe", 1) if isinstance(report, dict) else 1
     return recipe if isinstance(recipe, int) else 1
@@ -335,9 +338,15 @@ def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
     serves its own copies, and a stale build only lends it its settings. Processes that share `cache_dir`
     build it once, one waiting for the other.
     """
+    if not _needs_writing(cache_dir, rebuild_stale):
+        return cache_dir
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with (cache_dir.parent / f".{cache_dir.name}.lock").open("a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish building the demo model in %s", cache_dir)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             recipe = built_recipe(cache_dir)
             if recipe is not None and recipe != RECIPE and rebuild_stale:
@@ -352,6 +361,18 @@ def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return cache_dir
+
+
+def _needs_writing(cache_dir: Path, rebuild_stale: bool) -> bool:
+    """Whether `ensure_demo_model` has anything to build or rewrite: a current one reads, so a read-only cache serves."""
+    recipe = built_recipe(cache_dir)
+    settings_file = cache_dir / MODEL_SETTINGS_FILE
+    return (
+        recipe is None
+        or (recipe != RECIPE and rebuild_stale)
+        or not settings_file.is_file()
+        or settings_file.read_text() != DEMO_SETTINGS
+    )
 
 
 def _discard(model_dir: Path) -> None:
