@@ -354,8 +354,8 @@ def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
                 recipe = None
             if recipe is None:
                 init_model(cache_dir)
-            settings_file = cache_dir / MODEL_SETTINGS_FILE
-            if not settings_file.is_file() or settings_file.read_text() != DEMO_SETTINGS:
+            if not _settings_are_current(cache_dir):
+                settings_file = cache_dir / MODEL_SETTINGS_FILE
                 write_atomically(settings_file, DEMO_SETTINGS.encode())
                 settings_file.chmod(0o644)  # as the build writes it: readable by whoever serves the directory
         finally:
@@ -366,13 +366,12 @@ def ensure_demo_model(cache_dir: Path, *, rebuild_stale: bool = True) -> Path:
 def _needs_writing(cache_dir: Path, rebuild_stale: bool) -> bool:
     """Whether `ensure_demo_model` has anything to build or rewrite: a current one reads, so a read-only cache serves."""
     recipe = built_recipe(cache_dir)
+    return recipe is None or (recipe != RECIPE and rebuild_stale) or not _settings_are_current(cache_dir)
+
+
+def _settings_are_current(cache_dir: Path) -> bool:
     settings_file = cache_dir / MODEL_SETTINGS_FILE
-    return (
-        recipe is None
-        or (recipe != RECIPE and rebuild_stale)
-        or not settings_file.is_file()
-        or settings_file.read_text() != DEMO_SETTINGS
-    )
+    return settings_file.is_file() and settings_file.read_text() == DEMO_SETTINGS
 
 
 def _discard(model_dir: Path) -> None:
